@@ -1,0 +1,135 @@
+"""Configuration of the Group-VQ image tokenizer (transformers ``PreTrainedConfig``)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .quantizer import PROJECTORS, resolve_groups
+
+# The paper's settings (section 4.1, Table 1). Use with ``GroupVQConfig.from_preset(name)``.
+PRESETS: dict[str, dict] = {
+    # VQGAN, ImageNet-1k, 128x128, f = 8, 16x16x128 latent, 65,536 codes in 64 groups of rank 128.
+    "imagenet": dict(codebook_size=65536, num_groups=64, codebook_rank=128, codebook_dim=128),
+    # VQGAN, MS-COCO: 4,096 codes in 16 groups.
+    "coco": dict(codebook_size=4096, num_groups=16, codebook_rank=128, codebook_dim=128),
+    # Ablations (section 4.3): 1,024 codes, 32 groups.
+    "ablation": dict(codebook_size=1024, num_groups=32, codebook_rank=128, codebook_dim=128),
+    # A few-second CPU model for demos and tests.
+    "tiny": dict(
+        codebook_size=256,
+        num_groups=8,
+        codebook_rank=16,
+        codebook_dim=16,
+        latent_channels=16,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        sample_size=64,
+    ),
+}
+
+
+@strict
+class GroupVQConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`GroupVQModel`]: a VQGAN encoder/decoder (diffusers blocks, diffusers `VQModel` names)
+    around a [`GroupVectorQuantizer`]. Defaults are the paper's ImageNet setting: 128x128 input, f = 8,
+    16x16x128 latent, 65,536 codes in 64 groups of rank 128.
+
+    Args:
+        codebook_size (`int`): total number of codes n.
+        num_groups (`int`): number of groups k (1 = SimVQ, n = vanilla VQ); uniform groups of n/k codes.
+        codebook_dim (`int`): code dimension d (channels of the quantised latent).
+        codebook_rank (`int`, *optional*): rank r of every group's core; defaults to `codebook_dim`.
+        group_sizes (`list[int]`, *optional*): heterogeneous group sizes n_j (Algorithm 1), summing to `codebook_size`.
+        group_ranks (`list[int]`, *optional*): heterogeneous ranks r_j, one per group.
+        projector (`str`): "linear" (paper default), "mlp" or "linear+mlp" (Table 3).
+        commitment_beta (`float`): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
+        in_channels, out_channels, down_block_types, up_block_types, block_out_channels, layers_per_block,
+        act_fn, latent_channels, norm_num_groups, norm_type, mid_block_add_attention, sample_size, scaling_factor:
+            as in diffusers' `VQModel`; block types default to one plain down/up block per `block_out_channels` entry.
+    """
+
+    model_type = "groupvq"
+
+    codebook_size: int = 65536
+    num_groups: int = 64
+    codebook_dim: int = 128
+    codebook_rank: int | None = 128
+    group_sizes: list[int] | tuple[int, ...] | None = None
+    group_ranks: list[int] | tuple[int, ...] | None = None
+    projector: str = "linear"
+    commitment_beta: float | int = 0.25
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: list[str] | tuple[str, ...] | None = None
+    up_block_types: list[str] | tuple[str, ...] | None = None
+    block_out_channels: list[int] | tuple[int, ...] = (128, 256, 256, 512)
+    layers_per_block: int = 2
+    act_fn: str = "silu"
+    latent_channels: int = 128
+    norm_num_groups: int = 32
+    norm_type: str = "group"
+    mid_block_add_attention: bool = True
+    sample_size: int = 128
+    scaling_factor: float | int = 1.0
+
+    def __post_init__(self, **kwargs):
+        # Validation happens before super().__post_init__ so that it surfaces as a plain ValueError under @strict.
+        if self.group_sizes is not None:
+            self.group_sizes = [int(s) for s in self.group_sizes]
+            self.num_groups = len(self.group_sizes)  # heterogeneous groups: the list decides
+        resolve_groups(
+            self.codebook_size, self.num_groups, self.codebook_rank, self.group_sizes, self.group_ranks, self.codebook_dim
+        )
+        if self.group_ranks is not None:
+            self.group_ranks = [int(r) for r in self.group_ranks]
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"`projector` must be one of {PROJECTORS}, got {self.projector!r}.")
+        if self.commitment_beta < 0:
+            raise ValueError(f"`commitment_beta` must be >= 0, got {self.commitment_beta}.")
+        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        if not self.block_out_channels:
+            raise ValueError("`block_out_channels` must name at least one block.")
+        n_blocks = len(self.block_out_channels)
+        if self.down_block_types is None:
+            self.down_block_types = ["DownEncoderBlock2D"] * n_blocks
+        if self.up_block_types is None:
+            self.up_block_types = ["UpDecoderBlock2D"] * n_blocks
+        self.down_block_types, self.up_block_types = list(self.down_block_types), list(self.up_block_types)
+        for name in ("down_block_types", "up_block_types"):
+            if len(getattr(self, name)) != n_blocks:
+                raise ValueError(
+                    f"`{name}` needs one entry per `block_out_channels` entry ({n_blocks}), got {getattr(self, name)}."
+                )
+        bad_norm = [c for c in self.block_out_channels + [self.latent_channels] if c % self.norm_num_groups]
+        if bad_norm and self.norm_type == "group":
+            raise ValueError(
+                f"`norm_num_groups`={self.norm_num_groups} must divide every entry of `block_out_channels` "
+                f"{self.block_out_channels}; {bad_norm} do not."
+            )
+        if self.norm_type not in ("group", "spatial"):
+            raise ValueError(f"`norm_type` must be 'group' or 'spatial', got {self.norm_type!r}.")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "sample_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)}.")
+        super().__post_init__(**kwargs)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction f of the encoder (each block but the last halves the resolution)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GroupVQConfig:
+        """A config from one of the paper's settings: "imagenet", "coco", "ablation" or "tiny"."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+GroupVQConfig.register_for_auto_class()
+
+__all__ = ["GroupVQConfig", "PRESETS"]

@@ -1,0 +1,228 @@
+"""Group-VQ image tokenizer as a transformers ``PreTrainedModel``.
+
+pixels [-1, 1] (B, 3, H, W) -> Encoder -> quant_conv -> latents (B, d, h, w) -> GroupVectorQuantizer
+-> post_quant_conv -> Decoder -> reconstruction. Encoder and Decoder are diffusers' VQGAN blocks; state-dict
+names match diffusers' ``VQModel`` except ``quantizer.*`` <-> ``quantize.*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_groupvq import GroupVQConfig
+from .quantizer import GroupVectorQuantizer
+
+# diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
+DIFFUSERS_CONFIG_RENAMES = {"num_vq_embeddings": "codebook_size", "vq_embed_dim": "codebook_dim"}
+ARCHITECTURE_KEYS = (
+    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+    "act_fn", "latent_channels", "norm_num_groups", "norm_type", "mid_block_add_attention", "sample_size",
+    "scaling_factor",
+)
+QUANTIZER_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
+
+
+@dataclass
+class GroupVQEncoderOutput(ModelOutput):
+    """
+    Args:
+        latents (`torch.FloatTensor` of shape `(batch, codebook_dim, h, w)`): encoder output before quantisation.
+        quantized (`torch.FloatTensor` of shape `(batch, codebook_dim, h, w)`): straight-through quantised latents.
+        indices (`torch.LongTensor` of shape `(batch, h, w)`): code index of every latent position.
+        commitment_loss (`torch.FloatTensor` scalar): `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
+        perplexity (`torch.FloatTensor` scalar): exp(entropy) of the batch's code distribution.
+    """
+
+    latents: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+
+
+@dataclass
+class GroupVQModelOutput(ModelOutput):
+    """
+    Args:
+        reconstruction (`torch.FloatTensor` of shape `(batch, out_channels, H, W)`): decoded image in [-1, 1] scale.
+        indices (`torch.LongTensor` of shape `(batch, h, w)`): code indices.
+        commitment_loss (`torch.FloatTensor` scalar): the quantizer's loss (Eq. 3 without the reconstruction term).
+        latents, quantized, perplexity: as in [`GroupVQEncoderOutput`].
+    """
+
+    reconstruction: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+
+
+class GroupVQPreTrainedModel(PreTrainedModel):
+    config: GroupVQConfig
+    config_class = GroupVQConfig
+    base_model_prefix = "groupvq"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GroupVectorQuantizer"]
+
+    def _init_weights(self, module):
+        # PyTorch's own initialisation for the diffusers blocks (as diffusers does), the quantizer's for the
+        # projectors; the frozen cores are buffers and are never redrawn here.
+        if isinstance(module, GroupVectorQuantizer):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
+            module.reset_parameters()
+
+
+class GroupVQModel(GroupVQPreTrainedModel):
+    """Group-VQ tokenizer: `encode` pixels to codes, `decode` / `decode_indices` back, `resize_codebook`."""
+
+    def __init__(self, config: GroupVQConfig):
+        super().__init__(config)
+        self.encoder = Encoder(
+            in_channels=config.in_channels,
+            out_channels=config.latent_channels,
+            down_block_types=tuple(config.down_block_types),
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            act_fn=config.act_fn,
+            norm_num_groups=config.norm_num_groups,
+            double_z=False,
+            mid_block_add_attention=config.mid_block_add_attention,
+        )
+        self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1)
+        self.quantizer = GroupVectorQuantizer(
+            codebook_size=config.codebook_size,
+            codebook_dim=config.codebook_dim,
+            num_groups=config.num_groups,
+            codebook_rank=config.codebook_rank,
+            group_sizes=config.group_sizes,
+            group_ranks=config.group_ranks,
+            projector=config.projector,
+            commitment_beta=config.commitment_beta,
+        )
+        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.latent_channels, 1)
+        self.decoder = Decoder(
+            in_channels=config.latent_channels,
+            out_channels=config.out_channels,
+            up_block_types=tuple(config.up_block_types),
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            act_fn=config.act_fn,
+            norm_num_groups=config.norm_num_groups,
+            norm_type=config.norm_type,
+            mid_block_add_attention=config.mid_block_add_attention,
+        )
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_pixels(self, pixel_values) -> None:
+        f = self.config.downsample_factor
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"`pixel_values` must be a 4-D tensor (batch, {self.config.in_channels}, H, W), got {got}.")
+        if pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`pixel_values` must have {self.config.in_channels} channels (config.in_channels), "
+                f"got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
+            )
+        h, w = pixel_values.shape[-2:]
+        if h % f or w % f:
+            raise ValueError(
+                f"`pixel_values` height and width must be divisible by the downsampling factor {f}, got {h}x{w}."
+            )
+
+    # ----------------------------------------------------------------------------------------- API
+    def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> GroupVQEncoderOutput | tuple:
+        """Encode pixels in [-1, 1] to latents, quantised latents and (B, h, w) code indices."""
+        self._check_pixels(pixel_values)
+        latents = self.quant_conv(self.encoder(pixel_values))
+        quantized, loss, (perplexity, _, indices) = self.quantizer(latents)
+        out = GroupVQEncoderOutput(
+            latents=latents, quantized=quantized, indices=indices, commitment_loss=loss, perplexity=perplexity
+        )
+        return out if return_dict else out.to_tuple()
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Decode quantised latents (B, codebook_dim, h, w) to images (B, out_channels, H, W)."""
+        if not isinstance(quantized, torch.Tensor) or quantized.ndim != 4 or quantized.shape[1] != self.config.codebook_dim:
+            got = tuple(quantized.shape) if isinstance(quantized, torch.Tensor) else type(quantized).__name__
+            raise ValueError(f"`quantized` must have shape (batch, {self.config.codebook_dim}, h, w), got {got}.")
+        hidden = self.post_quant_conv(quantized)
+        return self.decoder(hidden, quantized if self.config.norm_type == "spatial" else None)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Decode code indices (B, h, w) to images."""
+        if not isinstance(indices, torch.Tensor) or indices.ndim != 3:
+            got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(f"`indices` must be an integer tensor of shape (batch, h, w), got {got}.")
+        b, h, w = indices.shape
+        codes = self.quantizer.get_codebook_entry(indices, (b, h, w, self.config.codebook_dim))
+        return self.decode(codes)
+
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool = True) -> GroupVQModelOutput | tuple:
+        enc = self.encode(pixel_values)
+        out = GroupVQModelOutput(
+            reconstruction=self.decode(enc.quantized),
+            indices=enc.indices,
+            commitment_loss=enc.commitment_loss,
+            latents=enc.latents,
+            quantized=enc.quantized,
+            perplexity=enc.perplexity,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def resize_codebook(self, new_size, mode: str = "extend", seed: int | None = None) -> list[int]:
+        """Resize the codebook without training (Algorithm 2) and update the config so save/load round-trips.
+
+        See [`GroupVectorQuantizer.resize_codebook`]. Returns the new group sizes.
+        """
+        sizes = self.quantizer.resize_codebook(new_size, mode=mode, seed=seed)
+        self.config.codebook_size = sum(sizes)
+        self.config.group_sizes = None if self.quantizer.uniform else list(sizes)
+        return sizes
+
+    # ----------------------------------------------------------------------------------------- diffusers
+    @classmethod
+    def config_from_diffusers(cls, diffusers_config) -> GroupVQConfig:
+        """A `GroupVQConfig` from a `GroupVQVAE` (or `VQModel`) config mapping."""
+        cfg = dict(diffusers_config)
+        kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + QUANTIZER_KEYS if cfg.get(key) is not None}
+        for src, dst in DIFFUSERS_CONFIG_RENAMES.items():
+            if cfg.get(src) is not None:
+                kwargs[dst] = cfg[src]
+        kwargs.setdefault("codebook_dim", cfg.get("latent_channels", 3))
+        kwargs.setdefault("num_groups", 1)
+        kwargs.setdefault("codebook_rank", None)
+        return GroupVQConfig(**kwargs)
+
+    @classmethod
+    def from_diffusers(cls, vae) -> GroupVQModel:
+        """Lossless conversion from a diffusers `GroupVQVAE`: same weights, same codebook, identical outputs."""
+        if not hasattr(getattr(vae, "quantize", None), "resize_codebook"):
+            raise ValueError("`vae` must be a GroupVQVAE (its `quantize` must be a GroupVectorQuantizer).")
+        config = cls.config_from_diffusers(vae.config)
+        config.codebook_size = vae.quantize.codebook_size
+        config.group_sizes = None if vae.quantize.uniform else vae.quantize.group_sizes
+        if not vae.quantize.uniform:
+            config.num_groups = len(vae.quantize.group_sizes)
+        model = cls(config)
+        state = {
+            ("quantizer." + k[len("quantize.") :] if k.startswith("quantize.") else k): v
+            for k, v in vae.state_dict().items()
+        }
+        model.load_state_dict(state, strict=True)
+        return model.to(device=next(vae.parameters()).device, dtype=next(vae.parameters()).dtype)
+
+
+GroupVQModel.register_for_auto_class("AutoModel")
+
+__all__ = ["GroupVQModel", "GroupVQPreTrainedModel", "GroupVQEncoderOutput", "GroupVQModelOutput"]

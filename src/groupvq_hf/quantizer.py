@@ -1,0 +1,448 @@
+"""Group-VQ: a codebook of ``k`` independently reparameterised groups (pure torch).
+
+Group ``j`` holds ``n_j`` codes generated as ``G_j = core_j @ W_j + b_j`` (paper Eq. 7): the core
+(``n_j x r_j``) is a frozen draw from N(0, I), kept as a persistent buffer; only the projector ``W_j``
+(``r_j x d``) and the bias ``b_j`` (``d``) train. The codebook is the concatenation of the groups in order
+(Algorithm 1, line 7). ``k = 1`` is SimVQ, ``k = n`` is vanilla VQ.
+
+This file imports nothing but torch: it travels to the Hub as remote code beside both model shells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECTORS = ("linear", "mlp", "linear+mlp")
+RESIZE_MODES = ("extend", "resample")
+# Floats of the (tokens x codes) distance block the search may hold at once (16 MiB in fp32).
+SEARCH_BLOCK_ELEMENTS = 1 << 22
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_groups(
+    codebook_size: int,
+    num_groups: int | None = 1,
+    codebook_rank: int | None = None,
+    group_sizes: Sequence[int] | None = None,
+    group_ranks: Sequence[int] | None = None,
+    codebook_dim: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Validate a group layout and return ``(group_sizes, group_ranks)`` as lists.
+
+    Uniform groups (appendix B) split ``codebook_size`` evenly over ``num_groups``; ``group_sizes`` and
+    ``group_ranks`` give heterogeneous groups (Algorithm 1). Raises ValueError naming the bad argument.
+    """
+    if not _is_int(codebook_size) or codebook_size < 1:
+        raise ValueError(f"`codebook_size` must be a positive int, got {codebook_size!r}.")
+    if group_sizes is not None:
+        sizes = list(group_sizes)
+        if not sizes or not all(_is_int(s) and s > 0 for s in sizes):
+            raise ValueError(f"`group_sizes` must be a non-empty list of positive ints, got {group_sizes!r}.")
+        if num_groups is not None and num_groups not in (1, len(sizes)):
+            raise ValueError(
+                f"`group_sizes` has {len(sizes)} entries but `num_groups`={num_groups}; they must agree."
+            )
+        if sum(sizes) != codebook_size:
+            raise ValueError(
+                f"`group_sizes` must sum to `codebook_size`={codebook_size}, got sum {sum(sizes)} ({sizes})."
+            )
+    else:
+        k = 1 if num_groups is None else num_groups
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"`num_groups` must be a positive int, got {num_groups!r}.")
+        if codebook_size % k:
+            raise ValueError(
+                f"`codebook_size`={codebook_size} is not divisible by `num_groups`={k}; "
+                f"use a multiple of {k} or pass `group_sizes`."
+            )
+        sizes = [codebook_size // k] * k
+    k = len(sizes)
+    if group_ranks is not None:
+        ranks = list(group_ranks)
+        if len(ranks) != k:
+            raise ValueError(
+                f"`group_ranks` has {len(ranks)} entries but there are {k} groups (`group_sizes`/`num_groups`); "
+                "they must have the same length."
+            )
+        if not all(_is_int(r) and r > 0 for r in ranks):
+            raise ValueError(f"`group_ranks` must be positive ints, got {group_ranks!r}.")
+    else:
+        rank = codebook_dim if codebook_rank is None else codebook_rank
+        if not _is_int(rank) or rank < 1:
+            raise ValueError(f"`codebook_rank` must be a positive int, got {codebook_rank!r}.")
+        ranks = [rank] * k
+    return sizes, ranks
+
+
+def split_codebook_size(new_size: int | Sequence[int], group_sizes: Sequence[int]) -> list[int]:
+    """Per-group sizes for a resize: a list is taken as given, an int is split in proportion to ``group_sizes``."""
+    k, total = len(group_sizes), sum(group_sizes)
+    if not _is_int(new_size):
+        sizes = list(new_size)
+        if len(sizes) != k or not all(_is_int(s) and s > 0 for s in sizes):
+            raise ValueError(f"`new_size` as a list needs {k} positive ints (one per group), got {new_size!r}.")
+        return sizes
+    step = total // math.gcd(*group_sizes)
+    if new_size < 1 or new_size % step:
+        examples = ", ".join(str(step * m) for m in (1, 2, 4, 8))
+        raise ValueError(
+            f"`new_size`={new_size} does not split over the {k} groups in proportion to their sizes; "
+            f"valid sizes are positive multiples of {step} (e.g. {examples}), or pass a list of {k} per-group sizes."
+        )
+    return [new_size * s // total for s in group_sizes]
+
+
+@torch.no_grad()
+def nearest_code_indices(
+    z: torch.Tensor, codebook: torch.Tensor, max_block_elements: int = SEARCH_BLOCK_ELEMENTS
+) -> torch.Tensor:
+    """Index of the nearest code for each row of ``z`` (N, d) in ``codebook`` (n, d), by Eq. 1.
+
+    ``argmin_i ||z - c_i||^2 = argmin_i (||c_i||^2 - 2 z . c_i)``. The (N, n) distance matrix is never held
+    when it exceeds ``max_block_elements``: tokens and codes are walked in blocks with a running minimum, so
+    the extra memory is ``O(max_block_elements + N)`` whatever the number of codes. Ties go to the lowest index.
+    """
+    n_tokens, n_codes = z.shape[0], codebook.shape[0]
+    code_sq = codebook.pow(2).sum(1)
+    if n_tokens * n_codes <= max_block_elements:
+        return torch.addmm(code_sq, z, codebook.t(), alpha=-2).argmin(1)
+    token_block = max(1, min(n_tokens, max_block_elements // n_codes, 4096))
+    if token_block * n_codes <= max_block_elements and token_block >= min(n_tokens, 256):
+        # The whole codebook fits against a useful number of tokens: one argmin per token block.
+        return torch.cat(
+            [
+                torch.addmm(code_sq, z_blk, codebook.t(), alpha=-2).argmin(1)
+                for z_blk in z.split(token_block)
+            ]
+        )
+    token_block = min(n_tokens, 256)
+    code_block = max(1, max_block_elements // token_block)
+    out = torch.empty(n_tokens, dtype=torch.long, device=z.device)
+    for start in range(0, n_tokens, token_block):
+        z_blk = z[start : start + token_block]
+        best_val = best_idx = None
+        for c_start in range(0, n_codes, code_block):
+            dist = torch.addmm(
+                code_sq[c_start : c_start + code_block], z_blk, codebook[c_start : c_start + code_block].t(), alpha=-2
+            )
+            val, idx = dist.min(1)
+            idx += c_start
+            if best_val is None:
+                best_val, best_idx = val, idx
+            else:
+                better = val < best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx, best_idx)
+        out[start : start + token_block] = best_idx
+    return out
+
+
+class GroupVectorQuantizer(nn.Module):
+    """Vector quantizer whose codebook is ``k`` groups ``G_j = core_j @ W_j + b_j`` (paper Eq. 7).
+
+    Implements diffusers' ``VectorQuantizer`` interface: ``forward(z)`` with ``z`` of shape (B, C, H, W) returns
+    ``(z_q, loss, (perplexity, None, indices))`` with ``indices`` of shape (B, H, W); ``get_codebook_entry``.
+
+    Storage: uniform groups (same size and rank) keep one ``core`` buffer (k, n/k, r), ``weight`` (k, r, d) and
+    ``bias`` (k, d), generated with one batched matmul (appendix B, each group with its own core). Heterogeneous
+    groups keep ``core_{j}`` (n_j, r_j) and ``weight_{j}`` (r_j, d) per group and the same stacked ``bias``.
+    Projector "mlp" (one hidden layer of width d, Table 3) adds ``mlp_in_weight`` (k, r, d) / ``mlp_in_weight_{j}``,
+    ``mlp_in_bias`` (k, d) and ``mlp_out_weight`` (k, d, d); "linear+mlp" sums both branches.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        codebook_dim: int,
+        num_groups: int = 1,
+        codebook_rank: int | None = None,
+        group_sizes: Sequence[int] | None = None,
+        group_ranks: Sequence[int] | None = None,
+        projector: str = "linear",
+        commitment_beta: float = 0.25,
+    ):
+        super().__init__()
+        if not _is_int(codebook_dim) or codebook_dim < 1:
+            raise ValueError(f"`codebook_dim` must be a positive int, got {codebook_dim!r}.")
+        if projector not in PROJECTORS:
+            raise ValueError(f"`projector` must be one of {PROJECTORS}, got {projector!r}.")
+        if not isinstance(commitment_beta, (int, float)) or commitment_beta < 0:
+            raise ValueError(f"`commitment_beta` must be a non-negative float, got {commitment_beta!r}.")
+        sizes, ranks = resolve_groups(codebook_size, num_groups, codebook_rank, group_sizes, group_ranks, codebook_dim)
+        self.codebook_dim = codebook_dim
+        self.projector = projector
+        self.commitment_beta = float(commitment_beta)
+        self.track_usage = True
+        self._usage_counts: torch.Tensor | None = None  # plain attribute: DDP must not broadcast it
+        self._storage: list[str] = []
+        k, d = len(sizes), codebook_dim
+        self.bias = nn.Parameter(torch.zeros(k, d))
+        if self.has_mlp:
+            self.mlp_in_bias = nn.Parameter(torch.zeros(k, d))
+            self.mlp_out_weight = nn.Parameter(torch.empty(k, d, d))
+        cores = [torch.randn(n, r) for n, r in zip(sizes, ranks)]
+        self._set_groups(cores, self._split_rank_params("weight", ranks), self._split_rank_params("mlp_in_weight", ranks))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------- layout
+    @property
+    def has_linear(self) -> bool:
+        return self.projector in ("linear", "linear+mlp")
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.projector in ("mlp", "linear+mlp")
+
+    @property
+    def num_groups(self) -> int:
+        return self.bias.shape[0]
+
+    @property
+    def group_sizes(self) -> list[int]:
+        if self.uniform:
+            return [self.core.shape[1]] * self.core.shape[0]
+        return [getattr(self, f"core_{j}").shape[0] for j in range(self.num_groups)]
+
+    @property
+    def group_ranks(self) -> list[int]:
+        return [core.shape[1] for core in self.cores()]
+
+    @property
+    def codebook_size(self) -> int:
+        return sum(self.group_sizes)
+
+    @property
+    def group_offsets(self) -> list[int]:
+        """Row where each group starts in ``codebook()``, plus the total: group j is rows offsets[j]:offsets[j+1]."""
+        offsets = [0]
+        for n in self.group_sizes:
+            offsets.append(offsets[-1] + n)
+        return offsets
+
+    def cores(self) -> list[torch.Tensor]:
+        """The frozen cores, one (n_j, r_j) tensor per group."""
+        if self.uniform:
+            return list(self.core.unbind(0))
+        return [getattr(self, f"core_{j}") for j in range(self.num_groups)]
+
+    def _rank_params(self, name: str) -> list[torch.Tensor]:
+        if self.uniform:
+            return list(getattr(self, name).unbind(0))
+        return [getattr(self, f"{name}_{j}") for j in range(self.num_groups)]
+
+    def _split_rank_params(self, name: str, ranks: Sequence[int]) -> list[torch.Tensor] | None:
+        wanted = (name == "weight" and self.has_linear) or (name == "mlp_in_weight" and self.has_mlp)
+        if not wanted:
+            return None
+        if self._storage and hasattr(self, name if self.uniform else f"{name}_0"):
+            return [p.detach().clone() for p in self._rank_params(name)]
+        return [torch.empty(r, self.codebook_dim) for r in ranks]
+
+    def _set_groups(self, cores, weights, mlp_in_weights) -> None:
+        """(Re)build the per-group storage from per-group tensors, choosing the batched layout when possible."""
+        for name in self._storage:
+            delattr(self, name)
+        self._storage = []
+        device = self.bias.device
+        self.uniform = len({tuple(c.shape) for c in cores}) == 1
+
+        def add(name, tensors, buffer=False):
+            if tensors is None:
+                return
+            if self.uniform:
+                items = [(name, torch.stack(tensors).to(device))]
+            else:
+                items = [(f"{name}_{j}", t.to(device)) for j, t in enumerate(tensors)]
+            for key, value in items:
+                if buffer:
+                    self.register_buffer(key, value.contiguous(), persistent=True)
+                else:
+                    setattr(self, key, nn.Parameter(value.contiguous()))
+                self._storage.append(key)
+
+        add("core", cores, buffer=True)
+        add("weight", weights)
+        add("mlp_in_weight", mlp_in_weights)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the projectors like ``nn.Linear`` (U(+-1/sqrt(fan_in))) and zero the biases; cores untouched."""
+        for name in ("weight", "mlp_in_weight"):
+            if (name == "weight" and self.has_linear) or (name == "mlp_in_weight" and self.has_mlp):
+                for param, rank in zip(self._rank_params(name), self.group_ranks):
+                    nn.init.uniform_(param, -(rank**-0.5), rank**-0.5)
+        nn.init.zeros_(self.bias)
+        if self.has_mlp:
+            nn.init.zeros_(self.mlp_in_bias)
+            nn.init.uniform_(self.mlp_out_weight, -(self.codebook_dim**-0.5), self.codebook_dim**-0.5)
+
+    # ----------------------------------------------------------------------------------------- codebook
+    def _project(self, core, j=None):
+        """Apply group projectors to cores (Eq. 7 / Eq. 10): batched over all groups when ``j`` is None."""
+        sl = slice(None) if j is None else slice(j, j + 1)
+        bias = self.bias[sl].unsqueeze(1)
+        if self.has_linear:
+            weight = self.weight if j is None else getattr(self, f"weight_{j}").unsqueeze(0)
+            codes = torch.baddbmm(bias, core, weight)
+        else:
+            codes = bias
+        if self.has_mlp:
+            w_in = self.mlp_in_weight if j is None else getattr(self, f"mlp_in_weight_{j}").unsqueeze(0)
+            hidden = F.relu(torch.baddbmm(self.mlp_in_bias[sl].unsqueeze(1), core, w_in))
+            codes = codes + torch.bmm(hidden, self.mlp_out_weight[sl])
+        return codes
+
+    def codebook(self) -> torch.Tensor:
+        """The (n, d) codebook: groups concatenated in order (Algorithm 1, line 7)."""
+        if self.uniform:
+            return self._project(self.core).reshape(-1, self.codebook_dim)
+        return torch.cat([self._project(core.unsqueeze(0), j)[0] for j, core in enumerate(self.cores())])
+
+    def group_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Group index of each code index."""
+        bounds = torch.tensor(self.group_offsets[1:-1], device=indices.device)
+        return torch.bucketize(indices, bounds, right=True)
+
+    # ----------------------------------------------------------------------------------------- quantize
+    def _check_indices(self, indices: torch.Tensor, name: str = "indices") -> None:
+        if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point or indices.dtype.is_complex:
+            raise ValueError(f"`{name}` must be an integer tensor of code indices, got {getattr(indices, 'dtype', type(indices))}.")
+        if indices.dtype == torch.bool:
+            raise ValueError(f"`{name}` must be an integer tensor of code indices, got torch.bool.")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(
+                f"`{name}` must lie in [0, {self.codebook_size - 1}] (codebook_size={self.codebook_size}), "
+                f"got values in [{int(indices.min())}, {int(indices.max())}]."
+            )
+
+    def quantize_tokens(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantise token rows ``z`` (N, d). Returns ``(z_q, loss, indices)`` (Eq. 1-3), computed in fp32.
+
+        ``z_q = z + sg(q - z)`` (Eq. 2); ``loss = beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`` (mean squared).
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z32 = z.float()
+            codebook = self.codebook().float()
+            indices = nearest_code_indices(z32.detach(), codebook.detach())
+            q = F.embedding(indices, codebook)
+            loss = self.commitment_beta * F.mse_loss(z32, q.detach()) + F.mse_loss(z32.detach(), q)
+            z_q = z32 + (q - z32).detach()
+        if self.track_usage:
+            self._update_usage(indices)
+        return z_q.to(z.dtype), loss, indices
+
+    def forward(self, z: torch.Tensor):
+        if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != self.codebook_dim:
+            raise ValueError(
+                f"`z` must have shape (batch, {self.codebook_dim}, height, width) (codebook_dim={self.codebook_dim}), "
+                f"got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z)}."
+            )
+        b, c, h, w = z.shape
+        z_q, loss, indices = self.quantize_tokens(z.permute(0, 2, 3, 1).reshape(-1, c))
+        z_q = z_q.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return z_q, loss, (self.perplexity(indices), None, indices.view(b, h, w))
+
+    def perplexity(self, indices: torch.Tensor) -> torch.Tensor:
+        """exp(entropy) of the code distribution of ``indices``."""
+        probs = torch.bincount(indices.flatten(), minlength=self.codebook_size).float() / max(indices.numel(), 1)
+        return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+
+    def get_codebook_entry(self, indices: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Codes for ``indices``; with ``shape`` = (B, H, W, C) the result is (B, C, H, W), as diffusers expects."""
+        self._check_indices(indices)
+        codes = F.embedding(indices.long(), self.codebook())
+        if shape is not None:
+            codes = codes.view(shape).permute(0, 3, 1, 2).contiguous()
+        return codes
+
+    # ----------------------------------------------------------------------------------------- usage
+    @torch.no_grad()
+    def _update_usage(self, indices: torch.Tensor) -> None:
+        counts = torch.bincount(indices.flatten(), minlength=self.codebook_size)
+        current = self._usage_counts
+        if current is None or current.is_meta or current.shape != counts.shape:
+            self._usage_counts = counts
+        else:
+            self._usage_counts = current.to(counts.device) + counts
+
+    def reset_usage(self) -> None:
+        """Forget all hit counts."""
+        self._usage_counts = None
+
+    def usage_counts(self, sync: bool = True) -> torch.Tensor:
+        """Per-code hit counts (n,) since the last reset, summed over processes when ``sync`` and distributed."""
+        counts = self._usage_counts
+        if counts is None or counts.is_meta or counts.shape[0] != self.codebook_size:
+            counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.bias.device)
+        counts = counts.clone()
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        return counts
+
+    def codebook_usage(self, sync: bool = True) -> float:
+        """Fraction of codes hit at least once since the last reset."""
+        return (self.usage_counts(sync) > 0).float().mean().item()
+
+    def group_usage(self, sync: bool = True) -> list[float]:
+        """Per group, the fraction of its codes hit at least once."""
+        used = self.usage_counts(sync) > 0
+        return [chunk.float().mean().item() for chunk in used.split(self.group_sizes)]
+
+    def group_frequency(self, sync: bool = True) -> list[float]:
+        """Per group, its share of all hits (Fig. 5 right)."""
+        counts = self.usage_counts(sync)
+        total = max(int(counts.sum()), 1)
+        return [int(chunk.sum()) / total for chunk in counts.split(self.group_sizes)]
+
+    # ----------------------------------------------------------------------------------------- resize
+    @torch.no_grad()
+    def resize_codebook(
+        self, new_size: int | Sequence[int], mode: str = "extend", seed: int | None = None
+    ) -> list[int]:
+        """Resize without training (Algorithm 2); returns the new group sizes.
+
+        ``mode="extend"`` (self-extension) keeps every trained core row bit-for-bit and appends newly drawn
+        N(0, I) rows at the end of each group (Eq. 11); ``mode="resample"`` redraws every core at the new size.
+        ``new_size`` is an int, split over groups in proportion to their current sizes, or a per-group list.
+        Projectors are kept. Seeded resizes are reproducible; the draw happens on the CPU.
+        """
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"`mode` must be one of {RESIZE_MODES}, got {mode!r}.")
+        old_sizes, ranks = self.group_sizes, self.group_ranks
+        sizes = split_codebook_size(new_size, old_sizes)
+        if mode == "extend":
+            shrunk = [j for j, (new, old) in enumerate(zip(sizes, old_sizes)) if new < old]
+            if shrunk:
+                raise ValueError(
+                    f"`mode`='extend' keeps every trained code, so no group may shrink; group(s) {shrunk} would go "
+                    f"from {[old_sizes[j] for j in shrunk]} to {[sizes[j] for j in shrunk]} codes. Use mode='resample'."
+                )
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        old_cores = self.cores()
+        cores = []
+        for j, (n_new, rank) in enumerate(zip(sizes, ranks)):
+            dtype = old_cores[j].dtype
+            if mode == "extend":
+                fresh = torch.randn(n_new - old_sizes[j], rank, generator=generator).to(dtype)
+                cores.append(torch.cat([old_cores[j].detach().cpu(), fresh]))
+            else:
+                cores.append(torch.randn(n_new, rank, generator=generator).to(dtype))
+        self._set_groups(cores, self._split_rank_params("weight", ranks), self._split_rank_params("mlp_in_weight", ranks))
+        self.reset_usage()
+        return sizes
+
+    def extra_repr(self) -> str:
+        sizes = self.group_sizes
+        layout = f"{len(sizes)}x{sizes[0]}" if self.uniform else str(sizes)
+        return (
+            f"codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, groups={layout}, "
+            f"ranks={sorted(set(self.group_ranks))}, projector={self.projector!r}, beta={self.commitment_beta}"
+        )
