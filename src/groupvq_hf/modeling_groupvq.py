@@ -7,6 +7,7 @@ names match diffusers' ``VQModel`` except ``quantizer.*`` <-> ``quantize.*``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_groupvq import GroupVQConfig
+from .image_processing_groupvq import GroupVQImageProcessor
 from .quantizer import GroupVectorQuantizer
 
 # diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
@@ -189,6 +191,20 @@ class GroupVQModel(GroupVQPreTrainedModel):
         self.config.codebook_size = sum(sizes)
         self.config.group_sizes = None if self.quantizer.uniform else list(sizes)
         return sizes
+
+    def default_image_processor(self) -> GroupVQImageProcessor:
+        """The image processor matching this model's training resolution (`config.sample_size`)."""
+        side = self.config.sample_size
+        return GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json` and its code)
+        when the folder has none, so `push_to_hub` publishes a complete tokenizer."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", True)
+        if is_main and not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
+            self.default_image_processor().save_pretrained(save_directory)
+        return result
 
     # ----------------------------------------------------------------------------------------- diffusers
     @classmethod
