@@ -189,3 +189,13 @@ def test_image_processor_round_trip():
     assert (back - pixel_values).abs().max() <= 1 / 127.5 + 1e-6
     with pytest.raises(ValueError, match="`output_type` must be"):
         processor.postprocess(pixel_values, output_type="jpg")
+
+
+def test_low_precision_load_keeps_quantizer_fp32(tiny_model, tmp_path, pixels):
+    tiny_model.save_pretrained(tmp_path)
+    model = GroupVQModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert model.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert model.quantizer.core.dtype == model.quantizer.weight.dtype == torch.float32
+    assert torch.equal(model.quantizer.codebook(), tiny_model.quantizer.codebook())
+    out = model(pixels.bfloat16())
+    assert out.reconstruction.dtype == torch.bfloat16 and out.commitment_loss.dtype == torch.float32

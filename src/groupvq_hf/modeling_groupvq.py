@@ -74,6 +74,7 @@ class GroupVQPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["GroupVectorQuantizer"]
+    _keep_in_fp32_modules_strict = ["quantizer"]  # codebook generation and search stay fp32 (search: Eq. 1)
 
     def _init_weights(self, module):
         # PyTorch's own initialisation for the diffusers blocks (as diffusers does), the quantizer's for the
