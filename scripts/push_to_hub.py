@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Publish a trained Group-VQ tokenizer on the Hugging Face Hub with its code and model card.
+
+    python scripts/push_to_hub.py --model outputs/model --repo_id you/groupvq-imagenet \
+        --eval_results results.json [--resize_study resize_study.json] [--private] \
+        [--codebook_size 131072 --resize_mode extend] [--diffusers]
+
+Uses HF_TOKEN or the saved login (`hf auth login`). The logic lives in `groupvq_hf.hub.publish`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Folder saved by GroupVQModel/GroupVQVAE.save_pretrained.")
+    parser.add_argument("--repo_id", required=True, help="Hub repository, 'namespace/name'.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--eval_results", default=None, help="JSON written by scripts/evaluate.py (model-index).")
+    parser.add_argument("--resize_study", default=None, help="Resize study table (.json rows or .md) for the card.")
+    parser.add_argument("--training_args", default=None, help="JSON of training settings to list in the card.")
+    parser.add_argument("--datasets", nargs="*", default=None, help="Training datasets (Hub ids, or imagenet/coco).")
+    parser.add_argument("--codebook_size", type=int, default=None, help="Resize the codebook before publishing.")
+    parser.add_argument("--resize_mode", choices=("extend", "resample"), default="extend")
+    parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
+    parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
+    parser.add_argument("--commit_message", default="Upload Group-VQ tokenizer")
+    args = parser.parse_args(argv)
+    if args.resize_mode != "extend" and args.codebook_size is None:
+        parser.error("--resize_mode needs --codebook_size")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    from groupvq_hf.hub import HubAccessError, publish
+
+    training = None
+    if args.training_args:
+        with open(args.training_args, encoding="utf-8") as f:
+            training = json.load(f)
+    try:
+        commit = publish(
+            args.model,
+            args.repo_id,
+            private=args.private or None,
+            eval_results=args.eval_results,
+            resize_study=args.resize_study,
+            training=training,
+            datasets=args.datasets,
+            codebook_size=args.codebook_size,
+            resize_mode=args.resize_mode,
+            resize_seed=args.resize_seed,
+            diffusers=args.diffusers,
+            commit_message=args.commit_message,
+        )
+    except (LocalTokenNotFoundError, HubAccessError, ValueError) as err:
+        sys.exit(f"push_to_hub: error: {err}")
+    print(f"Published {args.repo_id}: {commit.commit_url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Publishing a Group-VQ tokenizer on the Hugging Face Hub.
+
+`render_model_card` fills `model_cards/groupvq.md` (metadata, model-index from `scripts/evaluate.py` results, codebook,
+training recipe, loading, resizing, citation); `publish` saves the model (safetensors, `config.json` with `auto_map`,
+the remote-code files, `preprocessor_config.json`) and the card into a folder and uploads it with `HfApi.upload_folder`,
+after checking the token can write to the repo. Only files matching `ALLOW_PATTERNS` and none of `IGNORE_PATTERNS`
+are uploaded: never optimizer states, pickles or tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+
+from .configuration_groupvq import GroupVQConfig
+from .image_processing_groupvq import GroupVQImageProcessor
+from .modeling_groupvq import GroupVQModel
+
+CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "groupvq.md"
+ALLOW_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.py"]
+IGNORE_PATTERNS = [
+    "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy", "*.npz",  # pickles and raw arrays
+    "*optimizer*", "*scheduler*", "*random_states*", "*rng_state*", "*scaler*", "*trainer_state*",  # training state
+    "*training_state*",
+    "*token*", ".git*", "*/.git*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "checkpoint*",  # secrets, caches
+]
+DATASET_IDS = {"imagenet": "ILSVRC/imagenet-1k", "imagenet-1k": "ILSVRC/imagenet-1k", "coco": "detection-datasets/coco"}
+DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
+BASE_TAGS = ["groupvq", "vector-quantization", "image-tokenizer", "vqgan"]
+# `scripts/evaluate.py` key -> (model-index metric type, display name, lower is better)
+METRICS = {
+    "rfid": ("fid", "rFID", True),
+    "lpips": ("lpips", "LPIPS", True),
+    "psnr": ("psnr", "PSNR", False),
+    "ssim": ("ssim", "SSIM", False),
+    "codebook_usage": ("codebook_usage", "Codebook usage", False),
+    "perplexity": ("perplexity", "Perplexity", False),
+}
+PAPER_RECIPE = (
+    "`scripts/train.py` of groupvq-hf follows the paper's VQGAN setup (section 4.1, aligned with SimVQ): L1 "
+    "reconstruction + LPIPS (VGG16) perceptual loss + PatchGAN discriminator (hinge loss, adaptive weight) + the "
+    "Group-VQ commitment loss `beta*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3); Adam, learning rate 1e-4, betas "
+    "(0.5, 0.9); in the codebook only the projectors W_j, b_j are trained, the cores stay frozen (Algorithm 1). "
+    "The exported weights are an EMA of the trained ones (`--ema_decay`, default 0.999)."
+)
+
+PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # second byte of a pickle after the PROTO opcode 0x80
+
+
+class HubAccessError(PermissionError):
+    """The token cannot write to the repository (read-only token, foreign namespace, invalid token)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def _read_json(value, name: str):
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"`{name}` must be a dict/list or the path of a JSON file, got {value!r} (no such file).")
+    if path.suffix == ".md":
+        return path.read_text(encoding="utf-8")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def normalize_eval_results(results) -> dict | None:
+    """The results of `scripts/evaluate.py` (a dict or its JSON file) as ``{"metrics": {...}, "dataset": ...}``.
+
+    Metrics may sit at the top level or under ``"metrics"``/``"results"``; known names are `METRICS`' keys
+    (``rfid``, ``lpips``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``; ``fid`` is read as ``rfid``).
+    Context keys read when present: ``dataset``, ``split``, ``resolution``, ``max_samples``/``num_samples``.
+    """
+    results = _read_json(results, "eval_results")
+    if results is None:
+        return None
+    if not isinstance(results, dict):
+        raise ValueError(f"`eval_results` must be a JSON object of metric values, got {type(results).__name__}.")
+    source = results.get("metrics", results.get("results", results))
+    metrics = {}
+    for key, value in (source or {}).items():
+        key = "rfid" if key.lower() == "fid" else key.lower()
+        if key in METRICS and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[key] = float(value)
+    if not metrics:
+        raise ValueError(f"`eval_results` holds none of the metrics {sorted(METRICS)}; got keys {sorted(source)}.")
+    return {
+        "metrics": metrics,
+        "dataset": results.get("dataset", "imagenet"),
+        "split": results.get("split"),
+        "resolution": results.get("resolution"),
+        "num_samples": results.get("num_samples", results.get("max_samples")),
+    }
+
+
+def resize_study_markdown(study) -> str | None:
+    """The resize study (`scripts/resize_study.py`) as a Markdown table: a ``.md`` file is used as is; its JSON
+    (``{"rows": [...]}``) in the paper's Table 2 layout; other row lists become a table with one column per key."""
+    study = _read_json(study, "resize_study")
+    if study is None or isinstance(study, str):
+        return study
+    rows = study.get("rows", study.get("results")) if isinstance(study, dict) else study
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("`resize_study` must be a Markdown file, a list of row objects or {'rows': [...]}.")
+    if all("method" in row and "power" in row for row in rows):  # scripts/resize_study.py rows: the paper's layout
+        from .evaluation import resize_study_markdown as paper_table
+
+        return paper_table(rows).rstrip("\n")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _groupvq_config(config) -> GroupVQConfig:
+    if isinstance(config, GroupVQConfig):
+        return config
+    if isinstance(config, dict) or hasattr(config, "keys"):  # a diffusers GroupVQVAE config (FrozenDict)
+        return GroupVQModel.config_from_diffusers(config)
+    raise ValueError(f"`config` must be a GroupVQConfig or a GroupVQVAE config, got {type(config).__name__}.")
+
+
+# ---------------------------------------------------------------------------------------------------------- card
+def model_index_entries(eval_results) -> list[EvalResult]:
+    """`scripts/evaluate.py` results as `huggingface_hub.EvalResult`s for a card's `model-index` (empty if None)."""
+    evals = normalize_eval_results(eval_results)
+    if evals is None:
+        return []
+    dataset = DATASET_IDS.get(str(evals["dataset"]).lower(), evals["dataset"])
+    return [
+        EvalResult(
+            task_type="image-to-image",
+            task_name="Image reconstruction",
+            dataset_type=dataset,
+            dataset_name=DATASET_NAMES.get(dataset, dataset),
+            dataset_split=evals["split"],
+            metric_type=METRICS[key][0],
+            metric_name=METRICS[key][1],
+            metric_value=value,
+        )
+        for key, value in evals["metrics"].items()
+    ]
+
+
+def render_model_card(
+    config,
+    repo_id: str,
+    *,
+    eval_results=None,
+    resize_study=None,
+    resize: dict | None = None,
+    training: dict | None = None,
+    diffusers: bool = False,
+    num_parameters: int | None = None,
+    datasets: list[str] | None = None,
+    license: str = "apache-2.0",
+    tags: list[str] | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """The model card (`README.md`) of a Group-VQ checkpoint, from `model_cards/groupvq.md`.
+
+    Args:
+        config: the model's `GroupVQConfig` (or a `GroupVQVAE` config).
+        repo_id: where it is published (used in the loading snippets and as model name).
+        eval_results: `scripts/evaluate.py` results (dict or JSON path); they go to the table and the model-index.
+        resize_study: resize study table (`.md` path, JSON path, or rows).
+        resize: ``{"from_size", "to_size", "mode", "seed"}`` when the codebook was resized before publishing.
+        training: training settings to list (e.g. the arguments of `scripts/train.py`).
+        diffusers: the repo holds the diffusers `GroupVQVAE` format (`library_name: diffusers`).
+        datasets: training datasets (Hub ids, or "imagenet"/"coco"); default: the evaluation dataset.
+    """
+    validate_repo_id(repo_id)
+    cfg = _groupvq_config(config)
+    evals = normalize_eval_results(eval_results)
+    template = Path(template_path) if template_path is not None else CARD_TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(f"Model card template not found at {template}; pass `template_path`.")
+
+    eval_dataset = DATASET_IDS.get(str(evals["dataset"]).lower(), evals["dataset"]) if evals else None
+    datasets = [DATASET_IDS.get(d.lower(), d) for d in (datasets or ([eval_dataset] if eval_dataset else []))]
+    model_name = repo_id.split("/")[-1]
+    eval_cards = model_index_entries(evals)
+    library = "diffusers" if diffusers else "transformers"
+    card_data = ModelCardData(
+        library_name=library,
+        license=license,
+        tags=list(dict.fromkeys(BASE_TAGS + [library, *(tags or [])])),
+        datasets=datasets or None,
+        pipeline_tag="image-to-image",
+        model_name=model_name,
+        eval_results=eval_cards or None,
+    )
+
+    sizes = cfg.group_sizes or [cfg.codebook_size // cfg.num_groups] * cfg.num_groups
+    ranks = cfg.group_ranks or [cfg.codebook_rank or cfg.codebook_dim] * len(sizes)
+    latent = cfg.sample_size // cfg.downsample_factor
+
+    def same_or_list(values):
+        return f"{values[0]:,} each" if len(set(values)) == 1 else ", ".join(str(v) for v in values)
+
+    def metric_text(key, value):
+        if key == "codebook_usage":
+            return f"{100 * value:.1f}%" if value <= 1 else f"{value:.1f}%"
+        arrow = " (lower is better)" if METRICS[key][2] else ""
+        return f"{value:.4g}{arrow}"
+
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template),
+        model_name=model_name,
+        repo_id=repo_id,
+        diffusers=diffusers,
+        codebook_size=int(cfg.codebook_size),
+        num_groups=len(sizes),
+        group_sizes_text=same_or_list(sizes),
+        ranks_text=same_or_list(ranks),
+        codebook_dim=cfg.codebook_dim,
+        projector=cfg.projector,
+        resolution=cfg.sample_size,
+        downsample_factor=cfg.downsample_factor,
+        latent_size=latent,
+        tokens_per_image=latent * latent,
+        num_parameters=f"{num_parameters:,}" if num_parameters else "see `model.num_parameters()`",
+        resize=resize,
+        eval_rows=[(METRICS[k][1], metric_text(k, v)) for k, v in evals["metrics"].items()] if evals else [],
+        eval_dataset=DATASET_NAMES.get(eval_dataset, eval_dataset),
+        eval_split=evals["split"] if evals else None,
+        eval_resolution=evals["resolution"] if evals else None,
+        eval_samples=evals["num_samples"] if evals else None,
+        training_summary=PAPER_RECIPE,
+        training_rows=sorted((str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in (training or {}).items()),
+        example_size=2 * int(cfg.codebook_size),
+        resize_study=resize_study_markdown(resize_study),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def resolve_token(token: str | None = None) -> str:
+    """`token`, else `HF_TOKEN`, else the saved login; a clear error when there is none."""
+    token = token or get_token()
+    if not token:
+        raise LocalTokenNotFoundError(
+            "No Hugging Face token found: set the HF_TOKEN environment variable or log in with `hf auth login` "
+            "(a token with write access, see https://huggingface.co/settings/tokens)."
+        )
+    return token
+
+
+def check_write_access(api: HfApi, repo_id: str, token: str) -> str:
+    """Raise `HubAccessError` unless `token` is valid and may write to `repo_id`'s namespace; returns the user name."""
+    try:
+        me = api.whoami(token=token)
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code == 401:
+            raise HubAccessError(
+                "The Hugging Face token (HF_TOKEN or the saved login) is invalid or expired: create a write token at "
+                "https://huggingface.co/settings/tokens and set HF_TOKEN or run `hf auth login`."
+            ) from err
+        raise
+    name = me.get("name")
+    role = (me.get("auth") or {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise HubAccessError(
+            f"The token of {name!r} is read-only: cannot publish to {repo_id!r}. Use a token with write access."
+        )
+    namespace = repo_id.split("/")[0] if "/" in repo_id else name
+    writable = [name, *[org.get("name") for org in me.get("orgs", [])]]
+    if role != "fineGrained" and namespace not in writable:
+        raise HubAccessError(
+            f"Repository {repo_id!r} is not writable with this token: {name!r} can write to {writable}, "
+            f"not to {namespace!r}."
+        )
+    return name
+
+
+def upload_file_list(folder: str | os.PathLike) -> list[str]:
+    """The files of `folder` that `publish` uploads (`ALLOW_PATTERNS` minus `IGNORE_PATTERNS`), sorted."""
+    folder = Path(folder)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    return sorted(filter_repo_objects(files, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS))
+
+
+def check_no_secrets(folder: str | os.PathLike, files: list[str], token: str) -> None:
+    """Raise ValueError if a file about to be uploaded contains the token or is a pickle."""
+    for name in files:
+        content = (Path(folder) / name).read_bytes()
+        if token.encode() in content:
+            raise ValueError(f"Refusing to upload {name!r}: it contains the Hugging Face token.")
+        # safetensors files start with their header length, anything else starting with a pickle opcode is one
+        if not name.endswith(".safetensors") and content[:1] == b"\x80" and content[1:2] in PICKLE_PROTOCOLS:
+            raise ValueError(f"Refusing to upload {name!r}: it is a pickle.")
+
+
+# ---------------------------------------------------------------------------------------------------------- publish
+def load_for_publishing(model, diffusers: bool = False):
+    """A `GroupVQModel` or `GroupVQVAE` from a model object or a saved folder, in the requested format."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {path}).")
+        if "_class_name" in json.loads(config_file.read_text()):  # a diffusers folder
+            from .vq_model import GroupVQVAE
+
+            model = GroupVQVAE.from_pretrained(path)
+        else:
+            model = GroupVQModel.from_pretrained(path)
+    is_vae = hasattr(getattr(model, "quantize", None), "resize_codebook")
+    if not isinstance(model, GroupVQModel) and not is_vae:
+        raise ValueError(f"`model` must be a GroupVQModel, a GroupVQVAE or a saved folder, got {type(model).__name__}.")
+    if diffusers and not is_vae:
+        from .vq_model import GroupVQVAE
+
+        model = GroupVQVAE.from_groupvq(model)
+    elif not diffusers and is_vae:
+        model = GroupVQModel.from_diffusers(model)
+    return model.eval()
+
+
+def publish(
+    model,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    eval_results=None,
+    resize_study=None,
+    training: dict | None = None,
+    codebook_size: int | None = None,
+    resize_mode: str = "extend",
+    resize_seed: int = 0,
+    diffusers: bool = False,
+    datasets: list[str] | None = None,
+    commit_message: str = "Upload Group-VQ tokenizer",
+    endpoint: str | None = None,
+    save_directory: str | os.PathLike | None = None,
+):
+    """Save a Group-VQ tokenizer with its model card and upload it to `repo_id`; returns the `CommitInfo`.
+
+    Args:
+        model: `GroupVQModel`, `GroupVQVAE` or a folder saved by either.
+        repo_id: ``"namespace/name"`` (or ``"name"`` under the token's user).
+        token: defaults to `HF_TOKEN` or the saved login.
+        codebook_size, resize_mode, resize_seed: resize the codebook before publishing (Algorithm 2).
+        diffusers: publish the diffusers `GroupVQVAE` format instead of the transformers one.
+        eval_results, resize_study, training, datasets: model card content, see [`render_model_card`].
+        endpoint: Hub URL (defaults to `HF_ENDPOINT`).
+        save_directory: keep the uploaded folder there (default: a temporary folder).
+    """
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"`repo_id` must be a non-empty string 'namespace/name', got {repo_id!r}.")
+    validate_repo_id(repo_id)
+    if resize_mode not in ("extend", "resample"):
+        raise ValueError(f"`resize_mode` must be 'extend' or 'resample', got {resize_mode!r}.")
+    if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {model}).")
+    token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    check_write_access(api, repo_id, token)
+
+    model = load_for_publishing(model, diffusers=diffusers)
+    resize = None
+    if codebook_size is not None:
+        quantizer = model.quantize if diffusers else model.quantizer
+        resize = {"from_size": quantizer.codebook_size, "to_size": int(codebook_size), "mode": resize_mode,
+                  "seed": resize_seed}
+        with torch.no_grad():
+            model.resize_codebook(int(codebook_size), mode=resize_mode, seed=resize_seed)
+
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except HfHubHTTPError as err:
+        _raise_access(err, repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(save_directory or tmp)
+        model.save_pretrained(folder)  # safetensors, config with auto_map, code files (+ image processor)
+        if diffusers and not (folder / "preprocessor_config.json").exists():
+            side = model.config.sample_size
+            processor = GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+            processor.save_pretrained(folder)
+        card = render_model_card(
+            model.config, repo_id, eval_results=eval_results, resize_study=resize_study, resize=resize,
+            training=training, diffusers=diffusers, num_parameters=sum(p.numel() for p in model.parameters()),
+            datasets=datasets,
+        )
+        card.save(folder / "README.md")
+        files = upload_file_list(folder)
+        check_no_secrets(folder, files, token)
+        try:
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+            )
+        except HfHubHTTPError as err:  # includes RepositoryNotFoundError
+            _raise_access(err, repo_id)
+
+
+def _raise_access(err: HfHubHTTPError, repo_id: str):
+    status = err.response.status_code if err.response is not None else None
+    if status in (401, 403) or isinstance(err, RepositoryNotFoundError):
+        raise HubAccessError(
+            f"Cannot write to {repo_id!r} (HTTP {status}): the token (HF_TOKEN or the saved login) lacks write access "
+            f"to this repository or namespace. Server said: {err}"
+        ) from err
+    raise err
+
+
+__all__ = [
+    "ALLOW_PATTERNS",
+    "CARD_TEMPLATE",
+    "HubAccessError",
+    "IGNORE_PATTERNS",
+    "check_no_secrets",
+    "check_write_access",
+    "load_for_publishing",
+    "model_index_entries",
+    "normalize_eval_results",
+    "publish",
+    "render_model_card",
+    "resize_study_markdown",
+    "resolve_token",
+    "upload_file_list",
+]
