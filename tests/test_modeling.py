@@ -55,6 +55,7 @@ def test_resize_then_save_load_exact(tiny_model, pixels, tmp_path, new_size, mod
     old_codes = tiny_model.quantizer.codebook().detach().view(8, 32, 16)
     sizes = tiny_model.resize_codebook(new_size, mode=mode, seed=0)
     assert tiny_model.config.codebook_size == sum(sizes) == tiny_model.quantizer.codebook_size
+    assert tiny_model.config.trained_group_sizes == ([32] * 8 if mode == "extend" else [0] * 8)
     if mode == "extend":
         new_codes = tiny_model.quantizer.codebook().detach().split(sizes)
         for j in range(8):
@@ -63,6 +64,7 @@ def test_resize_then_save_load_exact(tiny_model, pixels, tmp_path, new_size, mod
     loaded = GroupVQModel.from_pretrained(tmp_path).eval()
     assert loaded.config.codebook_size == sum(sizes)
     assert loaded.quantizer.group_sizes == sizes
+    assert loaded.config.trained_group_sizes == tiny_model.config.trained_group_sizes
     assert_same_model(tiny_model, loaded, pixels)
     assert loaded.decode_indices(torch.full((1, 4, 4), sum(sizes) - 1)).shape == (1, 3, 16, 16)
 
@@ -142,6 +144,8 @@ def test_heterogeneous_config_round_trip(tmp_path, pixels):
         (dict(group_sizes=[100, 100]), r"`group_sizes` must sum to `codebook_size`=256"),
         (dict(group_sizes=[128, 128], group_ranks=[8, 8, 8]), "`group_ranks` has 3 entries but there are 2 groups"),
         (dict(projector="attention"), "`projector` must be one of"),
+        (dict(trained_group_sizes=[32] * 7), "`trained_group_sizes` needs one count per group"),
+        (dict(trained_group_sizes=[33] + [32] * 7), "`trained_group_sizes` needs one count per group"),
         (dict(block_out_channels=(30, 32)), "`norm_num_groups`=8 must divide"),
         (dict(down_block_types=("DownEncoderBlock2D",)), "`down_block_types` needs one entry per"),
     ],

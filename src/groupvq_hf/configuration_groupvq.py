@@ -45,6 +45,8 @@ class GroupVQConfig(PreTrainedConfig):
         codebook_rank (`int`, *optional*): rank r of every group's core; defaults to `codebook_dim`.
         group_sizes (`list[int]`, *optional*): heterogeneous group sizes n_j (Algorithm 1), summing to `codebook_size`.
         group_ranks (`list[int]`, *optional*): heterogeneous ranks r_j, one per group.
+        trained_group_sizes (`list[int]`, *optional*): after a resize, how many leading codes of each group were
+            trained (self-extension keeps them; resampling leaves none); None for a model as trained.
         projector (`str`): "linear" (paper default), "mlp" or "linear+mlp" (Table 3).
         commitment_beta (`float`): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
         in_channels, out_channels, down_block_types, up_block_types, block_out_channels, layers_per_block,
@@ -60,6 +62,7 @@ class GroupVQConfig(PreTrainedConfig):
     codebook_rank: int | None = 128
     group_sizes: list[int] | tuple[int, ...] | None = None
     group_ranks: list[int] | tuple[int, ...] | None = None
+    trained_group_sizes: list[int] | tuple[int, ...] | None = None
     projector: str = "linear"
     commitment_beta: float | int = 0.25
     in_channels: int = 3
@@ -81,9 +84,18 @@ class GroupVQConfig(PreTrainedConfig):
         if self.group_sizes is not None:
             self.group_sizes = [int(s) for s in self.group_sizes]
             self.num_groups = len(self.group_sizes)  # heterogeneous groups: the list decides
-        resolve_groups(
+        sizes, _ = resolve_groups(
             self.codebook_size, self.num_groups, self.codebook_rank, self.group_sizes, self.group_ranks, self.codebook_dim
         )
+        if self.trained_group_sizes is not None:
+            self.trained_group_sizes = [int(t) for t in self.trained_group_sizes]
+            if len(self.trained_group_sizes) != len(sizes) or any(
+                not 0 <= t <= n for t, n in zip(self.trained_group_sizes, sizes)
+            ):
+                raise ValueError(
+                    f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {sizes}, "
+                    f"got {self.trained_group_sizes}."
+                )
         if self.group_ranks is not None:
             self.group_ranks = [int(r) for r in self.group_ranks]
         if self.projector not in PROJECTORS:

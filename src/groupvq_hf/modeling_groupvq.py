@@ -188,7 +188,10 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
         See [`GroupVectorQuantizer.resize_codebook`]. Returns the new group sizes.
         """
+        old_sizes = self.quantizer.group_sizes
         sizes = self.quantizer.resize_codebook(new_size, mode=mode, seed=seed)
+        trained = self.config.trained_group_sizes or old_sizes
+        self.config.trained_group_sizes = list(trained) if mode == "extend" else [0] * len(sizes)
         self.config.codebook_size = sum(sizes)
         self.config.group_sizes = None if self.quantizer.uniform else list(sizes)
         return sizes
