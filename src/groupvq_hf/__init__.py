@@ -6,21 +6,13 @@ from .configuration_groupvq import PRESETS, GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQEncoderOutput, GroupVQModel, GroupVQModelOutput, GroupVQPreTrainedModel
 from .quantizer import GroupVectorQuantizer, nearest_code_indices
+from .vq_model import GroupVQVAE  # imported eagerly: diffusers resolves ["groupvq_hf.vq_model", ...] by module
 
 __version__ = "0.1.0"
 
 AutoConfig.register(GroupVQConfig.model_type, GroupVQConfig, exist_ok=True)
 AutoModel.register(GroupVQConfig, GroupVQModel, exist_ok=True)
 AutoImageProcessor.register(GroupVQConfig, image_processor_classes={"torchvision": GroupVQImageProcessor}, exist_ok=True)
-
-
-def __getattr__(name):
-    # The diffusers shell is imported lazily so `import groupvq_hf` stays light.
-    if name == "GroupVQVAE":
-        from .vq_model import GroupVQVAE
-
-        return GroupVQVAE
-    raise AttributeError(f"module 'groupvq_hf' has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,0 +1,363 @@
+"""Group-VQ as a diffusers model: ``GroupVQVAE``, a drop-in ``diffusers.VQModel``.
+
+``GroupVQVAE`` is ``VQModel`` with its ``quantize`` replaced by the ``GroupVectorQuantizer`` (paper Eq. 7, Algorithm
+1) that the transformers ``GroupVQModel`` also uses; every other block, name and behaviour is ``VQModel``'s, so the
+pipelines that take a ``VQModel`` (LDM, LDM super-resolution, Kandinsky 2.2's ``movq``, aMUSEd, VQ-Diffusion) take it
+unchanged. State dicts map 1:1 to ``GroupVQModel``'s (``quantize.*`` <-> ``quantizer.*``).
+
+This file travels to the Hub as remote code next to ``quantizer.py``: it imports torch, diffusers and ``.quantizer``
+only (diffusers copies just the direct relative imports of the file named in ``auto_map``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from diffusers import ModelMixin, VQModel  # noqa: F401  (pipelines look `ModelMixin` up in this module's namespace)
+from diffusers.configuration_utils import register_to_config
+
+from .quantizer import GroupVectorQuantizer
+
+# Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
+# pipeline custom component load without groupvq_hf: this file and its only relative import.
+REMOTE_CODE_FILES = (os.path.basename(__file__), "quantizer.py")
+# Config keys that change nothing in the weights: the only ones `from_groupvq`/`from_vqmodel` let a caller override.
+RUNTIME_CONFIG_KEYS = ("lookup_from_codebook", "force_upcast", "scaling_factor", "sample_size")
+QUANTIZER_CONFIG_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
+VQMODEL_CONFIG_KEYS = (
+    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
+    "act_fn", "latent_channels", "sample_size", "num_vq_embeddings", "norm_num_groups", "vq_embed_dim",
+    "scaling_factor", "norm_type", "mid_block_add_attention", "lookup_from_codebook", "force_upcast",
+)
+
+
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class GroupVQVAE(VQModel):
+    r"""
+    A diffusers [`VQModel`] whose quantizer is a Group-VQ codebook of `num_groups` independently reparameterised
+    groups `G_j = core_j @ W_j + b_j` (paper Eq. 7).
+
+    Takes every `VQModel` argument with `VQModel`'s defaults (`num_vq_embeddings` is the codebook size n,
+    `vq_embed_dim` the code dimension d, defaulting to `latent_channels`), plus:
+
+    Parameters:
+        num_groups (`int`, defaults to 1): number of uniform groups k (1 = SimVQ, n = vanilla VQ).
+        codebook_rank (`int`, *optional*): rank r of every group's frozen core; defaults to the code dimension.
+        group_sizes (`list[int]`, *optional*): heterogeneous group sizes n_j (Algorithm 1), summing to
+            `num_vq_embeddings`.
+        group_ranks (`list[int]`, *optional*): heterogeneous ranks r_j, one per group.
+        projector (`str`, defaults to `"linear"`): `"linear"`, `"mlp"` or `"linear+mlp"` (Table 3).
+        commitment_beta (`float`, defaults to 0.25): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3).
+
+    `encode(x).latents` are the latents before quantisation; `decode(h)` quantises them (unless
+    `force_not_quantize`), or with `lookup_from_codebook=True` and `force_not_quantize=True` decodes token indices
+    `h` (B, h, w) through `quantize.get_codebook_entry`; `forward(sample)` returns `DecoderOutput(sample,
+    commit_loss)` with the Group-VQ commitment loss.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
+        block_out_channels: tuple[int, ...] = (64,),
+        layers_per_block: int = 1,
+        act_fn: str = "silu",
+        latent_channels: int = 3,
+        sample_size: int = 32,
+        num_vq_embeddings: int = 256,
+        norm_num_groups: int = 32,
+        vq_embed_dim: int | None = None,
+        scaling_factor: float = 0.18215,
+        norm_type: str = "group",
+        mid_block_add_attention: bool = True,
+        lookup_from_codebook: bool = False,
+        force_upcast: bool = False,
+        num_groups: int = 1,
+        codebook_rank: int | None = None,
+        group_sizes: list[int] | None = None,
+        group_ranks: list[int] | None = None,
+        projector: str = "linear",
+        commitment_beta: float = 0.25,
+    ):
+        for name, value in (("num_vq_embeddings", num_vq_embeddings), ("latent_channels", latent_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if vq_embed_dim is not None and (not isinstance(vq_embed_dim, int) or vq_embed_dim < 1):
+            raise ValueError(
+                f"`vq_embed_dim` must be a positive int or None (= latent_channels), got {vq_embed_dim!r}."
+            )
+        if norm_type not in ("group", "spatial"):
+            raise ValueError(f"`norm_type` must be 'group' or 'spatial', got {norm_type!r}.")
+        code_dim = latent_channels if vq_embed_dim is None else vq_embed_dim
+        try:
+            quantize = GroupVectorQuantizer(
+                codebook_size=num_vq_embeddings,
+                codebook_dim=code_dim,
+                num_groups=len(group_sizes) if group_sizes is not None else num_groups,
+                codebook_rank=codebook_rank,
+                group_sizes=group_sizes,
+                group_ranks=group_ranks,
+                projector=projector,
+                commitment_beta=commitment_beta,
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (in GroupVQVAE `num_vq_embeddings` is the codebook size and `vq_embed_dim` the code dimension)"
+            ) from err
+        # VQModel builds the encoder, the 1x1 convs and the decoder (every argument passed by name, so its own
+        # config registration records the same values as ours); its VectorQuantizer is then replaced.
+        super().__init__(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            down_block_types=down_block_types,
+            up_block_types=up_block_types,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            act_fn=act_fn,
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            num_vq_embeddings=num_vq_embeddings,
+            norm_num_groups=norm_num_groups,
+            vq_embed_dim=vq_embed_dim,
+            scaling_factor=scaling_factor,
+            norm_type=norm_type,
+            mid_block_add_attention=mid_block_add_attention,
+            lookup_from_codebook=lookup_from_codebook,
+            force_upcast=force_upcast,
+        )
+        self.quantize = quantize
+        if group_sizes is not None and num_groups != len(group_sizes):
+            self.register_to_config(num_groups=len(group_sizes))  # heterogeneous groups: the list decides
+
+    # ----------------------------------------------------------------------------------------- layout
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction f of the encoder (each block but the last halves the resolution)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def codebook_dim(self) -> int:
+        """Code dimension d (`vq_embed_dim`, or `latent_channels` when that is None)."""
+        return self.quantize.codebook_dim
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_sample(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"`x` must be a float tensor of shape (batch, {self.config.in_channels}, height, width), "
+                f"got {_shape_of(x)}."
+            )
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`x` must have {self.config.in_channels} channels (config.in_channels), got shape {tuple(x.shape)}."
+            )
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(
+                f"`x` height and width must be divisible by the downsampling factor {f}, "
+                f"got {x.shape[-2]}x{x.shape[-1]}."
+            )
+
+    def _check_latents(self, h) -> None:
+        d = self.codebook_dim
+        if not isinstance(h, torch.Tensor) or h.ndim != 4 or not h.is_floating_point() or h.shape[1] != d:
+            raise ValueError(
+                f"`h` must be a float tensor of shape (batch, {d}, h, w) (vq_embed_dim={d}), got {_shape_of(h)}."
+            )
+
+    def _token_shape(self, h, shape) -> tuple[int, int, int, int]:
+        """The (B, h, w, d) shape for token indices `h`, checked against `shape` when the caller passes one."""
+        d = self.codebook_dim
+        if not isinstance(h, torch.Tensor) or h.is_floating_point() or h.is_complex() or h.dtype == torch.bool:
+            raise ValueError(
+                "With `lookup_from_codebook=True` and `force_not_quantize=True`, `h` must be an integer tensor of "
+                f"code indices, got {getattr(h, 'dtype', type(h).__name__)}."
+            )
+        if shape is None:
+            if h.ndim != 3:
+                raise ValueError(
+                    f"`h` of token indices must have shape (batch, h, w) when `shape` is None, got {_shape_of(h)}."
+                )
+            return (*h.shape, d)
+        shape = tuple(int(s) for s in shape)
+        # aMUSEd passes `latent_channels` as the last entry; VQ-Diffusion passes `vq_embed_dim`: both mean "d".
+        valid = len(shape) == 4 and shape[-1] in (d, self.config.latent_channels)
+        if not valid or shape[0] * shape[1] * shape[2] != h.numel():
+            raise ValueError(
+                f"`shape` must be (batch, h, w, {d}) with batch*h*w = {h.numel()} (the number of indices in `h`), "
+                f"got {shape}."
+            )
+        return (*shape[:3], d)
+
+    # ----------------------------------------------------------------------------------------- VQModel API
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """Pre-quantisation latents (B, d, h, w) of pixels `x` (B, C, H, W); as `VQModel.encode`."""
+        self._check_sample(x)
+        return super().encode(x, return_dict=return_dict)
+
+    def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True, shape=None):
+        """As `VQModel.decode`: quantise `h` (B, d, h, w) and decode; with `force_not_quantize=True` decode `h` as is,
+        or, when `config.lookup_from_codebook`, look integer token indices `h` up in the codebook first."""
+        if force_not_quantize and self.config.lookup_from_codebook:
+            shape = self._token_shape(h, shape)
+        else:
+            self._check_latents(h)
+        return super().decode(h, force_not_quantize=force_not_quantize, return_dict=return_dict, shape=shape)
+
+    # ----------------------------------------------------------------------------------------- Group-VQ
+    def resize_codebook(self, new_size, mode: str = "extend", seed: int | None = None) -> list[int]:
+        """Resize the codebook without training (Algorithm 2, Eq. 11) and update the config, so `save_pretrained`
+        / `from_pretrained` round-trip it. See `GroupVectorQuantizer.resize_codebook`; returns the new group sizes."""
+        sizes = self.quantize.resize_codebook(new_size, mode=mode, seed=seed)
+        uniform = self.quantize.uniform
+        self.register_to_config(
+            num_vq_embeddings=sum(sizes), num_groups=len(sizes), group_sizes=None if uniform else list(sizes)
+        )
+        return sizes
+
+    @classmethod
+    def _from_parts(cls, config: dict, state_dict: dict, strict: bool, like):
+        """Build from `config`, load `state_dict`, match `like`'s device, dtype and train/eval mode.
+
+        Returns `(model, load_state_dict result)`."""
+        vae = cls(**config)
+        result = vae.load_state_dict(state_dict, strict=strict)
+        param = next(like.parameters(), None)
+        if param is not None:
+            vae = vae.to(param.device)
+            if param.dtype != next(vae.parameters()).dtype:
+                vae = vae.to(param.dtype)
+        vae.train(getattr(like, "training", True))
+        return vae, result
+
+    @staticmethod
+    def _runtime_overrides(overrides: dict) -> dict:
+        bad = sorted(set(overrides) - set(RUNTIME_CONFIG_KEYS))
+        if bad:
+            raise ValueError(f"Only {RUNTIME_CONFIG_KEYS} may be overridden (they leave the weights valid), got {bad}.")
+        return overrides
+
+    @classmethod
+    def from_groupvq(cls, model, **overrides) -> GroupVQVAE:
+        """Lossless conversion from a transformers `GroupVQModel`: same weights, same codebook, identical outputs.
+
+        Duck-typed on `model.config` (GroupVQConfig names) and `model.state_dict()` (`quantizer.*` -> `quantize.*`).
+        `overrides` may set the diffusers-only keys `lookup_from_codebook`, `force_upcast`, `scaling_factor`,
+        `sample_size`.
+        """
+        quantizer = getattr(model, "quantizer", None)
+        if not hasattr(quantizer, "resize_codebook") or not hasattr(model, "config"):
+            raise ValueError("`model` must be a GroupVQModel (with `config` and a GroupVectorQuantizer `quantizer`).")
+        cfg = model.config
+        config = {key: getattr(cfg, key) for key in VQMODEL_CONFIG_KEYS if hasattr(cfg, key)}
+        config.update(
+            num_vq_embeddings=quantizer.codebook_size,
+            vq_embed_dim=quantizer.codebook_dim,
+            num_groups=quantizer.num_groups,
+            codebook_rank=getattr(cfg, "codebook_rank", None),
+            group_sizes=None if quantizer.uniform else quantizer.group_sizes,
+            group_ranks=getattr(cfg, "group_ranks", None),
+            projector=quantizer.projector,
+            commitment_beta=quantizer.commitment_beta,
+        )
+        config.update(cls._runtime_overrides(overrides))
+        for key in ("down_block_types", "up_block_types", "block_out_channels", "group_sizes", "group_ranks"):
+            if config.get(key) is not None:
+                config[key] = list(config[key])
+        state = {
+            ("quantize." + k[len("quantizer.") :] if k.startswith("quantizer.") else k): v
+            for k, v in model.state_dict().items()
+        }
+        return cls._from_parts(config, state, strict=True, like=model)[0]
+
+    @classmethod
+    def from_vqmodel(cls, vae, num_vq_embeddings: int | None = None, seed: int | None = None, **kwargs) -> GroupVQVAE:
+        """A `GroupVQVAE` from a plain diffusers `VQModel`: encoder, decoder and 1x1 convs keep their weights, the
+        Group-VQ quantizer is newly initialised (a starting point for fine-tuning).
+
+        `num_vq_embeddings` defaults to the sum of `group_sizes` if given, else the VQModel's codebook size;
+        `kwargs` take the Group-VQ arguments (`num_groups`, `codebook_rank`, `group_sizes`, `group_ranks`,
+        `projector`, `commitment_beta`) and the runtime keys of `from_groupvq`. `seed` makes the new cores and
+        projectors reproducible.
+        """
+        if not hasattr(vae, "config") or not hasattr(vae, "state_dict") or "num_vq_embeddings" not in vae.config:
+            raise ValueError("`vae` must be a diffusers VQModel (its config must have `num_vq_embeddings`).")
+        quantizer_kwargs = {k: kwargs.pop(k) for k in QUANTIZER_CONFIG_KEYS if k in kwargs}
+        config = {key: vae.config[key] for key in VQMODEL_CONFIG_KEYS if key in vae.config}
+        config.update(cls._runtime_overrides(kwargs), **quantizer_kwargs)
+        if num_vq_embeddings is None and quantizer_kwargs.get("group_sizes") is not None:
+            num_vq_embeddings = sum(quantizer_kwargs["group_sizes"])
+        if num_vq_embeddings is not None:
+            config["num_vq_embeddings"] = num_vq_embeddings
+        state = {k: v for k, v in vae.state_dict().items() if not k.startswith("quantize.")}
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            new, result = cls._from_parts(config, state, strict=False, like=vae)
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if not k.startswith("quantize.")]
+        if unexpected or missing:
+            raise ValueError(f"`vae` does not match a VQModel layout: missing {missing}, unexpected {unexpected}.")
+        return new
+
+    # ----------------------------------------------------------------------------------------- saving
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # `auto_map` (written for remote code) is no init argument: drop it instead of warning on every load.
+        config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_code(self, save_directory: str | os.PathLike) -> list[str]:
+        """Copy this file and `quantizer.py` into `save_directory` (for `auto_map` / custom components)."""
+        os.makedirs(save_directory, exist_ok=True)
+        here = os.path.dirname(os.path.abspath(__file__))
+        copied = []
+        for name in REMOTE_CODE_FILES:
+            target = os.path.join(save_directory, name)
+            if os.path.abspath(target) != os.path.join(here, name):
+                shutil.copyfile(os.path.join(here, name), target)
+            copied.append(target)
+        return copied
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function=None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        use_flashpack: bool = False,
+        **kwargs,
+    ):
+        """`ModelMixin.save_pretrained`, with the model's code (`vq_model.py`, `quantizer.py`) written first so the
+        folder, and what `push_to_hub` uploads from it, loads with `trust_remote_code=True` without groupvq_hf.
+        Same signature as `ModelMixin.save_pretrained` (pipelines pass `safe_serialization`/`variant` by name)."""
+        if is_main_process and not os.path.isfile(save_directory):
+            self.save_code(save_directory)
+        if use_flashpack:
+            kwargs["use_flashpack"] = use_flashpack
+        return super().save_pretrained(
+            save_directory,
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
+            **kwargs,
+        )
+
+
+GroupVQVAE.register_for_auto_class("AutoModel")
+
+__all__ = ["GroupVQVAE"]
