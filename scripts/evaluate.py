@@ -1,0 +1,24 @@
+#!/usr/bin/env python
+"""Evaluate a Group-VQ tokenizer (rFID, LPIPS, PSNR, SSIM, codebook usage); see `groupvq_hf.evaluation`.
+
+    accelerate launch scripts/evaluate.py --model PATH_OR_REPO --dataset imagenet --split validation \\
+        --resolution 128 --output results.json
+"""
+
+import os
+import sys
+
+# This file is named like the `evaluate` library: keep its folder off the import path so `import evaluate`
+# finds the library, not this script.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from groupvq_hf.evaluation import evaluate_parser, run_evaluate  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    return run_evaluate(evaluate_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""Streaming evaluation of a Group-VQ tokenizer under accelerate, and the codebook resize study.
+
+Every process streams its own part of the evaluation split (``build_image_dataset(..., train=False)``: resize the
+shortest edge and center-crop, ``split_dataset_by_node``), reconstructs it and feeds [`ReconstructionMetrics`] and
+[`CodebookUsage`]; their states are summed across processes at the end. ``scripts/evaluate.py`` and
+``scripts/resize_study.py`` are thin command lines over [`evaluate_model`] and [`resize_study`].
+
+The resize study is the paper's Table 2 / Figure 4: from the trained codebook of size n, resample down (n / 2^p),
+resample up and self-extend (n * 2^p) without training (Algorithm 2, Eq. 11), evaluating each.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics
+
+ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
+RESIZE_STUDY_MODES = ("resample", "extend")
+
+
+def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of `ALL_METRICS`)."""
+    if metrics is None:
+        return ALL_METRICS
+    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    names = tuple(dict.fromkeys(m for m in names if m))
+    bad = [m for m in names if m not in ALL_METRICS]
+    if bad or not names:
+        raise ValueError(f"`metrics` must be a non-empty subset of {list(ALL_METRICS)}, got {list(names)}.")
+    return names
+
+
+def samples_for_rank(max_samples: int | None, rank: int, world_size: int) -> int | None:
+    """This rank's share of ``max_samples`` (the shares sum to ``max_samples``; ``None`` means all)."""
+    if max_samples is None:
+        return None
+    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
+        raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
+    share = max_samples // world_size + (rank < max_samples % world_size)
+    return share
+
+
+def build_eval_dataloader(
+    dataset: str = "imagenet",
+    split: str = "validation",
+    resolution: int = 128,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    image_column: str | None = None,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader | None:
+    """This rank's evaluation batches: center crops ``(B, 3, R, R)`` in [-1, 1] (``None`` when its share is 0)."""
+    from .data import build_image_dataset, collate_pixels
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    share = samples_for_rank(max_samples, rank, world_size)
+    if share == 0:
+        return None
+    stream = build_image_dataset(
+        dataset, split=split, resolution=resolution, train=False, image_column=image_column,
+        rank=rank, world_size=world_size, streaming=True, max_samples=share,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, collate_fn=collate_pixels, num_workers=num_workers
+    )
+
+
+def load_model(model: str | os.PathLike, device: torch.device | str = "cpu"):
+    """A `GroupVQModel` from a local folder or a Hub repo id, in eval mode on ``device``."""
+    from .modeling_groupvq import GroupVQModel
+
+    return GroupVQModel.from_pretrained(str(model)).to(device).eval()
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    dataloader: Iterable[torch.Tensor] | None,
+    metrics: str | Iterable[str] | None = None,
+    accelerator=None,
+    lpips_net=None,
+    inception_net=None,
+    lpips_weights: str | None = None,
+    inception_weights: str | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict:
+    """Reconstruct every batch of ``dataloader`` and return the requested metrics over all processes.
+
+    ``dataloader`` yields pixel batches (B, 3, H, W) in [-1, 1] (or dicts with ``pixel_values``) for this process
+    only (``None``: nothing for this process). Returns ``{"psnr", "ssim", "lpips", "rfid", "codebook_usage",
+    "perplexity", "num_images", ...}`` for what ``metrics`` names, plus ``group_usage`` / ``group_frequency``
+    (per group) with ``codebook_usage``. Every process must call it (results are reduced across processes).
+    """
+    from tqdm.auto import tqdm
+
+    names = parse_metrics(metrics)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    recon_names = [m for m in names if m in RECONSTRUCTION_METRICS]
+    recon = ReconstructionMetrics(
+        metrics=recon_names or None, lpips_weights=lpips_weights, inception_weights=inception_weights,
+        lpips_net=lpips_net, inception_net=inception_net, device=device,
+    ) if recon_names else None  # fmt: skip
+    usage = CodebookUsage(codebook_size=model.config.codebook_size, group_sizes=model.quantizer.group_sizes)
+    model.eval()
+    num_images = 0
+    with tqdm(total=total, disable=not show, desc="evaluate", unit="img") as bar:
+        for batch in dataloader if dataloader is not None else ():
+            pixels = batch["pixel_values"] if isinstance(batch, dict) else batch
+            pixels = pixels.to(device)
+            out = model(pixels)
+            if recon is not None:
+                recon.add_batch(predictions=out.reconstruction.clamp(-1, 1), references=pixels)
+            usage.add_batch(predictions=out.indices)
+            num_images += pixels.shape[0]
+            bar.update(pixels.shape[0])
+    results = {}
+    if recon is not None:
+        results.update(recon.compute())
+    usage_results = usage.compute()  # summed across processes (also gives the image count when recon is off)
+    if "codebook_usage" in names:
+        results.update(usage_results)
+    results.pop("num_tokens", None)
+    if "num_images" not in results:
+        from .metrics import _sum_across_processes
+
+        results["num_images"] = int(_sum_across_processes(torch.tensor(float(num_images))))
+    return results
+
+
+# --------------------------------------------------------------------------------------------- results / card
+
+
+def results_record(metrics: dict, **context) -> dict:
+    """The JSON written by ``scripts/evaluate.py``: ``context`` (model, dataset, split, resolution, ...) plus
+    ``"metrics"`` (scalars, the keys `groupvq_hf.hub.normalize_eval_results` reads) and per-group lists."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images"}
+    groups = {k: v for k, v in metrics.items() if isinstance(v, list)}
+    return {**context, "num_samples": metrics.get("num_images"), "metrics": scalars, **groups}
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    """Write ``data`` as indented JSON (non-finite floats as ``Infinity``/``NaN``, as Python's json reads them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def model_index_entries(results: dict) -> list:
+    """``results_record`` output as `huggingface_hub.EvalResult`s for a model card's ``model-index``.
+
+    Delegates to [`groupvq_hf.hub.model_index_entries`] so evaluation and publishing write the same entries.
+    """
+    from .hub import model_index_entries as hub_entries
+
+    finite = {**results, "metrics": {k: v for k, v in results["metrics"].items() if math.isfinite(v)}}
+    return hub_entries(finite)
+
+
+def update_model_card(card_path: str | os.PathLike, results: dict, model_name: str | None = None) -> Path:
+    """Add (or replace, same task/dataset/split/metric) the ``results`` in the ``model-index`` of the model card
+    at ``card_path`` (a ``README.md``; created with just the metadata when missing)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_path = Path(card_path)
+    new = model_index_entries(results)
+    if card_path.is_file():
+        card = ModelCard.load(card_path)
+    else:
+        card = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n")
+    data = card.data
+    old = list(data.eval_results or [])
+
+    def key(entry):
+        return (entry.task_type, entry.dataset_type, entry.dataset_split, entry.metric_type)
+
+    replaced = {key(e) for e in new}
+    data.eval_results = [e for e in old if key(e) not in replaced] + new
+    data.model_name = data.model_name or model_name or card_path.parent.name or "groupvq"
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    card.save(card_path)
+    return card_path
+
+
+# ------------------------------------------------------------------------------------------------ resize study
+
+
+def resize_plan(codebook_size: int, min_power: int = -1, max_power: int = 4) -> list[dict]:
+    """The study's runs: the trained codebook, ``resample`` to ``n * 2^p`` for p in [min_power, max_power] \\ {0},
+    and ``extend`` (self-extension) to ``n * 2^p`` for p in [1, max_power] (Table 2: p = -1, 1; Figure 4: p >= 1)."""
+    if not isinstance(min_power, int) or min_power > 0:
+        raise ValueError(f"`min_power` must be an int <= 0, got {min_power!r}.")
+    if not isinstance(max_power, int) or max_power < 0:
+        raise ValueError(f"`max_power` must be an int >= 0, got {max_power!r}.")
+    if codebook_size % (2**-min_power):
+        raise ValueError(
+            f"`codebook_size`={codebook_size} cannot be divided by 2^{-min_power} (`min_power`={min_power})."
+        )
+    plan = [{"method": "trained", "mode": None, "power": 0, "codebook_size": codebook_size}]
+    for p in range(min_power, max_power + 1):
+        if p:
+            size = codebook_size * 2**p if p > 0 else codebook_size // 2 ** (-p)
+            plan.append(
+                {
+                    "method": "downsampling" if p < 0 else "upsampling",
+                    "mode": "resample",
+                    "power": p,
+                    "codebook_size": size,
+                }
+            )
+    for p in range(1, max_power + 1):
+        plan.append({"method": "self-extension", "mode": "extend", "power": p, "codebook_size": codebook_size * 2**p})
+    return plan
+
+
+def resize_study(
+    model,
+    make_dataloader,
+    plan: Sequence[dict] | None = None,
+    metrics: str | Iterable[str] | None = None,
+    seed: int = 0,
+    accelerator=None,
+    progress: bool = True,
+    **evaluate_kwargs,
+) -> list[dict]:
+    """Evaluate ``model`` and its resized copies (Algorithm 2) on the same images; returns one row per run.
+
+    ``make_dataloader()`` returns a fresh dataloader for this process (called once per run). Each run resizes a
+    copy of the trained model with ``seed`` (the trained model is left untouched); the feature networks are loaded
+    once and shared by all runs.
+    """
+    from .pretrained import inception_network, lpips_network
+
+    names = parse_metrics(metrics)
+    plan = list(plan) if plan is not None else resize_plan(model.config.codebook_size)
+    if "lpips" in names and evaluate_kwargs.get("lpips_net") is None:
+        evaluate_kwargs["lpips_net"] = lpips_network(evaluate_kwargs.pop("lpips_weights", None))
+    if "rfid" in names and evaluate_kwargs.get("inception_net") is None:
+        evaluate_kwargs["inception_net"] = inception_network(evaluate_kwargs.pop("inception_weights", None))
+    num_groups = model.quantizer.num_groups
+    rows = []
+    for run in plan:
+        if run["mode"] is None:
+            candidate = model
+        else:
+            candidate = copy.deepcopy(model)
+            candidate.resize_codebook(run["codebook_size"], mode=run["mode"], seed=seed)
+        results = evaluate_model(
+            candidate, make_dataloader(), metrics=names, accelerator=accelerator, progress=progress, **evaluate_kwargs
+        )
+        rows.append({
+            "method": run["method"], "mode": run["mode"], "power": run["power"],
+            "codebook_size": candidate.config.codebook_size, "groups": num_groups,
+            **{k: v for k, v in results.items() if not isinstance(v, list)},
+        })  # fmt: skip
+        del candidate
+    return rows
+
+
+_COLUMNS = (
+    ("method", "Method", "{}"), ("codebook_size", "Codebook Size", "{:,}"), ("groups", "Group", "{}"),
+    ("codebook_usage", "Codebook Usage", "{:.1%}"), ("rfid", "rFID↓", "{:.2f}"), ("lpips", "LPIPS↓", "{:.3f}"),
+    ("psnr", "PSNR↑", "{:.2f}"), ("ssim", "SSIM↑", "{:.3f}"),
+)  # fmt: skip
+
+
+def resize_study_markdown(rows: Sequence[dict]) -> str:
+    """The study as a Markdown table laid out like the paper's Table 2 (columns for the metrics present)."""
+    columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)]
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        power = row["power"]
+        factor = f"x{2**power}" if power > 0 else f"/{2**-power}"
+        label = "Group-VQ" if row["method"] == "trained" else f"+ {row['method']} ({factor})"
+        cells = [
+            label if key == "method" else (fmt.format(row[key]) if row.get(key) is not None else "")
+            for key, _, fmt in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_resize_study(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Figure 4: rFID and PSNR against codebook size (log2 axis), one line per method, the trained size marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("rfid", "psnr") if any(k in row for row in rows)]
+    if not panels:
+        raise ValueError("`rows` hold neither `rfid` nor `psnr`; run the study with one of them in `metrics`.")
+    trained = [r for r in rows if r["method"] == "trained"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for mode, label, style in (("resample", "resampling", "o-"), ("extend", "self-extension", "s--")):
+            mode_rows = [r for r in rows if r["mode"] == mode and key in r]
+            if mode_rows:
+                points = sorted((r["codebook_size"], r[key]) for r in mode_rows + [t for t in trained if key in t])
+                ax.plot(*zip(*points), style, label=label)
+        for r in trained:
+            ax.axvline(r["codebook_size"], color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("codebook size")
+        ax.set_ylabel({"rfid": "rFID (lower is better)", "psnr": "PSNR dB (higher is better)"}[key])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- command lines
+
+
+def _common_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="Local folder or Hub repo id of a GroupVQModel.")
+    parser.add_argument(
+        "--dataset",
+        default="imagenet",
+        help="Dataset spec of `groupvq_hf.data` (imagenet, coco, demo, a path, a repo id).",
+    )
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument(
+        "--resolution", type=int, default=128, help="Shortest-edge resize then center crop to this size."
+    )
+    parser.add_argument(
+        "--max_samples", type=int, default=None, help="Evaluate the first N images (all ranks together)."
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per batch and process.")
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument(
+        "--metrics", default=",".join(ALL_METRICS), help=f"Comma-separated subset of {','.join(ALL_METRICS)}."
+    )
+    parser.add_argument(
+        "--lpips_weights", default=None, help="Local VGG16/LPIPS weights file (offline; see groupvq_hf.pretrained)."
+    )
+    parser.add_argument(
+        "--inception_weights", default=None, help="Local torch-fidelity Inception weights file (offline)."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the codebook resampling draws.")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
+
+
+def evaluate_parser():
+    """Arguments of ``scripts/evaluate.py``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Evaluate a Group-VQ tokenizer: rFID, LPIPS, PSNR, SSIM, codebook usage."
+    )
+    _common_arguments(parser)
+    parser.add_argument(
+        "--codebook_size", type=int, default=None, help="Resize the codebook to N codes before evaluating."
+    )
+    parser.add_argument(
+        "--resize_mode",
+        choices=("extend", "resample"),
+        default="extend",
+        help="How --codebook_size resizes (Algorithm 2).",
+    )
+    parser.add_argument("--output", default="results.json", help="Where to write the results JSON.")
+    parser.add_argument(
+        "--model_card", default=None, help="README.md whose model-index receives the results (created if missing)."
+    )
+    return parser
+
+
+def resize_study_parser():
+    """Arguments of ``scripts/resize_study.py``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Codebook resize study (paper Table 2 / Figure 4) of a trained Group-VQ model."
+    )
+    _common_arguments(parser)
+    parser.add_argument("--min_power", type=int, default=-1, help="Resample down to n * 2^min_power (<= 0).")
+    parser.add_argument(
+        "--max_power", type=int, default=4, help="Resample up and self-extend to n * 2^p, p = 1..max_power."
+    )
+    parser.add_argument("--output_dir", default="resize_study", help="Writes resize_study.{json,md,png} here.")
+    return parser
+
+
+def build_accelerator():
+    """An `accelerate.Accelerator` for evaluation (CPU processes with gloo when there is no CUDA)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _dataloader_factory(args, accelerator):
+    def make():
+        return build_eval_dataloader(
+            args.dataset, split=args.split, resolution=args.resolution, batch_size=args.batch_size,
+            max_samples=args.max_samples, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            image_column=args.image_column, num_workers=args.num_workers,
+        )  # fmt: skip
+
+    return make
+
+
+def _share(args, accelerator) -> int | None:
+    return samples_for_rank(args.max_samples, accelerator.process_index, accelerator.num_processes)
+
+
+def run_evaluate(args, accelerator=None) -> dict:
+    """``scripts/evaluate.py``: evaluate, write ``args.output`` and optionally the card (main process).
+
+    Returns the results record (see [`results_record`]) on every process.
+    """
+    names = parse_metrics(args.metrics)
+    accelerator = accelerator or build_accelerator()
+    model = load_model(args.model, accelerator.device)
+    context = {"model": str(args.model), "dataset": args.dataset, "split": args.split, "resolution": args.resolution}
+    if args.codebook_size is not None:
+        old = model.config.codebook_size
+        model.resize_codebook(args.codebook_size, mode=args.resize_mode, seed=args.seed)
+        context["resize"] = {
+            "from_size": old,
+            "to_size": model.config.codebook_size,
+            "mode": args.resize_mode,
+            "seed": args.seed,
+        }
+    context["codebook_size"] = model.config.codebook_size
+    context["num_groups"] = model.quantizer.num_groups
+    results = evaluate_model(
+        model, _dataloader_factory(args, accelerator)(), metrics=names, accelerator=accelerator,
+        lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
+        progress=not args.no_progress, total=_share(args, accelerator),
+    )  # fmt: skip
+    record = results_record(results, **context)
+    if accelerator.is_main_process:
+        write_json(record, args.output)
+        if args.model_card:
+            update_model_card(args.model_card, record, model_name=Path(str(args.model)).name)
+    accelerator.wait_for_everyone()
+    return record
+
+
+def run_resize_study(args, accelerator=None) -> dict:
+    """``scripts/resize_study.py``: run the study, write JSON, Markdown and PNG (main process); returns the rows."""
+    names = parse_metrics(args.metrics)
+    accelerator = accelerator or build_accelerator()
+    model = load_model(args.model, accelerator.device)
+    plan = resize_plan(model.config.codebook_size, args.min_power, args.max_power)
+    rows = resize_study(
+        model, _dataloader_factory(args, accelerator), plan=plan, metrics=names, seed=args.seed,
+        accelerator=accelerator,
+        progress=not args.no_progress, lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
+        total=_share(args, accelerator),
+    )  # fmt: skip
+    out = Path(args.output_dir)
+    paths = {}
+    if accelerator.is_main_process:
+        context = {
+            "model": str(args.model),
+            "dataset": args.dataset,
+            "split": args.split,
+            "resolution": args.resolution,
+            "seed": args.seed,
+        }
+        paths["json"] = write_json({**context, "rows": rows}, out / "resize_study.json")
+        paths["markdown"] = out / "resize_study.md"
+        paths["markdown"].write_text(resize_study_markdown(rows), encoding="utf-8")
+        if "rfid" in names or "psnr" in names:
+            paths["plot"] = plot_resize_study(rows, out / "resize_study.png")
+    accelerator.wait_for_everyone()
+    return {"rows": rows, "paths": {k: str(v) for k, v in paths.items()}}

@@ -1,0 +1,231 @@
+"""Streaming evaluation, the evaluate / resize-study scripts (1 and 2 processes on demo data), model-index entries."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from groupvq_hf import GroupVQConfig, GroupVQModel, pretrained
+from groupvq_hf.evaluation import (
+    build_eval_dataloader,
+    evaluate_model,
+    model_index_entries,
+    parse_metrics,
+    plot_resize_study,
+    resize_plan,
+    resize_study,
+    resize_study_markdown,
+    samples_for_rank,
+    update_model_card,
+)
+from groupvq_hf.metrics import ReconstructionMetrics
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    return {
+        "lpips": str(pretrained.save_lpips_weights(folder / "vgg16.pt", dtype=torch.float16)),
+        "inception": str(pretrained.save_inception_weights(folder / "inception.pt", dtype=torch.float16)),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny-groupvq"
+    torch.manual_seed(0)
+    GroupVQModel(GroupVQConfig.from_preset("tiny")).save_pretrained(path)
+    return path
+
+
+def _batches(n_batches=3, batch_size=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch_size, 3, 32, 32, generator=g) * 2 - 1 for _ in range(n_batches)]
+
+
+def _run(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------- small parts
+
+
+def test_resize_plan_covers_table_2_and_figure_4():
+    plan = resize_plan(1024, min_power=-1, max_power=3)
+    assert [(r["method"], r["mode"], r["codebook_size"]) for r in plan] == [
+        ("trained", None, 1024),
+        ("downsampling", "resample", 512),
+        ("upsampling", "resample", 2048),
+        ("upsampling", "resample", 4096),
+        ("upsampling", "resample", 8192),
+        ("self-extension", "extend", 2048),
+        ("self-extension", "extend", 4096),
+        ("self-extension", "extend", 8192),
+    ]
+    with pytest.raises(ValueError, match="min_power"):
+        resize_plan(1024, min_power=1)
+    with pytest.raises(ValueError, match="cannot be divided"):
+        resize_plan(6, min_power=-2)
+
+
+def test_samples_are_shared_across_ranks_and_metrics_parsed():
+    assert [samples_for_rank(7, r, 3) for r in range(3)] == [3, 2, 2]
+    assert samples_for_rank(None, 0, 2) is None
+    assert samples_for_rank(1, 1, 2) == 0
+    with pytest.raises(ValueError, match="max_samples"):
+        samples_for_rank(0, 0, 1)
+    assert parse_metrics("psnr, codebook_usage") == ("psnr", "codebook_usage")
+    with pytest.raises(ValueError, match="metrics"):
+        parse_metrics("psnr,bleu")
+
+
+def test_eval_dataloader_gives_center_crops_of_this_rank(tmp_path):
+    loader = build_eval_dataloader(
+        "demo", split="validation", resolution=32, batch_size=2, max_samples=3, rank=1, world_size=2
+    )
+    batches = list(loader)
+    assert [b.shape for b in batches] == [(1, 3, 32, 32)]  # rank 1 holds 1 of the 3 images
+    assert build_eval_dataloader("demo", resolution=32, max_samples=1, rank=1, world_size=2) is None
+
+
+def test_evaluate_model_matches_a_direct_computation():
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    batches = _batches()
+    results = evaluate_model(model, batches, metrics="psnr,ssim,codebook_usage", progress=False)
+
+    direct = ReconstructionMetrics(metrics="psnr,ssim")
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
+    with torch.no_grad():
+        for pixels in batches:
+            out = model(pixels)
+            direct.add_batch(predictions=out.reconstruction.clamp(-1, 1), references=pixels)
+            counts += torch.bincount(out.indices.flatten(), minlength=len(counts))
+    expected = direct.compute()
+    assert results["psnr"] == pytest.approx(expected["psnr"], rel=1e-6)
+    assert results["ssim"] == pytest.approx(expected["ssim"], rel=1e-6)
+    assert results["num_images"] == 6
+    assert results["codebook_usage"] == (counts > 0).float().mean().item()
+    sizes = model.quantizer.group_sizes
+    assert results["group_usage"] == [(c > 0).float().mean().item() for c in counts.split(sizes)]
+    assert "lpips" not in results and "rfid" not in results
+
+
+# ---------------------------------------------------------------------------------------- evaluate script
+
+
+@pytest.fixture(scope="module")
+def two_process_run(saved_model, weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    card = out / "card" / "README.md"
+    args = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "scripts/evaluate.py", "--model", str(saved_model), "--dataset", "demo", "--split", "validation",
+        "--resolution", "32", "--max_samples", "4", "--batch_size", "2",
+        "--metrics", "psnr,ssim,lpips,rfid,codebook_usage", "--codebook_size", "512", "--resize_mode", "resample",
+        "--seed", "3", "--lpips_weights", weights["lpips"], "--inception_weights", weights["inception"],
+        "--output", str(out / "results.json"), "--model_card", str(card), "--no_progress",
+    ]  # fmt: skip
+    _run(args)
+    return json.loads((out / "results.json").read_text()), card
+
+
+def test_evaluate_script_two_processes_reduces_like_one(two_process_run, saved_model, weights):
+    record, _ = two_process_run
+    assert record["num_samples"] == 4 and record["dataset"] == "demo" and record["resolution"] == 32
+    assert record["resize"] == {"from_size": 256, "to_size": 512, "mode": "resample", "seed": 3}
+    assert record["codebook_size"] == 512 and len(record["group_usage"]) == 8
+
+    # The same 4 demo images in one process, same resized model: the reduced results must agree.
+    model = GroupVQModel.from_pretrained(saved_model).eval()
+    model.resize_codebook(512, mode="resample", seed=3)
+    loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=4, max_samples=4)
+    single = evaluate_model(
+        model, loader, lpips_weights=weights["lpips"], inception_weights=weights["inception"], progress=False
+    )
+    metrics = record["metrics"]
+    assert set(metrics) == {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity"}
+    for key in ("psnr", "ssim", "lpips", "perplexity"):
+        assert metrics[key] == pytest.approx(single[key], rel=1e-5), key
+    assert metrics["rfid"] == pytest.approx(single["rfid"], rel=1e-4)
+    assert metrics["rfid"] > 0
+    assert metrics["codebook_usage"] == single["codebook_usage"]
+    assert record["group_usage"] == single["group_usage"]
+
+
+def test_evaluate_script_writes_the_model_index(two_process_run):
+    from huggingface_hub import ModelCard
+
+    record, card_path = two_process_run
+    card = ModelCard.load(card_path)
+    entries = {e.metric_type: e for e in card.data.eval_results}
+    assert set(entries) == {"psnr", "ssim", "lpips", "fid", "codebook_usage", "perplexity"}
+    assert entries["fid"].metric_value == pytest.approx(record["metrics"]["rfid"])
+    assert entries["psnr"].dataset_split == "validation"
+    assert entries["psnr"].task_type == "image-to-image"
+
+
+def test_update_model_card_replaces_only_the_same_entries(tmp_path):
+    card = tmp_path / "README.md"
+    first = {"dataset": "imagenet", "split": "validation", "metrics": {"rfid": 3.0, "psnr": 20.0}}
+    update_model_card(card, first, model_name="m")
+    update_model_card(card, {**first, "metrics": {"rfid": 2.0, "psnr": float("inf")}})  # inf is not a card value
+    from huggingface_hub import ModelCard
+
+    values = {e.metric_type: e.metric_value for e in ModelCard.load(card).data.eval_results}
+    assert values == {"fid": 2.0, "psnr": 20.0}
+    assert [e.metric_type for e in model_index_entries(first)] == ["fid", "psnr"]
+
+
+# ----------------------------------------------------------------------------------------------- resize study
+
+
+def test_resize_study_rows_table_and_plot(tmp_path):
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    codebook = model.quantizer.codebook().detach().clone()
+    batches = _batches(2)
+    rows = resize_study(
+        model, lambda: batches, plan=resize_plan(256, -1, 1), metrics="psnr,codebook_usage", seed=0, progress=False
+    )
+    assert [(r["method"], r["codebook_size"], r["groups"]) for r in rows] == [
+        ("trained", 256, 8), ("downsampling", 128, 8), ("upsampling", 512, 8), ("self-extension", 512, 8),
+    ]  # fmt: skip
+    assert torch.equal(model.quantizer.codebook(), codebook) and model.config.codebook_size == 256  # untouched
+    trained = evaluate_model(model, batches, metrics="psnr,codebook_usage", progress=False)
+    assert rows[0]["psnr"] == trained["psnr"] and rows[0]["codebook_usage"] == trained["codebook_usage"]
+    assert rows[1]["psnr"] != rows[0]["psnr"]  # the resampled codebooks really are different
+    table = resize_study_markdown(rows)
+    assert table.splitlines()[0] == "| Method | Codebook Size | Group | Codebook Usage | PSNR↑ |"
+    assert "| + self-extension (x2) | 512 | 8 |" in table
+    png = plot_resize_study(rows, tmp_path / "study.png")
+    assert Image.open(png).size[0] > 100
+    with pytest.raises(ValueError, match="rfid"):
+        plot_resize_study([{k: v for k, v in r.items() if k != "psnr"} for r in rows], tmp_path / "x.png")
+
+
+def test_resize_study_script_on_demo(saved_model, tmp_path):
+    _run([
+        sys.executable, "scripts/resize_study.py", "--model", str(saved_model), "--dataset", "demo",
+        "--resolution", "32", "--max_samples", "2", "--metrics", "psnr,ssim,codebook_usage",
+        "--min_power", "-1", "--max_power", "1", "--output_dir", str(tmp_path), "--no_progress",
+    ])  # fmt: skip
+    study = json.loads((tmp_path / "resize_study.json").read_text())
+    assert [r["codebook_size"] for r in study["rows"]] == [256, 128, 512, 512]
+    assert all(r["num_images"] == 2 for r in study["rows"])
+    assert (tmp_path / "resize_study.md").read_text().startswith("| Method |")
+    assert Image.open(tmp_path / "resize_study.png").format == "PNG"
+    from groupvq_hf.hub import resize_study_markdown as card_table  # the model card reads the same JSON
+
+    assert "self-extension" in card_table(tmp_path / "resize_study.json")
