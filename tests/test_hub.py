@@ -34,7 +34,7 @@ TOKENS = {
 }
 TRANSFORMERS_FILES = {
     "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_groupvq.py",
-    "modeling_groupvq.py", "quantizer.py", "image_processing_groupvq.py",
+    "modeling_groupvq.py", "quantizer.py", "image_processing_groupvq.py", "vit.py",
 }
 EVAL_RESULTS = {"dataset": "imagenet", "split": "validation", "resolution": 32, "max_samples": 64,
                 "metrics": {"rfid": 5.25, "lpips": 0.21, "psnr": 21.5, "ssim": 0.71, "codebook_usage": 0.98}}

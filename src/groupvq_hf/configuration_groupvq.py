@@ -6,6 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .quantizer import PROJECTORS, resolve_groups
+from .vit import check_vit_settings
+
+BACKBONES = ("vqgan", "vit")
 
 # The paper's settings (section 4.1, Table 1). Use with ``GroupVQConfig.from_preset(name)``.
 PRESETS: dict[str, dict] = {
@@ -27,6 +30,22 @@ PRESETS: dict[str, dict] = {
         norm_num_groups=8,
         mid_block_add_attention=False,
         sample_size=64,
+    ),
+    # ViT-VQGAN (Yu et al. 2021) on 20% of ImageNet-1k at 128x128 (Table 1): patch 8 -> 16x16 tokens, ViT-VQGAN's
+    # "Small" encoder and decoder (width 512, 8 blocks, 8 heads, MLP 2048), 8,192 codes in 8 groups of rank 128.
+    "vit-imagenet": dict(
+        backbone="vit", patch_size=8, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, mlp_ratio=4.0,
+        codebook_size=8192, num_groups=8, codebook_rank=128, codebook_dim=128,
+    ),
+    # The same with 16 groups (Table 1's other ViT-VQGAN Group-VQ row).
+    "vit-imagenet-16": dict(
+        backbone="vit", patch_size=8, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, mlp_ratio=4.0,
+        codebook_size=8192, num_groups=16, codebook_rank=128, codebook_dim=128,
+    ),
+    # A few-second CPU ViT model for demos and tests: 32x32 pixels, patch 4 -> 8x8 tokens.
+    "vit-tiny": dict(
+        backbone="vit", patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0,
+        codebook_size=256, num_groups=8, codebook_rank=16, codebook_dim=16, latent_channels=16, sample_size=32,
     ),
 }
 
@@ -52,6 +71,13 @@ class GroupVQConfig(PreTrainedConfig):
         in_channels, out_channels, down_block_types, up_block_types, block_out_channels, layers_per_block,
         act_fn, latent_channels, norm_num_groups, norm_type, mid_block_add_attention, sample_size, scaling_factor:
             as in diffusers' `VQModel`; block types default to one plain down/up block per `block_out_channels` entry.
+            Used by the "vqgan" backbone only (`sample_size` and the channel counts are used by both).
+        backbone (`str`): "vqgan" (convolutional, diffusers blocks; default) or "vit" (ViT-VQGAN, Yu et al. 2021).
+        patch_size, hidden_size, num_hidden_layers, num_attention_heads, mlp_ratio: the "vit" backbone's patch size
+            (its downsampling factor), transformer width, depth, heads and MLP width / `hidden_size`, shared by the
+            encoder and its mirrored decoder. Position embeddings cover the `sample_size / patch_size` grid.
+        l2_normalize_codes (`bool`): ViT-VQGAN's factorised lookup: latents and codes are l2-normalised and Eq. 1 is
+            searched there; with `codebook_dim` < `latent_channels` the lookup space is also low-dimensional.
     """
 
     model_type = "groupvq"
@@ -78,6 +104,13 @@ class GroupVQConfig(PreTrainedConfig):
     mid_block_add_attention: bool = True
     sample_size: int = 128
     scaling_factor: float | int = 1.0
+    backbone: str = "vqgan"
+    patch_size: int = 8
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    mlp_ratio: float | int = 4.0
+    l2_normalize_codes: bool = False
 
     def __post_init__(self, **kwargs):
         # Validation happens before super().__post_init__ so that it surfaces as a plain ValueError under @strict.
@@ -116,8 +149,19 @@ class GroupVQConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`{name}` needs one entry per `block_out_channels` entry ({n_blocks}), got {getattr(self, name)}."
                 )
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"`backbone` must be one of {BACKBONES}, got {self.backbone!r}.")
+        if self.backbone == "vit":
+            check_vit_settings(
+                self.sample_size, self.patch_size, self.hidden_size, self.num_hidden_layers,
+                self.num_attention_heads, self.mlp_ratio,
+            )
+            if self.norm_type != "group":
+                raise ValueError(
+                    f"`norm_type`={self.norm_type!r} is a VQGAN decoder option; use 'group' with backbone='vit'."
+                )
         bad_norm = [c for c in self.block_out_channels + [self.latent_channels] if c % self.norm_num_groups]
-        if bad_norm and self.norm_type == "group":
+        if bad_norm and self.norm_type == "group" and self.backbone == "vqgan":
             raise ValueError(
                 f"`norm_num_groups`={self.norm_num_groups} must divide every entry of `block_out_channels` "
                 f"{self.block_out_channels}; {bad_norm} do not."
@@ -131,12 +175,15 @@ class GroupVQConfig(PreTrainedConfig):
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial reduction f of the encoder (each block but the last halves the resolution)."""
+        """Spatial reduction f of the encoder: VQGAN halves it in every block but the last; ViT: `patch_size`."""
+        if self.backbone == "vit":
+            return self.patch_size
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GroupVQConfig:
-        """A config from one of the paper's settings: "imagenet", "coco", "ablation" or "tiny"."""
+        """A config from one of the settings in `PRESETS`: "imagenet", "coco", "ablation", "tiny", "vit-imagenet",
+        "vit-imagenet-16" or "vit-tiny"."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})

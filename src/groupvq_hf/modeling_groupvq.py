@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
 from .quantizer import GroupVectorQuantizer
+from .vit import L2NormalizedGroupVectorQuantizer, ViTDecoder, ViTEncoder
 
 # diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
 DIFFUSERS_CONFIG_RENAMES = {"num_vq_embeddings": "codebook_size", "vq_embed_dim": "codebook_dim"}
@@ -79,7 +80,7 @@ class GroupVQPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # PyTorch's own initialisation for the diffusers blocks (as diffusers does), the quantizer's for the
         # projectors; the frozen cores are buffers and are never redrawn here.
-        if isinstance(module, GroupVectorQuantizer):
+        if isinstance(module, (GroupVectorQuantizer, ViTEncoder, ViTDecoder)):
             module.reset_parameters()
         elif isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
             module.reset_parameters()
@@ -90,19 +91,27 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
     def __init__(self, config: GroupVQConfig):
         super().__init__(config)
-        self.encoder = Encoder(
-            in_channels=config.in_channels,
-            out_channels=config.latent_channels,
-            down_block_types=tuple(config.down_block_types),
-            block_out_channels=tuple(config.block_out_channels),
-            layers_per_block=config.layers_per_block,
-            act_fn=config.act_fn,
-            norm_num_groups=config.norm_num_groups,
-            double_z=False,
-            mid_block_add_attention=config.mid_block_add_attention,
-        )
+        if config.backbone == "vit":  # ViT-VQGAN (Yu et al. 2021): patch transformer encoder, mirrored decoder
+            vit = dict(
+                image_size=config.sample_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
+                num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio,
+            )
+            self.encoder = ViTEncoder(config.in_channels, config.latent_channels, **vit)
+        else:
+            self.encoder = Encoder(
+                in_channels=config.in_channels,
+                out_channels=config.latent_channels,
+                down_block_types=tuple(config.down_block_types),
+                block_out_channels=tuple(config.block_out_channels),
+                layers_per_block=config.layers_per_block,
+                act_fn=config.act_fn,
+                norm_num_groups=config.norm_num_groups,
+                double_z=False,
+                mid_block_add_attention=config.mid_block_add_attention,
+            )
         self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1)
-        self.quantizer = GroupVectorQuantizer(
+        quantizer_class = L2NormalizedGroupVectorQuantizer if config.l2_normalize_codes else GroupVectorQuantizer
+        self.quantizer = quantizer_class(
             codebook_size=config.codebook_size,
             codebook_dim=config.codebook_dim,
             num_groups=config.num_groups,
@@ -113,17 +122,20 @@ class GroupVQModel(GroupVQPreTrainedModel):
             commitment_beta=config.commitment_beta,
         )
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.latent_channels, 1)
-        self.decoder = Decoder(
-            in_channels=config.latent_channels,
-            out_channels=config.out_channels,
-            up_block_types=tuple(config.up_block_types),
-            block_out_channels=tuple(config.block_out_channels),
-            layers_per_block=config.layers_per_block,
-            act_fn=config.act_fn,
-            norm_num_groups=config.norm_num_groups,
-            norm_type=config.norm_type,
-            mid_block_add_attention=config.mid_block_add_attention,
-        )
+        if config.backbone == "vit":
+            self.decoder = ViTDecoder(config.latent_channels, config.out_channels, **vit)
+        else:
+            self.decoder = Decoder(
+                in_channels=config.latent_channels,
+                out_channels=config.out_channels,
+                up_block_types=tuple(config.up_block_types),
+                block_out_channels=tuple(config.block_out_channels),
+                layers_per_block=config.layers_per_block,
+                act_fn=config.act_fn,
+                norm_num_groups=config.norm_num_groups,
+                norm_type=config.norm_type,
+                mid_block_add_attention=config.mid_block_add_attention,
+            )
         self.post_init()
 
     # ----------------------------------------------------------------------------------------- checks

@@ -257,6 +257,13 @@ class GroupVQVAE(VQModel):
         if not hasattr(quantizer, "resize_codebook") or not hasattr(model, "config"):
             raise ValueError("`model` must be a GroupVQModel (with `config` and a GroupVectorQuantizer `quantizer`).")
         cfg = model.config
+        if getattr(cfg, "backbone", "vqgan") != "vqgan":
+            raise ValueError(
+                f"`model` has backbone={cfg.backbone!r}; GroupVQVAE is convolutional (diffusers pipelines expect "
+                "VQModel's Encoder/Decoder), so only backbone='vqgan' models convert. Use GroupVQModel / AutoModel."
+            )
+        if getattr(cfg, "l2_normalize_codes", False):
+            raise ValueError("`model` uses l2_normalize_codes=True (factorised lookup), which GroupVQVAE does not implement.")
         config = {key: getattr(cfg, key) for key in VQMODEL_CONFIG_KEYS if hasattr(cfg, key)}
         config.update(
             num_vq_embeddings=quantizer.codebook_size,
