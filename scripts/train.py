@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Train a Group-VQ tokenizer with the paper's VQGAN recipe.
+
+    accelerate launch scripts/train.py --output_dir outputs/demo --perceptual_weight 0 ...
+
+All logic lives in ``groupvq_hf.training`` (see ``--help``).
+"""
+
+from groupvq_hf.training import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Data sources against local shards written in each Hub dataset's schema (offline), sharding, bad images."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from groupvq_hf.data import (
+    SOURCES,
+    build_image_dataset,
+    collate_examples,
+    collate_pixels,
+    demo_images,
+    parse_dataset_spec,
+    to_rgb,
+)
+
+
+def _jpeg(seed: int, size=(48, 40), mode="RGB", fmt="JPEG") -> bytes:
+    """Encoded random image bytes of ``size`` in PIL ``mode``."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    if mode == "RGBA":
+        image = rgb.copy()
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8), "L"))
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 200)
+    else:
+        image = rgb.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_shutdown_sleep(monkeypatch):
+    # datasets sleeps 5 s after each pass over parquet-backed streams (an arrow shutdown workaround); the
+    # streams here are tiny and single-pass, so the wait only slows the tests down.
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+def _write_parquet(path, rows: list[dict], features) -> None:
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = {name: [row[name] for row in rows] for name in features}
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
+
+
+def imagenet_features():
+    import datasets
+
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
+
+
+@pytest.fixture(scope="module")
+def imagenet_mirror(tmp_path_factory):
+    """ILSVRC/imagenet-1k layout: data/{train,validation}-NNNNN-of-NNNNN.parquet, image {bytes, path} + label."""
+    root = tmp_path_factory.mktemp("imagenet-1k")
+    for shard in range(2):
+        rows = [
+            {"image": {"bytes": _jpeg(10 * shard + i), "path": f"n0144{shard}_{i}.JPEG"}, "label": i} for i in range(6)
+        ]
+        _write_parquet(root / "data" / f"train-0000{shard}-of-00002.parquet", rows, imagenet_features())
+    rows = [{"image": {"bytes": _jpeg(100 + i), "path": f"ILSVRC2012_val_{i:08d}.JPEG"}, "label": i} for i in range(3)]
+    _write_parquet(root / "data" / "validation-00000-of-00001.parquet", rows, imagenet_features())
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_wds_mirror(tmp_path_factory):
+    """timm/imagenet-1k-wds layout: imagenet1k-{train,validation}-NNNN.tar holding <key>.jpg and <key>.cls."""
+    root = tmp_path_factory.mktemp("imagenet-1k-wds")
+    for split, shards in (("train", 2), ("validation", 1)):
+        for shard in range(shards):
+            with tarfile.open(root / f"imagenet1k-{split}-{shard:04d}.tar", "w") as tar:
+                for i in range(4):
+                    key = f"{split}_{shard}_{i:04d}"
+                    for suffix, blob in (("jpg", _jpeg(200 + 10 * shard + i)), ("cls", str(i).encode())):
+                        info = tarfile.TarInfo(f"{key}.{suffix}")
+                        info.size = len(blob)
+                        tar.addfile(info, io.BytesIO(blob))
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco_mirror(tmp_path_factory):
+    """detection-datasets/coco layout: data/{train,val}-*.parquet with image_id, image, width, height, objects."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "width": datasets.Value("int64"),
+            "height": datasets.Value("int64"),
+            "objects": {
+                "bbox_id": datasets.Sequence(datasets.Value("int64")),
+                "category": datasets.Sequence(datasets.ClassLabel(num_classes=80)),
+                "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float64"), length=4)),
+                "area": datasets.Sequence(datasets.Value("float64")),
+            },
+        }
+    )
+    root = tmp_path_factory.mktemp("coco")
+    for split, count, base in (("train", 5, 300), ("val", 2, 400)):
+        rows = [
+            {
+                "image_id": base + i,
+                "image": {"bytes": _jpeg(base + i), "path": None},
+                "width": 48,
+                "height": 40,
+                "objects": {"bbox_id": [i], "category": [i % 80], "bbox": [[1.0, 2.0, 10.0, 12.0]], "area": [120.0]},
+            }  # fmt: skip
+            for i in range(count)
+        ]
+        _write_parquet(root / "data" / f"{split}-00000-of-00001.parquet", rows, features)
+    return root
+
+
+def _keys(stream) -> list[str]:
+    return [example["key"] for example in stream]
+
+
+def test_demo_images_are_real_rgb_photos():
+    images = demo_images()
+    assert len(images) >= 8
+    assert all(image.mode == "RGB" and min(image.size) >= 256 for image in images)
+    assert len({image.tobytes()[:4096] for image in images}) == len(images)
+
+
+def test_demo_stream_shapes_range_and_determinism():
+    stream = build_image_dataset("demo", resolution=32, train=False)
+    examples = list(stream)
+    assert len(examples) == len(demo_images())
+    batch = collate_pixels(examples[:3])
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
+    assert batch.min() >= -1 and batch.max() <= 1 and batch.min() < -0.5 and batch.max() > 0.5
+    again = collate_pixels(list(build_image_dataset("demo", resolution=32, train=False))[:3])
+    assert torch.equal(batch, again)
+    collated = collate_examples(examples[:2])
+    assert collated["pixel_values"].shape == (2, 3, 32, 32) and collated["num_skipped"] == 0
+    assert collated["keys"] == [e["key"] for e in examples[:2]]
+
+
+def test_train_stream_shuffles_per_epoch_with_one_seed():
+    a, b = build_image_dataset("demo", resolution=16, seed=3), build_image_dataset("demo", resolution=16, seed=3)
+    first = _keys(a)
+    assert first == _keys(b)  # same seed, same order on every rank
+    a.set_epoch(1)
+    assert sorted(_keys(a)) == sorted(first) and _keys(a) != first
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_read_disjoint_parts_of_the_stream(world_size):
+    full = _keys(build_image_dataset("demo", resolution=16, seed=1))
+    parts = [
+        _keys(build_image_dataset("demo", resolution=16, seed=1, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    assert sum(len(p) for p in parts) == len(full)
+    assert sorted(k for p in parts for k in p) == sorted(full)
+
+
+def test_imagenet_parquet_source(imagenet_mirror, monkeypatch):
+    monkeypatch.setenv(SOURCES["imagenet"].env_var, str(imagenet_mirror))
+    assert SOURCES["imagenet"].repo_id == "ILSVRC/imagenet-1k"
+    train = build_image_dataset("imagenet", resolution=32, seed=0)
+    examples = list(train)
+    assert len(examples) == 12 and examples[0]["pixel_values"].shape == (3, 32, 32)
+    assert len({e["key"] for e in examples}) == 12
+    assert len(list(build_image_dataset("imagenet", split="validation", resolution=32, train=False))) == 3
+    ranks = [_keys(build_image_dataset("imagenet", resolution=32, rank=r, world_size=2)) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 12
+
+
+def test_imagenet_webdataset_source(imagenet_wds_mirror, monkeypatch):
+    monkeypatch.setenv(SOURCES["imagenet-wds"].env_var, str(imagenet_wds_mirror))
+    assert SOURCES["imagenet-wds"].repo_id == "timm/imagenet-1k-wds" and SOURCES["imagenet-wds"].image_column == "jpg"
+    assert len(list(build_image_dataset("imagenet-wds", resolution=16))) == 8
+    assert len(list(build_image_dataset("imagenet-wds", split="validation", resolution=16, train=False))) == 4
+    ranks = [_keys(build_image_dataset("imagenet-wds", resolution=16, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4 and not set(ranks[0]) & set(ranks[1])
+
+
+def test_coco_source_and_val_split_alias(coco_mirror, monkeypatch):
+    monkeypatch.setenv(SOURCES["coco"].env_var, str(coco_mirror))
+    assert SOURCES["coco"].repo_id == "detection-datasets/coco"
+    assert len(list(build_image_dataset("coco", resolution=16))) == 5
+    assert len(list(build_image_dataset("coco", split="validation", resolution=16, train=False))) == 2
+
+
+def test_weighted_mix_of_sources(imagenet_mirror, coco_mirror, monkeypatch):
+    monkeypatch.setenv(SOURCES["imagenet"].env_var, str(imagenet_mirror))
+    monkeypatch.setenv(SOURCES["coco"].env_var, str(coco_mirror))
+    assert parse_dataset_spec("imagenet:0.7+coco:0.3") == [("imagenet", 0.7), ("coco", 0.3)]
+    assert parse_dataset_spec("imagenet+coco") == [("imagenet", 0.5), ("coco", 0.5)]
+    imagenet_keys = set(_keys(build_image_dataset("imagenet", resolution=16)))
+    coco_keys = set(_keys(build_image_dataset("coco", resolution=16)))
+    mixed = _keys(build_image_dataset("imagenet:0.7+coco:0.3", resolution=16, seed=0))
+    assert set(mixed) & imagenet_keys and set(mixed) & coco_keys and set(mixed) <= imagenet_keys | coco_keys
+    ranks = [_keys(build_image_dataset("imagenet+coco", resolution=16, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] and ranks[1]
+
+
+def test_local_folder_single_parquet_and_image_column(tmp_path, imagenet_mirror):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(demo_images()[:3]):
+        image.resize((64, 48)).save(folder / f"photo_{i}.jpg")
+    examples = list(build_image_dataset(str(folder), resolution=32, train=False))
+    assert len(examples) == 3 and examples[0]["key"].endswith(".jpg")
+    parquet = next((imagenet_mirror / "data").glob("train-00000*.parquet"))
+    assert len(list(build_image_dataset(str(parquet), resolution=16, image_column="image"))) == 6
+    with pytest.raises(ValueError, match="image_column"):
+        build_image_dataset(str(parquet), image_column="pixels")
+
+
+def test_bad_images_are_skipped_and_counted_and_odd_modes_converted(tmp_path):
+    import datasets
+
+    good = _jpeg(1)
+    blobs = [
+        good,
+        b"this is not an image",  # undecodable
+        good[: len(good) // 3],  # truncated JPEG
+        _jpeg(2, mode="CMYK"),
+        _jpeg(3, mode="RGBA", fmt="PNG"),
+        _jpeg(4, mode="L"),
+        _jpeg(5, mode="I;16", fmt="PNG"),
+        _jpeg(6, size=(4, 4)),  # too small
+        _jpeg(7, mode="P", fmt="PNG"),
+    ]
+    features = datasets.Features({"image": datasets.Image()})
+    _write_parquet(tmp_path / "bad.parquet", [{"image": {"bytes": b, "path": None}} for b in blobs], features)
+    stream = build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False)
+    examples = list(stream)
+    assert len(examples) == 6
+    assert sum(stream.skipped.values()) == 3 and stream.skipped["too_small"] == 1
+    assert sum(v for k, v in stream.skipped.items() if k.startswith("undecodable")) == 2
+    assert {"CMYK", "RGBA", "L", "I;16"} <= set(stream.converted)
+    assert sum(e["num_skipped"] for e in examples) == 3
+    assert all(e["pixel_values"].shape == (3, 16, 16) and torch.isfinite(e["pixel_values"]).all() for e in examples)
+
+
+def test_to_rgb_composites_alpha_on_white():
+    transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    rgb, mode = to_rgb(transparent)
+    assert mode == "RGBA" and rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("RGB", (2, 2)))[1] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dataset=""), "dataset"),
+        (dict(dataset="imagenet:0+coco:1"), "weights must be positive"),
+        (dict(dataset="imagenet:0.5+coco"), "every source or to none"),
+        (dict(dataset="no-such-dataset"), "not 'demo'"),
+        (dict(resolution=0), "resolution"),
+        (dict(rank=2, world_size=2), "rank"),
+        (dict(max_samples=0), "max_samples"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_image_dataset(**kwargs)
+
+
+def test_max_samples_caps_the_stream():
+    assert len(list(build_image_dataset("demo", resolution=16, max_samples=4))) == 4
+    with pytest.raises(ValueError, match="batch"):
+        collate_pixels([])
