@@ -286,3 +286,20 @@ def test_split_codebook_size_names_valid_sizes_for_heterogeneous_groups():
     assert split_codebook_size(64, [8, 16, 8]) == [16, 32, 16]
     with pytest.raises(ValueError, match="multiples of 4"):
         split_codebook_size(10, [8, 16, 8])
+
+
+def test_search_memory_is_one_block_whatever_the_number_of_codes():
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    z, block = torch.randn(256, 8, generator=gen), 1 << 14
+    largest = {}
+    for n_codes in (1 << 11, 1 << 15):
+        codebook = torch.randn(n_codes, 8, generator=gen)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            indices = nearest_code_indices(z, codebook, max_block_elements=block)
+        assert torch.equal(indices, torch.cdist(z.double(), codebook.double()).argmin(1))
+        largest[n_codes] = max(e.self_cpu_memory_usage for e in prof.events())
+    # The largest allocation is one distance block (`block` floats), whatever the number of codes:
+    # never tokens x codes floats (32 MiB here), never one float per code.
+    assert 0 < largest[1 << 15] <= 4 * block and largest[1 << 15] == largest[1 << 11], largest

@@ -21,6 +21,11 @@ PROJECTORS = ("linear", "mlp", "linear+mlp")
 RESIZE_MODES = ("extend", "resample")
 # Floats of the (tokens x codes) distance block the search may hold at once (16 MiB in fp32).
 SEARCH_BLOCK_ELEMENTS = 1 << 22
+# Search block shape: up to 2,048 tokens x 2,048 codes (code blocks narrow enough for MKL's GEMM to stay fast),
+# never fewer than 256 tokens at once (a tiny ``max_block_elements`` then narrows the code blocks only).
+SEARCH_TOKEN_BLOCK, SEARCH_CODE_BLOCK, SEARCH_MIN_TOKEN_BLOCK = 2048, 2048, 256
+# Columns per run in the two-level row argmin on CPU (see ``_block_argmin``).
+ARGMIN_RUN = 64
 
 
 def _is_int(value) -> bool:
@@ -106,43 +111,55 @@ def nearest_code_indices(
 ) -> torch.Tensor:
     """Index of the nearest code for each row of ``z`` (N, d) in ``codebook`` (n, d), by Eq. 1.
 
-    ``argmin_i ||z - c_i||^2 = argmin_i (||c_i||^2 - 2 z . c_i)``. The (N, n) distance matrix is never held
-    when it exceeds ``max_block_elements``: tokens and codes are walked in blocks with a running minimum, so
-    the extra memory is ``O(max_block_elements + N)`` whatever the number of codes. Ties go to the lowest index.
+    ``argmin_i ||z - c_i||^2 = argmin_i (||c_i||^2 - 2 z . c_i)``. The (N, n) distance matrix is never held:
+    codes are walked in blocks of up to ``SEARCH_CODE_BLOCK`` (their norms taken per block) and tokens in blocks
+    of up to ``SEARCH_TOKEN_BLOCK``, each block of at most ``max(max_block_elements, 256)`` distances written into
+    one reused buffer, with a running minimum per token. The extra memory is one block plus O(N), whatever the
+    number of codes. Ties go to the lowest index.
     """
     n_tokens, n_codes = z.shape[0], codebook.shape[0]
-    code_sq = codebook.pow(2).sum(1)
-    if n_tokens * n_codes <= max_block_elements:
-        return torch.addmm(code_sq, z, codebook.t(), alpha=-2).argmin(1)
-    token_block = max(1, min(n_tokens, max_block_elements // n_codes, 4096))
-    if token_block * n_codes <= max_block_elements and token_block >= min(n_tokens, 256):
-        # The whole codebook fits against a useful number of tokens: one argmin per token block.
-        return torch.cat(
-            [
-                torch.addmm(code_sq, z_blk, codebook.t(), alpha=-2).argmin(1)
-                for z_blk in z.split(token_block)
-            ]
-        )
-    token_block = min(n_tokens, 256)
-    code_block = max(1, max_block_elements // token_block)
-    out = torch.empty(n_tokens, dtype=torch.long, device=z.device)
-    for start in range(0, n_tokens, token_block):
-        z_blk = z[start : start + token_block]
-        best_val = best_idx = None
-        for c_start in range(0, n_codes, code_block):
-            dist = torch.addmm(
-                code_sq[c_start : c_start + code_block], z_blk, codebook[c_start : c_start + code_block].t(), alpha=-2
-            )
-            val, idx = dist.min(1)
-            idx += c_start
-            if best_val is None:
-                best_val, best_idx = val, idx
-            else:
-                better = val < best_val
-                best_val = torch.where(better, val, best_val)
-                best_idx = torch.where(better, idx, best_idx)
-        out[start : start + token_block] = best_idx
-    return out
+    if n_codes == 0:
+        raise ValueError(f"`codebook` must hold at least one code, got shape {tuple(codebook.shape)}.")
+    min_tokens = max(1, min(n_tokens, SEARCH_MIN_TOKEN_BLOCK))
+    code_block = max(1, min(n_codes, SEARCH_CODE_BLOCK, max_block_elements // min_tokens))
+    token_block = max(min_tokens, min(n_tokens, SEARCH_TOKEN_BLOCK, max_block_elements // code_block))
+    buffer = torch.empty(token_block * code_block, dtype=z.dtype, device=z.device)
+    best_val = torch.empty(n_tokens, dtype=z.dtype, device=z.device)
+    best_idx = torch.empty(n_tokens, dtype=torch.long, device=z.device)
+    for c_start in range(0, n_codes, code_block):
+        codes = codebook[c_start : c_start + code_block]
+        code_sq = codes.pow(2).sum(1)
+        for t_start in range(0, n_tokens, token_block):
+            z_blk = z[t_start : t_start + token_block]
+            dist = buffer[: z_blk.shape[0] * codes.shape[0]].view(z_blk.shape[0], codes.shape[0])
+            torch.addmm(code_sq, z_blk, codes.t(), alpha=-2, out=dist)
+            val, idx = _block_argmin(dist)
+            if c_start == 0:
+                best_val[t_start : t_start + token_block] = val
+                best_idx[t_start : t_start + token_block] = idx
+            else:  # strictly smaller only: on a tie the earlier (lower-index) block keeps the token
+                old_val = best_val[t_start : t_start + token_block]
+                old_idx = best_idx[t_start : t_start + token_block]
+                better = val < old_val
+                old_val.copy_(torch.where(better, val, old_val))
+                old_idx.copy_(torch.where(better, idx + c_start, old_idx))
+    return best_idx
+
+
+def _block_argmin(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise ``(min, argmin)`` of a distance block, ties (and NaN, like ``torch.min``) to the lowest column.
+
+    On CPU ``torch.min(dim)`` with indices walks one element at a time while ``amin`` is vectorised, so wide
+    blocks are cut into runs of ``ARGMIN_RUN`` columns: ``amin`` per run, the first run holding the row minimum,
+    then the first column of that run holding it. The result equals ``dist.min(1)``, at a fraction of the cost.
+    """
+    rows, cols = dist.shape
+    if dist.device.type != "cpu" or cols % ARGMIN_RUN or cols < 4 * ARGMIN_RUN:
+        return dist.min(1)
+    runs = dist.view(rows, cols // ARGMIN_RUN, ARGMIN_RUN)
+    values, run = runs.amin(2).min(1)
+    inner = runs[torch.arange(rows, device=dist.device), run].argmin(1)
+    return values, run * ARGMIN_RUN + inner
 
 
 class GroupVectorQuantizer(nn.Module):
