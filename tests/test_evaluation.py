@@ -98,6 +98,16 @@ def test_eval_dataloader_gives_center_crops_of_this_rank(tmp_path):
     assert build_eval_dataloader("demo", resolution=32, max_samples=1, rank=1, world_size=2) is None
 
 
+def test_evaluate_model_uses_exactly_max_samples_with_dataloader_workers():
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    # Each of the 2 workers caps its own stream at 3 images: 6 arrive, exactly 3 are evaluated.
+    loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=2, max_samples=3, num_workers=2)
+    assert sum(b.shape[0] for b in loader) == 6
+    results = evaluate_model(model, loader, metrics="psnr,codebook_usage", progress=False, total=3)
+    assert results["num_images"] == 3
+
+
 def test_evaluate_model_matches_a_direct_computation():
     torch.manual_seed(0)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()

@@ -326,6 +326,10 @@ def test_card_for_heterogeneous_groups_and_flat_eval_results():
     assert parsed.data.datasets == ["detection-datasets/coco"]
     assert {r.metric_type: r.metric_value for r in parsed.data.eval_results} == {"fid": 3.5, "psnr": 24.0}
     assert "No evaluation results" in render_model_card(config, "org/hetero").text
+    # the evaluation set is not a training set; the demo photos are no Hub dataset
+    assert ModelCard(str(render_model_card(config, "org/x", eval_results={"psnr": 20.0, "dataset": "imagenet"}))).data.datasets is None
+    mixed = render_model_card(config, "org/x", training={"dataset": "imagenet-wds:0.6+coco:0.3+demo:0.1"})
+    assert ModelCard(str(mixed)).data.datasets == ["timm/imagenet-1k-wds", "detection-datasets/coco"]
 
 
 def test_eval_results_and_resize_study_inputs():

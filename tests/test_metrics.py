@@ -317,3 +317,12 @@ def test_codebook_usage_errors():
         CodebookUsage(codebook_size=4).add_batch(predictions=torch.tensor([0.5]))
     with pytest.raises(ValueError, match="group_sizes"):
         CodebookUsage().compute(predictions=torch.tensor([1]), codebook_size=4, group_sizes=[2, 3])
+
+
+def test_codebook_usage_takes_plain_lists_of_indices():
+    from groupvq_hf.metrics import CodebookUsage
+
+    assert CodebookUsage().compute(predictions=[0, 1, 2], codebook_size=8)["codebook_usage"] == 3 / 8
+    assert CodebookUsage().compute(predictions=[[0, 1], [2, 2]], codebook_size=8)["codebook_usage"] == 3 / 8
+    with pytest.raises(ValueError, match="integer code indices"):
+        CodebookUsage().compute(predictions=[0.5, 1.0], codebook_size=8)

@@ -215,16 +215,16 @@ def test_stop_and_resume_equals_uninterrupted_run_and_exports_model(tmp_path, ca
     from groupvq_hf import GroupVQImageProcessor, GroupVQModel
 
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(full, "--max_train_steps", "5", "--checkpointing_steps", "3")
-    _train(split, "--max_train_steps", "4", "--checkpointing_steps", "3")  # stops after step 4, resumes from 3
-    result = _train(split, "--max_train_steps", "5", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    _train(full, "--max_train_steps", "5", "--checkpointing_steps", "1")
+    _train(split, "--max_train_steps", "4", "--checkpointing_steps", "3")  # step 4 is lost: resumes from 3
+    result = _train(split, "--max_train_steps", "5", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
     assert result["resumed_from"] == str(split / "checkpoints" / "checkpoint-3") and result["global_step"] == 5
-    for name in ("model.safetensors", "model_1.safetensors"):  # generator, discriminator
+    for name in ("model.safetensors", "model_1.safetensors"):  # raw generator and discriminator at step 5
         a, b = (
-            _weights(full / "checkpoints" / "checkpoint-3" / name),
-            _weights(split / "checkpoints" / "checkpoint-3" / name),
+            _weights(full / "checkpoints" / "checkpoint-5" / name),
+            _weights(split / "checkpoints" / "checkpoint-5" / name),
         )
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = _weights(full / "model" / "model.safetensors"), _weights(split / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # final EMA weights
 
@@ -240,6 +240,12 @@ def test_stop_and_resume_equals_uninterrupted_run_and_exports_model(tmp_path, ca
     assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     state = json.loads((split / "checkpoints" / "checkpoint-3" / "training_state_rank0.json").read_text())
     assert state["data"] == {"epoch": 1, "batches_in_epoch": 1} and state["global_step"] == 3
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_says_so(tmp_path):
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(ValueError, match="not a groupvq checkpoint"):
+        _train(tmp_path / "run", "--max_train_steps", "2", "--resume_from_checkpoint", str(tmp_path / "not_a_checkpoint"))
 
 
 def test_two_process_cpu_run_reads_disjoint_data_and_keeps_replicas_identical(tmp_path):

@@ -102,6 +102,7 @@ def evaluate_model(
     only (``None``: nothing for this process). Returns ``{"psnr", "ssim", "lpips", "rfid", "codebook_usage",
     "perplexity", "num_images", ...}`` for what ``metrics`` names, plus ``group_usage`` / ``group_frequency``
     (per group) with ``codebook_usage``. Every process must call it (results are reduced across processes).
+    ``total``: this process's number of images (the progress bar's length); batches beyond it are not used.
     """
     from tqdm.auto import tqdm
 
@@ -119,6 +120,10 @@ def evaluate_model(
     with tqdm(total=total, disable=not show, desc="evaluate", unit="img") as bar:
         for batch in dataloader if dataloader is not None else ():
             pixels = batch["pixel_values"] if isinstance(batch, dict) else batch
+            if total is not None:  # each DataLoader worker caps its own stream: cut to this process's share here
+                pixels = pixels[: total - num_images]
+                if pixels.shape[0] == 0:
+                    break
             pixels = pixels.to(device)
             out = model(pixels)
             if recon is not None:

@@ -21,10 +21,11 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Repo
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .configuration_groupvq import GroupVQConfig
+from .data import SOURCES, parse_dataset_spec
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQModel
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "groupvq.md"
+CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "groupvq.md"  # a link to <repo>/model_cards
 ALLOW_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.py"]
 IGNORE_PATTERNS = [
     "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.npy", "*.npz",  # pickles and raw arrays
@@ -32,7 +33,7 @@ IGNORE_PATTERNS = [
     "*training_state*",
     "*token*", ".git*", "*/.git*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "checkpoint*",  # secrets, caches
 ]
-DATASET_IDS = {"imagenet": "ILSVRC/imagenet-1k", "imagenet-1k": "ILSVRC/imagenet-1k", "coco": "detection-datasets/coco"}
+DATASET_IDS = {name: source.repo_id for name, source in SOURCES.items()} | {"imagenet-1k": "ILSVRC/imagenet-1k"}
 DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
 BASE_TAGS = ["groupvq", "vector-quantization", "image-tokenizer", "vqgan"]
 # `scripts/evaluate.py` key -> (model-index metric type, display name, lower is better)
@@ -178,7 +179,8 @@ def render_model_card(
         resize: ``{"from_size", "to_size", "mode", "seed"}`` when the codebook was resized before publishing.
         training: training settings to list (e.g. the arguments of `scripts/train.py`).
         diffusers: the repo holds the diffusers `GroupVQVAE` format (`library_name: diffusers`).
-        datasets: training datasets (Hub ids, or "imagenet"/"coco"); default: the evaluation dataset.
+        datasets: training datasets (Hub ids, or the names of `groupvq_hf.data.SOURCES`); default: the ones
+            `training["dataset"]` names (the demo photos are never listed).
     """
     validate_repo_id(repo_id)
     cfg = _groupvq_config(config)
@@ -188,7 +190,11 @@ def render_model_card(
         raise FileNotFoundError(f"Model card template not found at {template}; pass `template_path`.")
 
     eval_dataset = DATASET_IDS.get(str(evals["dataset"]).lower(), evals["dataset"]) if evals else None
-    datasets = [DATASET_IDS.get(d.lower(), d) for d in (datasets or ([eval_dataset] if eval_dataset else []))]
+    # Training data as given, else as the training arguments name it (`--dataset imagenet:0.7+coco:0.3`); never the
+    # evaluation set, and never the built-in demo photos, which are no Hub dataset.
+    if datasets is None and (training or {}).get("dataset"):
+        datasets = [name for name, _ in parse_dataset_spec(str(training["dataset"]))]
+    datasets = [DATASET_IDS.get(d.lower(), d) for d in (datasets or []) if d.lower() != "demo"]
     model_name = repo_id.split("/")[-1]
     eval_cards = model_index_entries(evals)
     library = "diffusers" if diffusers else "transformers"

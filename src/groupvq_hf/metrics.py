@@ -348,11 +348,9 @@ class CodebookUsage(evaluate.Metric):
         """Count the code indices of one batch."""
         if references is not None or kwargs:
             raise ValueError("CodebookUsage takes only `predictions` (code indices).")
-        indices = (
-            _as_tensor(predictions, "predictions")
-            if not isinstance(predictions, (int, np.integer))
-            else torch.tensor([predictions])
-        )
+        if isinstance(predictions, (int, np.integer, list, tuple)):  # plain (nested) lists of indices, or one index
+            predictions = np.asarray(predictions).reshape(-1)
+        indices = _as_tensor(predictions, "predictions")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise ValueError(f"`predictions` must be integer code indices, got dtype {indices.dtype}.")
         indices = indices.reshape(-1).long()

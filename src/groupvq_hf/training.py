@@ -481,8 +481,8 @@ def train(args: argparse.Namespace) -> dict:
 
     resume = resolve_resume_path(args.resume_from_checkpoint, checkpoint_dir)
     if resume is not None:
+        state = load_rank_state(resume, rank)  # first: a clear error for a folder that is no checkpoint of ours
         accelerator.load_state(str(resume))
-        state = load_rank_state(resume, rank)
         global_step, skipped_images = int(state["global_step"]), int(state.get("skipped_images", 0))
         batches.load_state_dict(state["data"])
         if ema is not None:
@@ -509,6 +509,7 @@ def train(args: argparse.Namespace) -> dict:
         total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     guard_g, guard_d = NonFiniteGuard(args.max_nonfinite_steps), NonFiniteGuard(args.max_nonfinite_steps)
+    scaled = accelerator.scaler is not None  # fp16 loss scaling
     sums: dict[str, torch.Tensor] = {}
     counts: Counter = Counter()
     local_skipped, t_log = 0, time.perf_counter()
@@ -546,9 +547,10 @@ def train(args: argparse.Namespace) -> dict:
                 g_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
                 g_ok = guard_g.check(g_norm, global_step, "generator gradient")
                 logs["grad_norm"] = g_norm.detach().float() if torch.is_tensor(g_norm) else torch.tensor(float(g_norm))
-            if g_ok:
+            if g_ok or scaled:  # under fp16 the GradScaler skips an overflowing step itself and lowers its scale
                 opt_g.step()
                 sched_g.step()
+                g_ok = not (scaled and opt_g.step_was_skipped)
             opt_g.zero_grad(set_to_none=True)
             if gan:
                 with accelerator.autocast():
@@ -562,7 +564,7 @@ def train(args: argparse.Namespace) -> dict:
                         global_step,
                         "discriminator gradient",
                     )
-                if d_ok:
+                if d_ok or scaled:
                     opt_d.step()
                     sched_d.step()
                 opt_d.zero_grad(set_to_none=True)
