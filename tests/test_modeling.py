@@ -145,6 +145,11 @@ def test_heterogeneous_config_round_trip(tmp_path, pixels):
         (dict(group_sizes=[128, 128], group_ranks=[8, 8, 8]), "`group_ranks` has 3 entries but there are 2 groups"),
         (dict(projector="attention"), "`projector` must be one of"),
         (dict(trained_group_sizes=[32] * 7), "`trained_group_sizes` needs one count per group"),
+        (dict(codebook_dim=0), "`codebook_dim` must be a positive int"),
+        (dict(norm_num_groups=0), "`norm_num_groups` must be a positive int"),
+        (dict(commitment_beta="x"), "`commitment_beta` must be a number >= 0"),
+        (dict(block_out_channels=(8, 0)), "`block_out_channels` must be a non-empty list of positive ints"),
+        (dict(norm_type="spatial", codebook_dim=8), "`codebook_dim` \\(8\\) must equal `latent_channels` \\(16\\)"),
         (dict(trained_group_sizes=[33] + [32] * 7), "`trained_group_sizes` needs one count per group"),
         (dict(block_out_channels=(30, 32)), "`norm_num_groups`=8 must divide"),
         (dict(down_block_types=("DownEncoderBlock2D",)), "`down_block_types` needs one entry per"),
@@ -174,6 +179,10 @@ def test_bad_inputs_raise_value_error(tiny_model):
         tiny_model.resize_codebook(512, mode="double")
     with pytest.raises(ValueError, match="`quantized` must have shape"):
         tiny_model.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="`quantized` must be a floating-point tensor"):
+        tiny_model.decode(torch.zeros(1, 16, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="`pixel_values` must be a floating-point tensor"):
+        tiny_model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_image_processor_round_trip():
@@ -193,6 +202,12 @@ def test_image_processor_round_trip():
     assert (back - pixel_values).abs().max() <= 1 / 127.5 + 1e-6
     with pytest.raises(ValueError, match="`output_type` must be"):
         processor.postprocess(pixel_values, output_type="jpg")
+    # per-channel statistics are undone per channel
+    imagenet = GroupVQImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    normalized = imagenet(image, return_tensors="pt").pixel_values
+    unit = imagenet.postprocess(normalized, output_type="pt")
+    plain = GroupVQImageProcessor().postprocess(pixel_values, output_type="pt")
+    assert (unit - plain).abs().max() < 1e-5
 
 
 def test_low_precision_load_keeps_quantizer_fp32(tiny_model, tmp_path, pixels):
@@ -203,3 +218,35 @@ def test_low_precision_load_keeps_quantizer_fp32(tiny_model, tmp_path, pixels):
     assert torch.equal(model.quantizer.codebook(), tiny_model.quantizer.codebook())
     out = model(pixels.bfloat16())
     assert out.reconstruction.dtype == torch.bfloat16 and out.commitment_loss.dtype == torch.float32
+    torch.testing.assert_close(model.decode_indices(out.indices), out.reconstruction)
+
+
+def test_conversion_of_a_bf16_loaded_model_keeps_the_fp32_quantizer(tiny_model, tmp_path, pixels):
+    from groupvq_hf import GroupVQVAE
+
+    tiny_model.save_pretrained(tmp_path)
+    model = GroupVQModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    vae = GroupVQVAE.from_groupvq(model)
+    assert vae.quantize.core.dtype == torch.float32 and vae.encoder.conv_in.weight.dtype == torch.bfloat16
+    back = GroupVQModel.from_diffusers(vae)
+    assert back.quantizer.core.dtype == torch.float32 and not back.training
+    assert torch.equal(back.quantizer.codebook(), tiny_model.quantizer.codebook())
+    with torch.no_grad():
+        assert torch.equal(back(pixels.bfloat16()).reconstruction, model(pixels.bfloat16()).reconstruction)
+        assert torch.equal(vae(pixels.bfloat16()).sample, model(pixels.bfloat16()).reconstruction)
+
+
+def test_diffusers_layouts_with_few_latent_channels_are_valid():
+    config = GroupVQConfig(codebook_size=16, num_groups=2, codebook_dim=3, codebook_rank=3, latent_channels=3,
+                           block_out_channels=(32,), norm_num_groups=32)  # diffusers VQModel's default shape
+    assert GroupVQModel(config)(torch.zeros(1, 3, 8, 8)).reconstruction.shape == (1, 3, 8, 8)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_after_the_processor_is_written(tiny_model, tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(
+        GroupVQModel, "push_to_hub",
+        lambda self, repo_id, **kw: pushed.append((repo_id, (tmp_path / "preprocessor_config.json").exists(), kw)),
+    )
+    tiny_model.save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tok", token="hf_x", private=True)
+    assert pushed == [("me/tok", True, {"token": "hf_x", "private": True})]

@@ -63,10 +63,15 @@ def test_straight_through_and_loss_terms():
     assert grad_w.abs().sum() > 0 and grad_b.abs().sum() > 0
 
 
-def test_group_loss_updates_only_that_group_and_never_a_core():
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(group_sizes=[16, 16, 16, 16], group_ranks=[6, 4, 5, 3]), dict(projector="linear+mlp")],
+    ids=["uniform", "heterogeneous", "linear+mlp"],
+)
+def test_group_loss_updates_only_that_group_and_never_a_core(kwargs):
     """Eq. 5: a loss on the codes of group j moves only group j's codes after an optimizer step."""
-    q = make()
-    before, cores = q.codebook().detach().clone(), q.core.clone()
+    q = make(**kwargs)
+    before, cores = q.codebook().detach().clone(), [c.clone() for c in q.cores()]
     # Features sitting on group 2's codes are quantised to group 2 only.
     start, end = q.group_offsets[2], q.group_offsets[3]
     z = before[start:end].view(1, 4, 4, 8).permute(0, 3, 1, 2) + 0.01
@@ -74,14 +79,17 @@ def test_group_loss_updates_only_that_group_and_never_a_core():
     _, loss, (_, _, indices) = q(z)
     assert ((indices >= start) & (indices < end)).all()
     loss.backward()
-    for j in range(4):
-        touched = q.weight.grad[j].abs().sum() + q.bias.grad[j].abs().sum()
-        assert (touched > 0) == (j == 2)
+    for j in range(4):  # every per-group slice of every parameter
+        touched = sum(
+            (p.grad[j] if p.shape[0] == 4 and not name[-1].isdigit() else p.grad * (int(name[-1]) == j)).abs().sum()
+            for name, p in q.named_parameters()
+        )
+        assert (touched > 0) == (j == 2), (j, touched)
     optimizer.step()
     after = q.codebook().detach()
     assert torch.equal(after[:start], before[:start]) and torch.equal(after[end:], before[end:])
     assert not torch.allclose(after[start:end], before[start:end])
-    assert torch.equal(q.core, cores)
+    assert all(torch.equal(a, b) for a, b in zip(q.cores(), cores))
 
 
 @pytest.mark.parametrize("num_groups", [1, 16])
@@ -148,6 +156,18 @@ def test_resample_down_and_up_gives_requested_sizes(new_size):
     assert q.codebook().shape == (new_size, 8) and q.codebook_size == new_size
     z_q, _, (_, _, indices) = q(latents())
     assert indices.max() < new_size
+
+
+def test_resize_takes_numpy_and_tensor_sizes_and_keeps_frozen_projectors_frozen():
+    import numpy as np
+
+    q = make()
+    assert q.resize_codebook(np.int64(128), "extend", seed=0) == [32] * 4
+    assert q.resize_codebook(torch.tensor(256), "extend", seed=0) == [64] * 4
+    assert q.resize_codebook(np.array([64, 64, 64, 128]), "extend", seed=0) == [64, 64, 64, 128]
+    q.requires_grad_(False)
+    q.resize_codebook([128] * 4, "resample", seed=0)
+    assert not any(p.requires_grad for p in q.parameters())
 
 
 def test_seeded_resizes_are_reproducible():
@@ -298,6 +318,10 @@ def test_bad_resize_and_lookup_raise_value_error():
         q.get_codebook_entry(torch.tensor([1.0]))
     with pytest.raises(ValueError, match=r"`z` must have shape \(batch, 8, height, width\)"):
         q(torch.randn(1, 5, 4, 4))
+    with pytest.raises(ValueError, match=r"`shape` must be \(batch, height, width, 8\)"):
+        q.get_codebook_entry(torch.zeros(2, 4, 4, dtype=torch.long), (2, 4, 4, 5))
+    with pytest.raises(ValueError, match="`new_size` must be an int or a list of 4 ints"):
+        q.resize_codebook(128.0)
     assert q.codebook_size == 64  # failed resizes changed nothing
 
 

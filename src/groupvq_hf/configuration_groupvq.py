@@ -10,6 +10,10 @@ from .vit import check_vit_settings
 
 BACKBONES = ("vqgan", "vit")
 
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
 # The paper's settings (section 4.1, Table 1). Use with ``GroupVQConfig.from_preset(name)``.
 PRESETS: dict[str, dict] = {
     # VQGAN, ImageNet-1k, 128x128, f = 8, 16x16x128 latent, 65,536 codes in 64 groups of rank 128.
@@ -114,6 +118,10 @@ class GroupVQConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Validation happens before super().__post_init__ so that it surfaces as a plain ValueError under @strict.
+        for name in ("codebook_dim", "norm_num_groups", "in_channels", "out_channels", "latent_channels",
+                     "layers_per_block", "sample_size"):  # fmt: skip
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
         if self.group_sizes is not None:
             self.group_sizes = [int(s) for s in self.group_sizes]
             self.num_groups = len(self.group_sizes)  # heterogeneous groups: the list decides
@@ -133,11 +141,11 @@ class GroupVQConfig(PreTrainedConfig):
             self.group_ranks = [int(r) for r in self.group_ranks]
         if self.projector not in PROJECTORS:
             raise ValueError(f"`projector` must be one of {PROJECTORS}, got {self.projector!r}.")
-        if self.commitment_beta < 0:
-            raise ValueError(f"`commitment_beta` must be >= 0, got {self.commitment_beta}.")
+        if isinstance(self.commitment_beta, bool) or not isinstance(self.commitment_beta, (int, float)) or self.commitment_beta < 0:
+            raise ValueError(f"`commitment_beta` must be a number >= 0, got {self.commitment_beta!r}.")
+        if not self.block_out_channels or not all(_positive_int(c) for c in self.block_out_channels):
+            raise ValueError(f"`block_out_channels` must be a non-empty list of positive ints, got {self.block_out_channels!r}.")
         self.block_out_channels = [int(c) for c in self.block_out_channels]
-        if not self.block_out_channels:
-            raise ValueError("`block_out_channels` must name at least one block.")
         n_blocks = len(self.block_out_channels)
         if self.down_block_types is None:
             self.down_block_types = ["DownEncoderBlock2D"] * n_blocks
@@ -160,7 +168,8 @@ class GroupVQConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`norm_type`={self.norm_type!r} is a VQGAN decoder option; use 'group' with backbone='vit'."
                 )
-        bad_norm = [c for c in self.block_out_channels + [self.latent_channels] if c % self.norm_num_groups]
+        # GroupNorms act on the block channels only (the latent is convolved, never normalised).
+        bad_norm = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad_norm and self.norm_type == "group" and self.backbone == "vqgan":
             raise ValueError(
                 f"`norm_num_groups`={self.norm_num_groups} must divide every entry of `block_out_channels` "
@@ -168,9 +177,11 @@ class GroupVQConfig(PreTrainedConfig):
             )
         if self.norm_type not in ("group", "spatial"):
             raise ValueError(f"`norm_type` must be 'group' or 'spatial', got {self.norm_type!r}.")
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "sample_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)}.")
+        if self.norm_type == "spatial" and self.codebook_dim != self.latent_channels:
+            raise ValueError(
+                f"`norm_type`='spatial' feeds the codes to the decoder's SpatialNorm, so `codebook_dim` "
+                f"({self.codebook_dim}) must equal `latent_channels` ({self.latent_channels})."
+            )
         super().__post_init__(**kwargs)
 
     @property

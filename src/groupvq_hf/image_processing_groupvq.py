@@ -33,7 +33,9 @@ class GroupVQImageProcessor(TorchvisionBackend):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise ValueError(f"`images` must be a tensor of shape (batch, channels, H, W), got {getattr(images, 'shape', type(images))}.")
-        images = (images.detach().float().cpu() * self.image_std[0] + self.image_mean[0]).clamp(0, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        images = (images.detach().float().cpu() * std + mean).clamp(0, 1)
         if output_type == "pt":
             return images
         array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

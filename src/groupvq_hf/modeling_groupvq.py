@@ -80,9 +80,7 @@ class GroupVQPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # PyTorch's own initialisation for the diffusers blocks (as diffusers does), the quantizer's for the
         # projectors; the frozen cores are buffers and are never redrawn here.
-        if isinstance(module, (GroupVectorQuantizer, ViTEncoder, ViTDecoder)):
-            module.reset_parameters()
-        elif isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
+        if isinstance(module, (GroupVectorQuantizer, ViTEncoder, ViTDecoder, nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
             module.reset_parameters()
 
 
@@ -149,6 +147,11 @@ class GroupVQModel(GroupVQPreTrainedModel):
                 f"`pixel_values` must have {self.config.in_channels} channels (config.in_channels), "
                 f"got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"`pixel_values` must be a floating-point tensor in [-1, 1], got {pixel_values.dtype} "
+                "(use GroupVQImageProcessor to convert uint8 images)."
+            )
         h, w = pixel_values.shape[-2:]
         if h % f or w % f:
             raise ValueError(
@@ -171,6 +174,9 @@ class GroupVQModel(GroupVQPreTrainedModel):
         if not isinstance(quantized, torch.Tensor) or quantized.ndim != 4 or quantized.shape[1] != self.config.codebook_dim:
             got = tuple(quantized.shape) if isinstance(quantized, torch.Tensor) else type(quantized).__name__
             raise ValueError(f"`quantized` must have shape (batch, {self.config.codebook_dim}, h, w), got {got}.")
+        if not quantized.is_floating_point():
+            raise ValueError(f"`quantized` must be a floating-point tensor, got {quantized.dtype}.")
+        quantized = quantized.to(self.post_quant_conv.weight.dtype)  # the quantizer stays fp32 in a bf16 model
         hidden = self.post_quant_conv(quantized)
         return self.decoder(hidden, quantized if self.config.norm_type == "spatial" else None)
 
@@ -213,13 +219,18 @@ class GroupVQModel(GroupVQPreTrainedModel):
         side = self.config.sample_size
         return GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json` and its code)
         when the folder has none, so `push_to_hub` publishes a complete tokenizer."""
+        hub_keys = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+        hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main = kwargs.get("is_main_process", True)
         if is_main and not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
             self.default_image_processor().save_pretrained(save_directory)
+        if push_to_hub and is_main:  # after the processor is written (transformers would upload before it)
+            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
         return result
 
     # ----------------------------------------------------------------------------------------- diffusers
@@ -251,8 +262,9 @@ class GroupVQModel(GroupVQPreTrainedModel):
             ("quantizer." + k[len("quantize.") :] if k.startswith("quantize.") else k): v
             for k, v in vae.state_dict().items()
         }
-        model.load_state_dict(state, strict=True)
-        return model.to(device=next(vae.parameters()).device, dtype=next(vae.parameters()).dtype)
+        # assign=True keeps each tensor's own dtype and device (a quantizer kept in fp32 beside a bf16 VQGAN stays so).
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+        return model.train(vae.training)
 
 
 GroupVQModel.register_for_auto_class("AutoModel")

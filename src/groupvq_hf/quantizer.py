@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,8 @@ ARGMIN_RUN = 64
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A Python or numpy integer (never a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def resolve_groups(
@@ -91,11 +93,16 @@ def resolve_groups(
 def split_codebook_size(new_size: int | Sequence[int], group_sizes: Sequence[int]) -> list[int]:
     """Per-group sizes for a resize: a list is taken as given, an int is split in proportion to ``group_sizes``."""
     k, total = len(group_sizes), sum(group_sizes)
+    if isinstance(new_size, torch.Tensor) and new_size.ndim == 0 and not new_size.is_floating_point():
+        new_size = int(new_size)
     if not _is_int(new_size):
-        sizes = list(new_size)
+        if not isinstance(new_size, Sequence) and not hasattr(new_size, "tolist"):
+            raise ValueError(f"`new_size` must be an int or a list of {k} ints, got {type(new_size).__name__}.")
+        sizes = new_size.tolist() if hasattr(new_size, "tolist") else list(new_size)
         if len(sizes) != k or not all(_is_int(s) and s > 0 for s in sizes):
             raise ValueError(f"`new_size` as a list needs {k} positive ints (one per group), got {new_size!r}.")
-        return sizes
+        return [int(size) for size in sizes]
+    new_size = int(new_size)
     step = total // math.gcd(*group_sizes)
     if new_size < 1 or new_size % step:
         examples = ", ".join(str(step * m) for m in (1, 2, 4, 8))
@@ -301,7 +308,8 @@ class GroupVectorQuantizer(nn.Module):
                 if buffer:
                     self.register_buffer(key, value.contiguous(), persistent=True)
                 else:
-                    setattr(self, key, nn.Parameter(value.contiguous()))
+                    # a resize makes new Parameters (rebuild optimizers after it); frozen stays frozen
+                    setattr(self, key, nn.Parameter(value.contiguous(), requires_grad=self.bias.requires_grad))
                 self._storage.append(key)
 
         add("core", cores, buffer=True)
@@ -397,6 +405,12 @@ class GroupVectorQuantizer(nn.Module):
         self._check_indices(indices)
         codes = F.embedding(indices.long(), self.codebook())
         if shape is not None:
+            shape = tuple(int(s) for s in shape)
+            if len(shape) != 4 or shape[-1] != self.codebook_dim or math.prod(shape[:3]) != indices.numel():
+                raise ValueError(
+                    f"`shape` must be (batch, height, width, {self.codebook_dim}) with batch*height*width equal to the "
+                    f"{indices.numel()} indices, got {shape}."
+                )
             codes = codes.view(shape).permute(0, 3, 1, 2).contiguous()
         return codes
 
@@ -449,7 +463,7 @@ class GroupVectorQuantizer(nn.Module):
         ``mode="extend"`` (self-extension) keeps every trained core row bit-for-bit and appends newly drawn
         N(0, I) rows at the end of each group (Eq. 11); ``mode="resample"`` redraws every core at the new size.
         ``new_size`` is an int, split over groups in proportion to their current sizes, or a per-group list.
-        Projectors are kept. Seeded resizes are reproducible; the draw happens on the CPU.
+        Projectors keep their values, as new Parameter objects (rebuild any optimizer). Seeded resizes are reproducible; the draw happens on the CPU.
         """
         if mode not in RESIZE_MODES:
             raise ValueError(f"`mode` must be one of {RESIZE_MODES}, got {mode!r}.")

@@ -229,12 +229,13 @@ class GroupVQVAE(VQModel):
 
         Returns `(model, load_state_dict result)`."""
         vae = cls(**config)
-        result = vae.load_state_dict(state_dict, strict=strict)
+        # assign=True keeps each tensor's own dtype and device: a quantizer kept in fp32 beside a bf16 VQGAN stays so.
+        result = vae.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, strict=strict, assign=True)
         param = next(like.parameters(), None)
-        if param is not None:
-            vae = vae.to(param.device)
-            if param.dtype != next(vae.parameters()).dtype:
-                vae = vae.to(param.dtype)
+        if param is not None:  # what the state dict did not hold (from_vqmodel's new quantizer) follows the device
+            for name, tensor in [*vae.named_parameters(), *vae.named_buffers()]:
+                if name not in state_dict:
+                    tensor.data = tensor.data.to(param.device)
         vae.train(getattr(like, "training", True))
         return vae, result
 
