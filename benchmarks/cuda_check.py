@@ -92,15 +92,16 @@ def precision():
                 gap = float(((got - best[changed]) / best[changed]).max())
             rows.append([name, n, f"{n / len(z):.2e}", f"{gap:.1e}"])
 
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        row("fp32 (quantizer)", q.quantize_tokens(z)[2])
+        matmul = torch.backends.cuda.matmul  # the new API only: mixing it with allow_tf32 makes torch raise
+        saved = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        row("fp32 (quantizer forward)", q.quantize_tokens(z)[2])
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            row("bf16 autocast (quantizer)", q.quantize_tokens(z)[2])
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        row("TF32 on globally (quantizer, which turns it off for the search)", q.quantize_tokens(z)[2])
-        row("TF32 on, bare search without that guard", nearest_code_indices(z, codebook))
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            row("bf16 autocast (quantizer forward)", q.quantize_tokens(z)[2])
+            row("bf16 latents under bf16 autocast", q.quantize_tokens(z.bfloat16())[2])
+        matmul.fp32_precision = "tf32"
+        row("TF32 matmuls (quantizer forward)", q.quantize_tokens(z)[2])
+        matmul.fp32_precision = saved
     print(markdown_table(["setting", "changed choices", "rate", "max relative distance gap"], rows))
 
 

@@ -218,25 +218,6 @@ def test_search_stays_fp32_under_bf16_autocast():
     assert (indices == reference).float().mean() > 0.9
 
 
-def test_search_runs_at_highest_fp32_precision_and_restores_the_setting(monkeypatch):
-    import groupvq_hf.quantizer as quantizer_module
-
-    seen = []
-    real_search = quantizer_module.nearest_code_indices
-    monkeypatch.setattr(
-        quantizer_module,
-        "nearest_code_indices",
-        lambda *a, **k: seen.append(torch.get_float32_matmul_precision()) or real_search(*a, **k),
-    )
-    previous = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")  # what --allow_tf32 sets
-        make()(latents())
-        assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def test_usage_counts_reset_and_per_group():
     q = make()
     codes = q.codebook().detach()

@@ -10,7 +10,6 @@ This file imports nothing but torch: it travels to the Hub as remote code beside
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -111,24 +110,6 @@ def split_codebook_size(new_size: int | Sequence[int], group_sizes: Sequence[int
             f"valid sizes are positive multiples of {step} (e.g. {examples}), or pass a list of {k} per-group sizes."
         )
     return [new_size * s // total for s in group_sizes]
-
-
-@contextlib.contextmanager
-def exact_fp32_matmul():
-    """Run matmuls in full fp32 (no TF32), restoring the caller's setting afterwards.
-
-    A global TF32 setting (``--allow_tf32``) would round the distances of Eq. 1 to 10-bit mantissas and move
-    choices that are not near-ties; the search is a small part of a step, so it always runs at "highest".
-    """
-    previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 @torch.no_grad()
@@ -375,8 +356,7 @@ class GroupVectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
             codebook = self.codebook().float()
-            with exact_fp32_matmul():
-                indices = nearest_code_indices(z32.detach(), codebook.detach())
+            indices = nearest_code_indices(z32.detach(), codebook.detach())
             q = F.embedding(indices, codebook)
             loss = self.commitment_beta * F.mse_loss(z32, q.detach()) + F.mse_loss(z32.detach(), q)
             z_q = z32 + (q - z32).detach()
