@@ -25,6 +25,9 @@ SEARCH_BLOCK_ELEMENTS = 1 << 22
 # Search block shape: up to 2,048 tokens x 2,048 codes (code blocks narrow enough for MKL's GEMM to stay fast),
 # never fewer than 256 tokens at once (a tiny ``max_block_elements`` then narrows the code blocks only).
 SEARCH_TOKEN_BLOCK, SEARCH_CODE_BLOCK, SEARCH_MIN_TOKEN_BLOCK = 2048, 2048, 256
+# On a GPU small blocks starve the matmul and add launches: blocks of up to 8,192 x 16,384 (512 MiB in fp32),
+# still a fixed size whatever the number of codes.
+CUDA_SEARCH_BLOCK_ELEMENTS, CUDA_SEARCH_TOKEN_BLOCK, CUDA_SEARCH_CODE_BLOCK = 1 << 27, 8192, 16384
 # Columns per run in the two-level row argmin on CPU (see ``_block_argmin``).
 ARGMIN_RUN = 64
 
@@ -114,22 +117,27 @@ def split_codebook_size(new_size: int | Sequence[int], group_sizes: Sequence[int
 
 @torch.no_grad()
 def nearest_code_indices(
-    z: torch.Tensor, codebook: torch.Tensor, max_block_elements: int = SEARCH_BLOCK_ELEMENTS
+    z: torch.Tensor, codebook: torch.Tensor, max_block_elements: int | None = None
 ) -> torch.Tensor:
     """Index of the nearest code for each row of ``z`` (N, d) in ``codebook`` (n, d), by Eq. 1.
 
     ``argmin_i ||z - c_i||^2 = argmin_i (||c_i||^2 - 2 z . c_i)``. The (N, n) distance matrix is never held:
     codes are walked in blocks of up to ``SEARCH_CODE_BLOCK`` (their norms taken per block) and tokens in blocks
     of up to ``SEARCH_TOKEN_BLOCK``, each block of at most ``max(max_block_elements, 256)`` distances written into
-    one reused buffer, with a running minimum per token. The extra memory is one block plus O(N), whatever the
-    number of codes. Ties go to the lowest index.
+    one reused buffer, with a running minimum per token (on a GPU the ``CUDA_SEARCH_*`` sizes, larger blocks for
+    fewer launches). The extra memory is one block plus O(N), whatever the number of codes. Ties go to the lowest
+    index.
     """
     n_tokens, n_codes = z.shape[0], codebook.shape[0]
     if n_codes == 0:
         raise ValueError(f"`codebook` must hold at least one code, got shape {tuple(codebook.shape)}.")
+    on_gpu = z.device.type != "cpu"
+    if max_block_elements is None:
+        max_block_elements = CUDA_SEARCH_BLOCK_ELEMENTS if on_gpu else SEARCH_BLOCK_ELEMENTS
+    max_tokens, max_codes = (CUDA_SEARCH_TOKEN_BLOCK, CUDA_SEARCH_CODE_BLOCK) if on_gpu else (SEARCH_TOKEN_BLOCK, SEARCH_CODE_BLOCK)
     min_tokens = max(1, min(n_tokens, SEARCH_MIN_TOKEN_BLOCK))
-    code_block = max(1, min(n_codes, SEARCH_CODE_BLOCK, max_block_elements // min_tokens))
-    token_block = max(min_tokens, min(n_tokens, SEARCH_TOKEN_BLOCK, max_block_elements // code_block))
+    code_block = max(1, min(n_codes, max_codes, max_block_elements // min_tokens))
+    token_block = max(min_tokens, min(n_tokens, max_tokens, max_block_elements // code_block))
     buffer = torch.empty(token_block * code_block, dtype=z.dtype, device=z.device)
     best_val = torch.empty(n_tokens, dtype=z.dtype, device=z.device)
     best_idx = torch.empty(n_tokens, dtype=torch.long, device=z.device)
