@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
-from .quantizer import GroupVectorQuantizer
+from .quantizer import QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
 from .vit import L2NormalizedGroupVectorQuantizer, ViTDecoder, ViTEncoder
 
 # diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
@@ -28,7 +28,6 @@ ARCHITECTURE_KEYS = (
     "act_fn", "latent_channels", "norm_num_groups", "norm_type", "mid_block_add_attention", "sample_size",
     "scaling_factor",
 )
-QUANTIZER_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
 
 
 @dataclass
@@ -238,7 +237,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
     def config_from_diffusers(cls, diffusers_config) -> GroupVQConfig:
         """A `GroupVQConfig` from a `GroupVQVAE` (or `VQModel`) config mapping."""
         cfg = dict(diffusers_config)
-        kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + QUANTIZER_KEYS if cfg.get(key) is not None}
+        kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + QUANTIZER_CONFIG_KEYS if cfg.get(key) is not None}
         for src, dst in DIFFUSERS_CONFIG_RENAMES.items():
             if cfg.get(src) is not None:
                 kwargs[dst] = cfg[src]

@@ -20,6 +20,8 @@ from torch import nn
 
 PROJECTORS = ("linear", "mlp", "linear+mlp")
 RESIZE_MODES = ("extend", "resample")
+# The Group-VQ keyword arguments both model shells take beside the codebook size and dimension.
+QUANTIZER_CONFIG_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
 # Floats of the (tokens x codes) distance block the search may hold at once (16 MiB in fp32).
 SEARCH_BLOCK_ELEMENTS = 1 << 22
 # Search block shape: up to 2,048 tokens x 2,048 codes (code blocks narrow enough for MKL's GEMM to stay fast),

@@ -18,14 +18,13 @@ import torch
 from diffusers import ModelMixin, VQModel  # noqa: F401  (pipelines look `ModelMixin` up in this module's namespace)
 from diffusers.configuration_utils import register_to_config
 
-from .quantizer import GroupVectorQuantizer
+from .quantizer import QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
 # pipeline custom component load without groupvq_hf: this file and its only relative import.
 REMOTE_CODE_FILES = (os.path.basename(__file__), "quantizer.py")
 # Config keys that change nothing in the weights: the only ones `from_groupvq`/`from_vqmodel` let a caller override.
 RUNTIME_CONFIG_KEYS = ("lookup_from_codebook", "force_upcast", "scaling_factor", "sample_size")
-QUANTIZER_CONFIG_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
 VQMODEL_CONFIG_KEYS = (
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
     "act_fn", "latent_channels", "sample_size", "num_vq_embeddings", "norm_num_groups", "vq_embed_dim",
