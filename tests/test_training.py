@@ -242,6 +242,19 @@ def test_stop_and_resume_equals_uninterrupted_run_and_exports_model(tmp_path, ca
     assert state["data"] == {"epoch": 1, "batches_in_epoch": 1} and state["global_step"] == 3
 
 
+def test_torch_compile_run_with_the_adaptive_gan_weight_exports_plain_keys(tmp_path):
+    """--torch_compile through a GAN step (autograd.grad with retain_graph through the compiled decoder)."""
+    from safetensors.torch import load_file
+
+    from groupvq_hf import GroupVQModel
+
+    result = _train(tmp_path, "--max_train_steps", "2", "--torch_compile")
+    assert result["global_step"] == 2
+    keys = load_file(str(tmp_path / "model" / "model.safetensors")).keys()
+    assert not any("_orig_mod" in k for k in keys)
+    assert GroupVQModel.from_pretrained(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).reconstruction.shape == (1, 3, 32, 32)
+
+
 def test_resume_from_a_folder_that_is_no_checkpoint_says_so(tmp_path):
     (tmp_path / "not_a_checkpoint").mkdir()
     with pytest.raises(ValueError, match="not a groupvq checkpoint"):

@@ -441,6 +441,9 @@ def train(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"{err} Or train without the perceptual loss: --perceptual_weight 0.") from err
     loss_fn = VQGANLoss(perceptual, args.perceptual_weight, args.disc_weight, args.disc_start, args.commitment_weight)
     if args.torch_compile:
+        # The adaptive GAN weight takes autograd.grad(..., retain_graph=True) through the decoder, which compiled
+        # backwards with donated buffers refuse.
+        torch._functorch.config.donated_buffer = False
         model.encoder = torch.compile(model.encoder)
         model.decoder = torch.compile(model.decoder)
     betas = (args.adam_beta1, args.adam_beta2)
