@@ -235,26 +235,14 @@ def dataset_code_usage(
     num_workers: int = 0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """`count_code_usage` over ``groupvq_hf.data.build_image_dataset(dataset, split, ...)`` (evaluation transforms,
-    ``resolution`` defaults to ``model.config.sample_size``)."""
-    from torch.utils.data import DataLoader
+    """`count_code_usage` over the evaluation loader (`groupvq_hf.evaluation.build_eval_dataloader`: center
+    crops; ``resolution`` defaults to ``model.config.sample_size``)."""
+    from .evaluation import build_eval_dataloader
 
-    from .data import build_image_dataset, collate_pixels
-
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    resolution = resolution or model.config.sample_size
-    data = build_image_dataset(
-        dataset=dataset,
-        split=split,
-        resolution=resolution,
-        train=False,
-        image_column=image_column,
-        seed=seed,
-        streaming=True,
-        max_samples=max_samples,
-    )
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_pixels, num_workers=num_workers)
+    loader = build_eval_dataloader(
+        dataset, split, resolution or model.config.sample_size, batch_size, max_samples,
+        image_column=image_column, num_workers=num_workers, seed=seed,
+    )  # fmt: skip
     return count_code_usage(model, loader, max_samples=max_samples)
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics
+from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics, _check_metrics
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
 RESIZE_STUDY_MODES = ("resample", "extend")
@@ -28,14 +27,7 @@ RESIZE_STUDY_MODES = ("resample", "extend")
 
 def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of `ALL_METRICS`)."""
-    if metrics is None:
-        return ALL_METRICS
-    names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
-    names = tuple(dict.fromkeys(m for m in names if m))
-    bad = [m for m in names if m not in ALL_METRICS]
-    if bad or not names:
-        raise ValueError(f"`metrics` must be a non-empty subset of {list(ALL_METRICS)}, got {list(names)}.")
-    return names
+    return _check_metrics(metrics, ALL_METRICS)
 
 
 def samples_for_rank(max_samples: int | None, rank: int, world_size: int) -> int | None:
@@ -58,6 +50,7 @@ def build_eval_dataloader(
     world_size: int = 1,
     image_column: str | None = None,
     num_workers: int = 0,
+    seed: int = 0,
 ) -> torch.utils.data.DataLoader | None:
     """This rank's evaluation batches: center crops ``(B, 3, R, R)`` in [-1, 1] (``None`` when its share is 0)."""
     from .data import build_image_dataset, collate_pixels
@@ -68,7 +61,7 @@ def build_eval_dataloader(
     if share == 0:
         return None
     stream = build_image_dataset(
-        dataset, split=split, resolution=resolution, train=False, image_column=image_column,
+        dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,
         rank=rank, world_size=world_size, streaming=True, max_samples=share,
     )  # fmt: skip
     return torch.utils.data.DataLoader(
@@ -169,10 +162,9 @@ def model_index_entries(results: dict) -> list:
 
     Delegates to [`groupvq_hf.hub.model_index_entries`] so evaluation and publishing write the same entries.
     """
-    from .hub import model_index_entries as hub_entries
+    from .hub import model_index_entries as hub_entries  # it drops non-finite values (e.g. PSNR inf) itself
 
-    finite = {**results, "metrics": {k: v for k, v in results["metrics"].items() if math.isfinite(v)}}
-    return hub_entries(finite)
+    return hub_entries(results)
 
 
 def update_model_card(card_path: str | os.PathLike, results: dict, model_name: str | None = None) -> Path:

@@ -99,8 +99,8 @@ def _check_metrics(metrics, allowed: Sequence[str] = RECONSTRUCTION_METRICS) -> 
     if metrics is None:
         return tuple(allowed)
     if isinstance(metrics, str):
-        metrics = [m for m in metrics.split(",") if m]
-    metrics = tuple(dict.fromkeys(metrics))
+        metrics = [m.strip() for m in metrics.split(",")]
+    metrics = tuple(dict.fromkeys(m for m in metrics if m))
     bad = [m for m in metrics if m not in allowed]
     if bad or not metrics:
         raise ValueError(f"`metrics` must be a non-empty subset of {list(allowed)}, got {list(metrics)}.")
