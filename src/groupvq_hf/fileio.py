@@ -1,0 +1,92 @@
+"""Folders that readers never see half-written: write into a temporary sibling, then swap it into place.
+
+``atomic_directory(path)`` yields a fresh temporary folder next to ``path``; when the block ends without an
+exception the old ``path`` (if any) is renamed aside, the new folder is renamed in, and the old one is deleted.
+A kill at any moment leaves either the old complete folder, or the new complete folder, at ``path`` (at worst
+beside a ``.old-``/``.tmp-`` sibling that the next write cleans up). An exception deletes the temporary folder and
+leaves ``path`` untouched. Renames are atomic on one POSIX file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
+
+
+def _siblings(path: Path, prefix: str) -> list[Path]:
+    return [p for p in path.parent.glob(f"{prefix}{path.name}.*") if p.is_dir()]
+
+
+def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the complete folder ``tmp`` to ``path``: old aside, new in, old deleted (never a moment without one)."""
+    tmp, path = Path(tmp), Path(path)
+    set_aside = []
+    for attempt in range(10):  # another writer may put its folder in between our two renames: set it aside too
+        if path.exists():
+            old = path.parent / f"{OLD_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            set_aside.append(old)
+        try:
+            os.replace(tmp, path)
+            break
+        except OSError:
+            if attempt == 9:
+                raise
+    for old in set_aside:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(path: str | os.PathLike) -> Path | None:
+    """After a kill between "old aside" and "new in", put the set-aside folder back; returns it when one was restored.
+
+    Temporary folders of ``path`` left by processes that no longer run are deleted.
+    """
+    path = Path(path)
+    for stale in _siblings(path, TMP_PREFIX):
+        pid = stale.name[len(TMP_PREFIX) + len(path.name) + 1 :].split(".")[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    restored = None
+    for old in sorted(_siblings(path, OLD_PREFIX), key=lambda p: p.stat().st_mtime):
+        if not path.exists():
+            os.replace(old, path)
+            restored = path
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return restored
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_directory("out/model") as tmp: model.save_pretrained(tmp)``: ``out/model`` changes all at once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, path)
+
+
+__all__ = ["atomic_directory", "recover_directory", "replace_directory"]

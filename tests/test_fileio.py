@@ -1,0 +1,43 @@
+import os
+
+import pytest
+
+from groupvq_hf.fileio import atomic_directory, recover_directory
+
+
+def test_atomic_directory_replaces_whole_folder(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("old")
+        (tmp / "weights").write_text("old")
+    with atomic_directory(target) as tmp:
+        assert not (tmp / "config.json").exists()  # a fresh folder, not a copy of the old one
+        (tmp / "config.json").write_text("new")
+    assert sorted(os.listdir(target)) == ["config.json"]
+    assert (target / "config.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_atomic_directory_failure_leaves_old_folder(tmp_path):
+    target = tmp_path / "model"
+    with atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_directory(target) as tmp:
+            (tmp / "config.json").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_kill_between_renames_is_recovered(tmp_path):
+    # A kill after "old aside" and before "new in": the next writer (or reader's recovery) restores the old folder.
+    target = tmp_path / "model"
+    old = tmp_path / ".old-model.deadbeef"
+    old.mkdir()
+    (old / "config.json").write_text("old")
+    stale_tmp = tmp_path / ".tmp-model.999999999.abcd1234"  # a pid that cannot run
+    stale_tmp.mkdir()
+    assert recover_directory(target) == target
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["model"]
