@@ -5,7 +5,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .quantizer import PROJECTORS, resolve_groups
+from .quantizer import LEGACY_CORE_STD, PROJECTORS, check_core_std, default_core_std, resolve_groups
 from .vit import check_vit_settings
 
 BACKBONES = ("vqgan", "vit")
@@ -72,6 +72,10 @@ class GroupVQConfig(PreTrainedConfig):
             trained (self-extension keeps them; resampling leaves none); None for a model as trained.
         projector (`str`): "linear" (paper default), "mlp" or "linear+mlp" (Table 3).
         commitment_beta (`float`): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
+        core_std (`float`, *optional*): the frozen cores' distribution P = N(0, core_std^2 I) (section 3.3), used at
+            initialisation and by every resize (Algorithm 2: resampled and self-extended rows come from the same P).
+            Defaults to `codebook_dim ** -0.5`, SimVQ's N(0, 1/d), so initial codes have SimVQ's per-coordinate
+            std 1/sqrt(3d). A config saved before this field existed loads with 1.0 (N(0, I), as it was trained).
         in_channels, out_channels, down_block_types, up_block_types, block_out_channels, layers_per_block,
         act_fn, latent_channels, norm_num_groups, norm_type, mid_block_add_attention, sample_size, scaling_factor:
             as in diffusers' `VQModel`; block types default to one plain down/up block per `block_out_channels` entry.
@@ -95,6 +99,7 @@ class GroupVQConfig(PreTrainedConfig):
     trained_group_sizes: list[int] | tuple[int, ...] | None = None
     projector: str = "linear"
     commitment_beta: float | int = 0.25
+    core_std: float | int | None = None
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: list[str] | tuple[str, ...] | None = None
@@ -143,6 +148,7 @@ class GroupVQConfig(PreTrainedConfig):
             raise ValueError(f"`projector` must be one of {PROJECTORS}, got {self.projector!r}.")
         if isinstance(self.commitment_beta, bool) or not isinstance(self.commitment_beta, (int, float)) or self.commitment_beta < 0:
             raise ValueError(f"`commitment_beta` must be a number >= 0, got {self.commitment_beta!r}.")
+        self.core_std = default_core_std(self.codebook_dim) if self.core_std is None else check_core_std(self.core_std)
         if not self.block_out_channels or not all(_positive_int(c) for c in self.block_out_channels):
             raise ValueError(f"`block_out_channels` must be a non-empty list of positive ints, got {self.block_out_channels!r}.")
         self.block_out_channels = [int(c) for c in self.block_out_channels]
@@ -183,6 +189,13 @@ class GroupVQConfig(PreTrainedConfig):
                 f"({self.codebook_dim}) must equal `latent_channels` ({self.latent_channels})."
             )
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # A saved config without `core_std` predates it: its cores were drawn from N(0, I), and resizes must be too.
+        if "core_std" not in config_dict and "core_std" not in kwargs:
+            config_dict = {**config_dict, "core_std": LEGACY_CORE_STD}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def downsample_factor(self) -> int:

@@ -117,6 +117,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
             group_ranks=config.group_ranks,
             projector=config.projector,
             commitment_beta=config.commitment_beta,
+            core_std=config.core_std,
         )
         self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.latent_channels, 1)
         if config.backbone == "vit":

@@ -1,8 +1,11 @@
 """Group-VQ: a codebook of ``k`` independently reparameterised groups (pure torch).
 
 Group ``j`` holds ``n_j`` codes generated as ``G_j = core_j @ W_j + b_j`` (paper Eq. 7): the core
-(``n_j x r_j``) is a frozen draw from N(0, I), kept as a persistent buffer; only the projector ``W_j``
-(``r_j x d``) and the bias ``b_j`` (``d``) train. The codebook is the concatenation of the groups in order
+(``n_j x r_j``) is a frozen draw from the fixed distribution P = N(0, core_std^2 I) (section 3.3), kept as a persistent
+buffer; only the projector ``W_j`` (``r_j x d``) and the bias ``b_j`` (``d``) train. ``core_std`` defaults to
+``d^-1/2``, SimVQ's N(0, 1/d) codebook: with ``W_j`` initialised like ``nn.Linear`` the initial codes then have SimVQ's
+per-coordinate std ``1/sqrt(3d)``; 1.0 (the paper's literal N(0, I), used before ``core_std`` existed) gives codes of std
+``1/sqrt(3)`` whatever d, far wider than a fresh encoder's latents. The codebook is the concatenation of the groups in order
 (Algorithm 1, line 7). ``k = 1`` is SimVQ, ``k = n`` is vanilla VQ.
 
 This file imports nothing but torch: it travels to the Hub as remote code beside both model shells.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +25,11 @@ from torch import nn
 PROJECTORS = ("linear", "mlp", "linear+mlp")
 RESIZE_MODES = ("extend", "resample")
 # The Group-VQ keyword arguments both model shells take beside the codebook size and dimension.
-QUANTIZER_CONFIG_KEYS = ("num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta")
+QUANTIZER_CONFIG_KEYS = (
+    "num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta", "core_std",
+)
+# The core distribution of checkpoints saved before ``core_std`` was recorded: N(0, I).
+LEGACY_CORE_STD = 1.0
 # Floats of the (tokens x codes) distance block the search may hold at once (16 MiB in fp32).
 SEARCH_BLOCK_ELEMENTS = 1 << 22
 # Search block shape: up to 2,048 tokens x 2,048 codes (code blocks narrow enough for MKL's GEMM to stay fast),
@@ -32,6 +40,18 @@ SEARCH_TOKEN_BLOCK, SEARCH_CODE_BLOCK, SEARCH_MIN_TOKEN_BLOCK = 2048, 2048, 256
 CUDA_SEARCH_BLOCK_ELEMENTS, CUDA_SEARCH_TOKEN_BLOCK, CUDA_SEARCH_CODE_BLOCK = 1 << 27, 8192, 16384
 # Columns per run in the two-level row argmin on CPU (see ``_block_argmin``).
 ARGMIN_RUN = 64
+
+
+def default_core_std(codebook_dim: int) -> float:
+    """SimVQ's codebook scale: the core is drawn from N(0, 1/d)."""
+    return float(codebook_dim) ** -0.5
+
+
+def check_core_std(core_std) -> float:
+    """A positive finite float, or a ValueError naming `core_std`."""
+    if isinstance(core_std, bool) or not isinstance(core_std, numbers.Real) or not math.isfinite(core_std) or core_std <= 0:
+        raise ValueError(f"`core_std` must be a positive finite float (std of the frozen core's N(0, core_std^2)), got {core_std!r}.")
+    return float(core_std)
 
 
 def _is_int(value) -> bool:
@@ -202,6 +222,7 @@ class GroupVectorQuantizer(nn.Module):
         group_ranks: Sequence[int] | None = None,
         projector: str = "linear",
         commitment_beta: float = 0.25,
+        core_std: float | None = None,
     ):
         super().__init__()
         if not _is_int(codebook_dim) or codebook_dim < 1:
@@ -214,6 +235,8 @@ class GroupVectorQuantizer(nn.Module):
         self.codebook_dim = codebook_dim
         self.projector = projector
         self.commitment_beta = float(commitment_beta)
+        self.core_std = default_core_std(codebook_dim) if core_std is None else check_core_std(core_std)
+        self.check_finite = True  # raise on NaN/inf latents (one reduction per forward); False skips the check
         self.track_usage = True
         self._usage_counts: torch.Tensor | None = None  # plain attribute: DDP must not broadcast it
         self._storage: list[str] = []
@@ -222,11 +245,16 @@ class GroupVectorQuantizer(nn.Module):
         if self.has_mlp:
             self.mlp_in_bias = nn.Parameter(torch.zeros(k, d))
             self.mlp_out_weight = nn.Parameter(torch.empty(k, d, d))
-        cores = [torch.randn(n, r) for n, r in zip(sizes, ranks)]
+        cores = [self._draw_core(n, r) for n, r in zip(sizes, ranks)]
         self._set_groups(cores, self._split_rank_params("weight", ranks), self._split_rank_params("mlp_in_weight", ranks))
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- layout
+    def _draw_core(self, rows: int, rank: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``rows`` fresh core rows from P = N(0, core_std^2 I) (on the CPU; 1.0 leaves the N(0, I) draw bit-exact)."""
+        core = torch.randn(rows, rank, generator=generator)
+        return core if self.core_std == 1.0 else core.mul_(self.core_std)
+
     @property
     def has_linear(self) -> bool:
         return self.projector in ("linear", "linear+mlp")
@@ -363,6 +391,12 @@ class GroupVectorQuantizer(nn.Module):
 
         ``z_q = z + sg(q - z)`` (Eq. 2); ``loss = beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`` (mean squared).
         """
+        if self.check_finite and z.numel() and not bool(torch.isfinite(z).all()):
+            bad = int((~torch.isfinite(z)).any(-1).sum())
+            raise ValueError(
+                f"The latents `z` given to the quantizer hold NaN or inf in {bad} of {z.shape[0]} tokens (is the input "
+                "image finite?); they have no nearest code. Set `quantizer.check_finite = False` to skip this check."
+            )
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()
             codebook = self.codebook().float()
@@ -450,8 +484,9 @@ class GroupVectorQuantizer(nn.Module):
     ) -> list[int]:
         """Resize without training (Algorithm 2); returns the new group sizes.
 
-        ``mode="extend"`` (self-extension) keeps every trained core row bit-for-bit and appends newly drawn
-        N(0, I) rows at the end of each group (Eq. 11); ``mode="resample"`` redraws every core at the new size.
+        ``mode="extend"`` (self-extension) keeps every trained core row bit-for-bit and appends rows newly drawn from
+        the model's P = N(0, core_std^2 I) at the end of each group (Eq. 11); ``mode="resample"`` redraws every core at
+        the new size from the same P. A size whose cores and codebook would not fit in memory is refused first.
         ``new_size`` is an int, split over groups in proportion to their current sizes, or a per-group list.
         Projectors keep their values, as new Parameter objects (rebuild any optimizer). Seeded resizes are reproducible; the draw happens on the CPU.
         """
@@ -466,24 +501,47 @@ class GroupVectorQuantizer(nn.Module):
                     f"`mode`='extend' keeps every trained code, so no group may shrink; group(s) {shrunk} would go "
                     f"from {[old_sizes[j] for j in shrunk]} to {[sizes[j] for j in shrunk]} codes. Use mode='resample'."
                 )
+        self._check_resize_memory(sizes, ranks)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         old_cores = self.cores()
         cores = []
         for j, (n_new, rank) in enumerate(zip(sizes, ranks)):
             dtype = old_cores[j].dtype
             if mode == "extend":
-                fresh = torch.randn(n_new - old_sizes[j], rank, generator=generator).to(dtype)
+                fresh = self._draw_core(n_new - old_sizes[j], rank, generator).to(dtype)
                 cores.append(torch.cat([old_cores[j].detach().cpu(), fresh]))
             else:
-                cores.append(torch.randn(n_new, rank, generator=generator).to(dtype))
+                cores.append(self._draw_core(n_new, rank, generator).to(dtype))
         self._set_groups(cores, self._split_rank_params("weight", ranks), self._split_rank_params("mlp_in_weight", ranks))
         self.reset_usage()
         return sizes
+
+    def _check_resize_memory(self, sizes: Sequence[int], ranks: Sequence[int]) -> None:
+        """Refuse, before allocating, a resize whose new cores plus codebook exceed the memory of this machine (CPU,
+        where cores are drawn) or the free memory of the quantizer's GPU."""
+        itemsize = self.bias.element_size()
+        core_bytes = sum(n * r for n, r in zip(sizes, ranks)) * itemsize
+        codebook_bytes = sum(sizes) * self.codebook_dim * itemsize
+        limits = {}
+        try:
+            limits["CPU memory"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no CPU limit known
+            pass
+        if self.bias.device.type == "cuda":
+            limits["free GPU memory"] = torch.cuda.mem_get_info(self.bias.device)[0]
+        needed = core_bytes + codebook_bytes
+        for where, limit in limits.items():
+            if needed > limit:
+                raise ValueError(
+                    f"`new_size`={sum(sizes)} codes would need {needed / 2**30:.1f} GiB for the new cores and codebook "
+                    f"(ranks {sorted(set(ranks))}, d={self.codebook_dim}), more than the {limit / 2**30:.1f} GiB of {where}."
+                )
 
     def extra_repr(self) -> str:
         sizes = self.group_sizes
         layout = f"{len(sizes)}x{sizes[0]}" if self.uniform else str(sizes)
         return (
             f"codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, groups={layout}, "
-            f"ranks={sorted(set(self.group_ranks))}, projector={self.projector!r}, beta={self.commitment_beta}"
+            f"ranks={sorted(set(self.group_ranks))}, projector={self.projector!r}, beta={self.commitment_beta}, "
+            f"core_std={self.core_std:.4g}"
         )

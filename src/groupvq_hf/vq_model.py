@@ -18,7 +18,7 @@ import torch
 from diffusers import ModelMixin, VQModel  # noqa: F401  (pipelines look `ModelMixin` up in this module's namespace)
 from diffusers.configuration_utils import register_to_config
 
-from .quantizer import QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
+from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
 # pipeline custom component load without groupvq_hf: this file and its only relative import.
@@ -85,6 +85,7 @@ class GroupVQVAE(VQModel):
         group_ranks: list[int] | None = None,
         projector: str = "linear",
         commitment_beta: float = 0.25,
+        core_std: float | None = None,
     ):
         for name, value in (("num_vq_embeddings", num_vq_embeddings), ("latent_channels", latent_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -106,6 +107,7 @@ class GroupVQVAE(VQModel):
                 group_ranks=group_ranks,
                 projector=projector,
                 commitment_beta=commitment_beta,
+                core_std=core_std,
             )
         except ValueError as err:
             raise ValueError(
@@ -133,6 +135,7 @@ class GroupVQVAE(VQModel):
             force_upcast=force_upcast,
         )
         self.quantize = quantize
+        self.register_to_config(core_std=quantize.core_std)  # None resolves to d^-1/2: save the value in use
         if group_sizes is not None and num_groups != len(group_sizes):
             self.register_to_config(num_groups=len(group_sizes))  # heterogeneous groups: the list decides
 
@@ -274,6 +277,7 @@ class GroupVQVAE(VQModel):
             group_ranks=getattr(cfg, "group_ranks", None),
             projector=quantizer.projector,
             commitment_beta=quantizer.commitment_beta,
+            core_std=quantizer.core_std,
         )
         config.update(cls._runtime_overrides(overrides))
         for key in ("down_block_types", "up_block_types", "block_out_channels", "group_sizes", "group_ranks"):
@@ -320,6 +324,9 @@ class GroupVQVAE(VQModel):
     def extract_init_dict(cls, config_dict, **kwargs):
         # `auto_map` (written for remote code) is no init argument: drop it instead of warning on every load.
         config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
+        # A saved config without `core_std` predates it: its cores were drawn from N(0, I), and resizes must be too.
+        if "core_std" not in config_dict and "core_std" not in kwargs:
+            config_dict["core_std"] = LEGACY_CORE_STD
         return super().extract_init_dict(config_dict, **kwargs)
 
     def save_code(self, save_directory: str | os.PathLike) -> list[str]:
