@@ -1,11 +1,15 @@
 """The VQGAN training objective of the paper's baseline (SimVQ / VQGAN, Esser et al. 2021), with Group-VQ's loss.
 
-generator:      L1(x, x_rec) + w_p * LPIPS(x, x_rec) + w_c * L_commit + lambda * w_d * [step >= disc_start] * L_G
+generator:      L1(x, x_rec) + w_p * LPIPS(x, x_rec) + w_c * L_commit + w_d * lambda * [step >= disc_start] * L_G
 discriminator:  [step >= disc_start] * hinge(D(x), D(x_rec))
 
 ``L_commit`` is the quantizer's ``beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`` (paper Eq. 3 without its
-reconstruction term, which is the L1 here), ``L_G = -mean D(x_rec)`` and ``lambda`` the adaptive weight
-``||grad_last L_rec|| / (||grad_last L_G|| + 1e-4)`` taken at the decoder's last layer (Esser et al., Eq. 7).
+reconstruction term, which is the L1 here). The default is SimVQ's released recipe (``VQLPIPSWithDiscriminator``
+with ``gen_loss_weight: 0.1`` in ``configs/imagenet_simvq_128_B.yaml``): the non-saturating generator loss
+``L_G = mean_b softplus(-mean_patches D(x_rec)_b)`` (logits averaged per image first) with a fixed weight
+``w_d = 0.1`` (``lambda = 1``). The alternatives of taming-transformers stay available: the hinge generator loss
+``L_G = -mean D(x_rec)`` and the adaptive weight ``lambda = ||grad_last L_rec|| / (||grad_last L_G|| + 1e-4)``
+taken at the decoder's last layer (Esser et al., Eq. 7).
 The discriminator is the PatchGAN of pix2pix / taming-transformers (``NLayerDiscriminator``).
 """
 
@@ -67,6 +71,16 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
+def non_saturating_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """SimVQ's non-saturating generator loss: ``mean_b softplus(-m_b)`` with ``m_b`` the mean logit of image ``b``
+    over its patches (``non_saturate_gen_loss``: sigmoid cross-entropy with label 1 of the per-image mean logit)."""
+    per_image = logits_fake.reshape(logits_fake.shape[0], -1).mean(dim=1)
+    return F.softplus(-per_image).mean()
+
+
+GENERATOR_LOSSES = {"non_saturating": non_saturating_g_loss, "hinge": hinge_g_loss}
+
+
 def adaptive_generator_weight(
     rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
 ) -> torch.Tensor:
@@ -80,16 +94,21 @@ def adaptive_generator_weight(
 
 class VQGANLoss(nn.Module):
     """The objective above. ``perceptual`` is a frozen network ``net(x, y) -> (N,)`` on [-1, 1] images (LPIPS,
-    see ``groupvq_hf.pretrained.lpips_network``); it is required when ``perceptual_weight > 0``."""
+    see ``groupvq_hf.pretrained.lpips_network``); it is required when ``perceptual_weight > 0``.
+
+    Defaults are SimVQ's recipe: ``generator_loss="non_saturating"`` with the fixed ``disc_weight=0.1``.
+    ``generator_loss="hinge"`` and ``adaptive_weight=True`` (``disc_weight`` then multiplies the adaptive weight,
+    taming-transformers' ``disc_weight``) give the VQGAN variants."""
 
     def __init__(
         self,
         perceptual: nn.Module | None = None,
         perceptual_weight: float = 1.0,
-        disc_weight: float = 0.8,
+        disc_weight: float = 0.1,
         disc_start: int = 0,
         commitment_weight: float = 1.0,
-        adaptive_weight: bool = True,
+        adaptive_weight: bool = False,
+        generator_loss: str = "non_saturating",
     ):
         super().__init__()
         for name, value in (
@@ -98,6 +117,8 @@ class VQGANLoss(nn.Module):
         ):  # fmt: skip
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+        if generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(f"`generator_loss` must be one of {sorted(GENERATOR_LOSSES)}, got {generator_loss!r}.")
         if perceptual_weight > 0 and perceptual is None:
             raise ValueError(
                 "`perceptual` (an LPIPS network) is required when `perceptual_weight` > 0; pass one or set 0."
@@ -107,7 +128,9 @@ class VQGANLoss(nn.Module):
         self.disc_weight = float(disc_weight)
         self.disc_start = int(disc_start)
         self.commitment_weight = float(commitment_weight)
-        self.adaptive_weight = adaptive_weight
+        self.adaptive_weight = bool(adaptive_weight)
+        self.generator_loss_name = generator_loss
+        self.generator_gan_loss = GENERATOR_LOSSES[generator_loss]
 
     def discriminator_active(self, step: int) -> bool:
         """Whether the GAN terms are on at ``step`` (``step >= disc_start`` and ``disc_weight > 0``)."""
@@ -138,7 +161,7 @@ class VQGANLoss(nn.Module):
         loss = rec_loss + self.commitment_weight * commitment_loss.float()
         logs["commitment"] = commitment_loss.detach().float()
         if discriminator is not None and self.discriminator_active(step):
-            g_loss = hinge_g_loss(discriminator(reconstruction.contiguous()).float())
+            g_loss = self.generator_gan_loss(discriminator(reconstruction.contiguous()).float())
             if self.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
                 d_weight = adaptive_generator_weight(rec_loss, g_loss, last_layer)
             else:
@@ -162,4 +185,12 @@ class VQGANLoss(nn.Module):
         }
 
 
-__all__ = ["PatchGANDiscriminator", "VQGANLoss", "adaptive_generator_weight", "hinge_d_loss", "hinge_g_loss"]
+__all__ = [
+    "GENERATOR_LOSSES",
+    "PatchGANDiscriminator",
+    "VQGANLoss",
+    "adaptive_generator_weight",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "non_saturating_g_loss",
+]
