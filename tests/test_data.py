@@ -10,12 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
+from groupvq_hf import data
 from groupvq_hf.data import (
+    DEMO_EVAL_CROPS,
+    DEMO_TRAIN_CROPS,
     SOURCES,
     build_image_dataset,
     collate_examples,
     collate_pixels,
+    demo_eval_boxes,
     demo_images,
+    demo_regions,
+    load_image_source,
     parse_dataset_spec,
     to_rgb,
 )
@@ -137,21 +143,74 @@ def test_demo_images_are_real_rgb_photos():
 
 
 def test_demo_stream_shapes_range_and_determinism():
-    stream = build_image_dataset("demo", resolution=32, train=False)
-    examples = list(stream)
-    assert len(examples) == len(demo_images())
-    batch = collate_pixels(examples[:3])
+    examples = list(build_image_dataset("demo", split="validation", resolution=32, train=False, max_samples=3))
+    batch = collate_pixels(examples)
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
     assert batch.min() >= -1 and batch.max() <= 1 and batch.min() < -0.5 and batch.max() > 0.5
-    again = collate_pixels(list(build_image_dataset("demo", resolution=32, train=False))[:3])
+    again = collate_pixels(list(build_image_dataset("demo", split="validation", resolution=32, train=False, max_samples=3)))
     assert torch.equal(batch, again)
     collated = collate_examples(examples[:2])
     assert collated["pixel_values"].shape == (2, 3, 32, 32) and collated["num_skipped"] == 0
     assert collated["keys"] == [e["key"] for e in examples[:2]]
 
 
-def test_train_stream_shuffles_per_epoch_with_one_seed():
-    a, b = build_image_dataset("demo", resolution=16, seed=3), build_image_dataset("demo", resolution=16, seed=3)
+def test_demo_splits_have_fixed_sizes_whatever_the_photos():
+    assert sum(1 for _ in load_image_source("demo", "train")) == DEMO_TRAIN_CROPS >= 1000
+    for split in ("validation", "test"):
+        keys = [row["key"] for row in load_image_source("demo", split)]
+        assert len(set(keys)) == DEMO_EVAL_CROPS >= 256
+    assert demo_eval_boxes("validation") != demo_eval_boxes("test")
+
+
+def _banded_photos(real):
+    """Photos of the demo's sizes, black where training may read and white in the held-out band."""
+    photos = []
+    for photo in real:
+        image = Image.new("RGB", photo.size, (0, 0, 0))
+        image.paste((255, 255, 255), demo_regions(photo.size)[1])
+        photos.append(image)
+    return tuple(photos)
+
+
+def test_demo_validation_crops_never_appear_in_training(monkeypatch):
+    photos = data._demo_photos()
+    for index, box in demo_eval_boxes("validation") + demo_eval_boxes("test"):
+        train_box, held_out = demo_regions(photos[index].size)
+        assert held_out[0] <= box[0] < box[2] <= held_out[2] and held_out[1] <= box[1] < box[3] <= held_out[3]
+        assert box[2] - box[0] == box[3] - box[1] >= 16  # square, at least 16 px
+    banded = _banded_photos(photos)
+    monkeypatch.setattr(data, "_demo_photos", lambda: banded)
+    train = list(build_image_dataset("demo", resolution=16, seed=3, max_samples=64))
+    assert all(torch.equal(e["pixel_values"], torch.full((3, 16, 16), -1.0)) for e in train)  # black only
+    valid = list(build_image_dataset("demo", split="validation", resolution=16, train=False))
+    assert len(valid) == DEMO_EVAL_CROPS
+    assert all(torch.equal(e["pixel_values"], torch.ones(3, 16, 16)) for e in valid)  # white only
+    assert not {e["key"] for e in valid} & {row["key"] for row in load_image_source("demo", "train")}
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_demo_training_batches_with_any_batch_size_and_workers(batch_size, num_workers):
+    from groupvq_hf.stream import ResumableBatches
+
+    stream = build_image_dataset("demo", resolution=16, seed=0)
+    batches = iter(ResumableBatches(stream, batch_size, num_workers=num_workers))
+    first, second = next(batches), next(batches)
+    assert first["pixel_values"].shape == second["pixel_values"].shape == (batch_size, 3, 16, 16)
+    assert not set(first["keys"]) & set(second["keys"])
+
+
+def test_demo_crops_differ_across_epochs_with_one_seed():
+    a, b = build_image_dataset("demo", resolution=16, seed=3, max_samples=4), build_image_dataset("demo", resolution=16, seed=3, max_samples=4)
+    first = [e["pixel_values"] for e in a]
+    assert all(torch.equal(x, e["pixel_values"]) for x, e in zip(first, b))
+    a.set_epoch(1)
+    assert not any(torch.equal(x, e["pixel_values"]) for x, e in zip(first, a))
+
+
+def test_train_stream_shuffles_per_epoch_with_one_seed(imagenet_mirror):
+    folder = str(imagenet_mirror / "data")
+    a, b = build_image_dataset(folder, resolution=16, seed=3), build_image_dataset(folder, resolution=16, seed=3)
     first = _keys(a)
     assert first == _keys(b)  # same seed, same order on every rank
     a.set_epoch(1)
@@ -159,10 +218,11 @@ def test_train_stream_shuffles_per_epoch_with_one_seed():
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_read_disjoint_parts_of_the_stream(world_size):
-    full = _keys(build_image_dataset("demo", resolution=16, seed=1))
+def test_ranks_read_disjoint_parts_of_the_stream(world_size, imagenet_mirror):
+    folder = str(imagenet_mirror / "data")
+    full = _keys(build_image_dataset(folder, resolution=16, seed=1))
     parts = [
-        _keys(build_image_dataset("demo", resolution=16, seed=1, rank=r, world_size=world_size))
+        _keys(build_image_dataset(folder, resolution=16, seed=1, rank=r, world_size=world_size))
         for r in range(world_size)
     ]
     assert sum(len(p) for p in parts) == len(full)
@@ -240,14 +300,18 @@ def test_bad_images_are_skipped_and_counted_and_odd_modes_converted(tmp_path):
     ]
     features = datasets.Features({"image": datasets.Image()})
     _write_parquet(tmp_path / "bad.parquet", [{"image": {"bytes": b, "path": None}} for b in blobs], features)
-    stream = build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False)
+    stream = build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=True)
     examples = list(stream)
     assert len(examples) == 6
     assert sum(stream.skipped.values()) == 3 and stream.skipped["too_small"] == 1
     assert sum(v for k, v in stream.skipped.items() if k.startswith("undecodable")) == 2
     assert {"CMYK", "RGBA", "L", "I;16"} <= set(stream.converted)
-    assert sum(e["num_skipped"] for e in examples) == 3
     assert all(e["pixel_values"].shape == (3, 16, 16) and torch.isfinite(e["pixel_values"]).all() for e in examples)
+    # evaluation streams yield the bad images as markers, so a consumer counts them wherever they fall
+    batch = collate_examples(list(build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False)))
+    assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["rows"] == [0, 3, 4, 5, 6, 8]
+    assert [row for row, _ in batch["skipped"]] == [1, 2, 7] and batch["num_skipped"] == 3
+    assert sorted(batch["converted"]) == ["CMYK", "I;16", "L", "P", "RGBA"] and batch["num_converted"] == 5
 
 
 def test_to_rgb_composites_alpha_on_white():

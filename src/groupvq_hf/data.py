@@ -6,7 +6,10 @@ ranks with ``datasets.distributed.split_dataset_by_node`` and re-shuffled per ep
 
 Dataset specs:
 
-- ``"demo"``: real photographs bundled with scikit-image (no network).
+- ``"demo"``: real photographs bundled with scikit-image (no network). Its ``train`` split is
+  ``DEMO_TRAIN_CROPS`` random-resized crops per epoch (scale ``DEMO_CROP_SCALE``) of the photos' training regions;
+  ``validation`` and ``test`` are ``DEMO_EVAL_CROPS`` fixed square crops of a band of every photo
+  (``DEMO_HOLDOUT`` of its longer side) that training never reads.
 - a named source from [`SOURCES`]: ``"imagenet"`` (``ILSVRC/imagenet-1k``, parquet, gated: log in or set
   ``HF_TOKEN``), ``"imagenet-wds"`` (``timm/imagenet-1k-wds`` webdataset shards), ``"coco"``
   (``detection-datasets/coco``, MS-COCO 2017 images in parquet). ``GROUPVQ_<NAME>_PATH`` (e.g.
@@ -23,6 +26,7 @@ yielded example, in ``num_skipped``); grayscale, palette, CMYK, 16-bit and alpha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -42,6 +46,13 @@ DEMO_PHOTOS = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHUFFLE_BUFFER_SIZE = 1000
 DEMO_MAX_SIDE = 512
+DEMO_URL = "groupvq-demo://"  # image path of a demo row: groupvq-demo://<photo>/<left>,<upper>,<right>,<lower>
+DEMO_TRAIN_CROPS = 4096  # examples per demo training epoch, whatever the number of photos
+DEMO_SHARDS = 64  # enough for 8 processes x 8 loader workers
+DEMO_CROP_SCALE = (0.01, 1.0)  # area fraction of the training region kept by a random-resized crop
+DEMO_HOLDOUT = 0.25  # share of each photo's longer side held out for the validation / test crops
+DEMO_EVAL_CROPS = 512  # fixed held-out crops in each of the validation and test splits
+DEMO_MIN_EVAL_SIDE = 16
 
 
 @dataclass(frozen=True)
@@ -97,25 +108,86 @@ def demo_images() -> list[Image.Image]:
 
 
 @functools.lru_cache(maxsize=1)
-def _demo_blobs() -> tuple[bytes, ...]:
-    """The demo photos as JPEG (quality 95), longer side capped at ``DEMO_MAX_SIDE`` so decoding stays cheap."""
-    blobs = []
+def _demo_photos() -> tuple[Image.Image, ...]:
+    """The demo photos with the longer side capped at ``DEMO_MAX_SIDE`` (cached per process)."""
+    photos = []
     for image in demo_images():
-        image = image.copy()
         image.thumbnail((DEMO_MAX_SIDE, DEMO_MAX_SIDE), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95)
-        blobs.append(buffer.getvalue())
-    return tuple(blobs)
+        photos.append(image)
+    return tuple(photos)
 
 
-def _demo_dataset():
+Box = tuple[int, int, int, int]  # (left, upper, right, lower), PIL's crop box
+
+
+def demo_regions(size: tuple[int, int]) -> tuple[Box, Box]:
+    """``(train_box, holdout_box)`` of a photo of ``size`` (width, height): the last ``DEMO_HOLDOUT`` of the longer
+    side is held out for the ``validation`` / ``test`` crops, training crops come from the rest."""
+    width, height = size
+    if width >= height:
+        cut = round(width * (1 - DEMO_HOLDOUT))
+        return (0, 0, cut, height), (cut, 0, width, height)
+    cut = round(height * (1 - DEMO_HOLDOUT))
+    return (0, 0, width, cut), (0, cut, width, height)
+
+
+def demo_eval_boxes(split: str) -> list[tuple[int, Box]]:
+    """``DEMO_EVAL_CROPS`` fixed ``(photo index, square box)`` inside the held-out bands, photo after photo.
+
+    Sides follow the training crops' scale law (area fraction ``DEMO_CROP_SCALE`` of the training region), capped
+    by the band's width; positions are uniform in the band. Each split has its own fixed draw.
+    """
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"demo/{split}".encode()).digest()[:8], "little"))
+    sizes = [photo.size for photo in _demo_photos()]
+    boxes = []
+    for i in range(DEMO_EVAL_CROPS):
+        index = i % len(sizes)
+        (tx0, ty0, tx1, ty1), (x0, y0, x1, y1) = demo_regions(sizes[index])
+        band = min(x1 - x0, y1 - y0)
+        side = round(np.sqrt(rng.uniform(*DEMO_CROP_SCALE) * (tx1 - tx0) * (ty1 - ty0)))
+        side = int(np.clip(side, min(DEMO_MIN_EVAL_SIDE, band), band))
+        left = x0 + int(rng.integers(0, x1 - x0 - side + 1))
+        upper = y0 + int(rng.integers(0, y1 - y0 - side + 1))
+        boxes.append((index, (left, upper, left + side, upper + side)))
+    return boxes
+
+
+def _demo_url(index: int, box: Box) -> str:
+    return f"{DEMO_URL}{DEMO_PHOTOS[index]}/{','.join(map(str, box))}"
+
+
+def _open_demo(url: str) -> Image.Image:
+    name, _, box = url[len(DEMO_URL) :].partition("/")
+    return _demo_photos()[DEMO_PHOTOS.index(name)].crop(tuple(int(v) for v in box.split(",")))
+
+
+def _demo_dataset(split: str):
+    """The demo split as rows ``{"image": {"bytes": None, "path": DEMO_URL...}, "key"}`` (pixels are cut from the
+    cached photos when a row is opened). ``train``: every photo's training region, ``DEMO_TRAIN_CROPS`` rows in
+    ``DEMO_SHARDS`` shards (the random-resized crop is the train transform); else `demo_eval_boxes`."""
     import datasets
 
-    blobs = [{"bytes": blob, "path": None} for blob in _demo_blobs()]
+    if split == "train":
+        regions = [_demo_url(i, demo_regions(p.size)[0]) for i, p in enumerate(_demo_photos())]
+        rows = [(regions[i % len(regions)], f"demo/{DEMO_PHOTOS[i % len(regions)]}/train/{i:05d}") for i in range(DEMO_TRAIN_CROPS)]
+        shards = DEMO_SHARDS
+    else:
+        rows = [(_demo_url(i, box), f"demo/{DEMO_PHOTOS[i]}/{split}/{n:04d}") for n, (i, box) in enumerate(demo_eval_boxes(split))]
+        shards = DEMO_SHARDS // 4
     features = datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
-    table = datasets.Dataset.from_dict({"image": blobs, "key": [f"demo/{n}" for n in DEMO_PHOTOS]}, features=features)
-    return table.to_iterable_dataset(num_shards=len(blobs))
+    images = [{"bytes": None, "path": url} for url, _ in rows]
+    table = datasets.Dataset.from_dict({"image": images, "key": [key for _, key in rows]}, features=features)
+    return table.to_iterable_dataset(num_shards=shards)
+
+
+def open_image(image: dict) -> Image.Image:
+    """A stored image (``{"bytes", "path"}`` of ``datasets.Image(decode=False)``, or a demo crop) as PIL."""
+    import datasets
+
+    path = image.get("path") if isinstance(image, dict) else None
+    if image.get("bytes") is None and isinstance(path, str) and path.startswith(DEMO_URL):
+        return _open_demo(path)
+    return datasets.Image().decode_example(image)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -181,36 +253,72 @@ def _local_loader(path: Path) -> tuple[str, dict]:
     return kind, {"data_dir": str(path)}
 
 
+SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}
+
+
+def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[str]) -> str:
+    """The split of a local dataset to read for ``split``: itself, an alias (val / validation), or the only split
+    there is (with a note in ``notes``); a ValueError listing the splits otherwise."""
+    import datasets
+
+    splits = list(datasets.load_dataset(kind, streaming=True, **kwargs))
+    for name in (split, *SPLIT_ALIASES.get(split, ())):
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        notes.append(f"{where} has a single split ({splits[0]!r}); reading it for the requested split {split!r}.")
+        return splits[0]
+    raise ValueError(f"`split` {split!r} is not a split of {where} (splits: {splits}).")
+
+
 def _load_split(path: str, split: str, streaming: bool, config: str | None = None, **kwargs):
     import datasets
 
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
-        alias = {"validation": "val", "val": "validation", "valid": "validation"}.get(split)
-        if alias is None or "split" not in str(err).lower():
+        if "split" not in str(err).lower():
             raise
-        ds = datasets.load_dataset(path, config, split=alias, streaming=streaming, **kwargs)
+        for alias in SPLIT_ALIASES.get(split, ()):
+            try:
+                ds = datasets.load_dataset(path, config, split=alias, streaming=streaming, **kwargs)
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"`split` {split!r} of {path!r}: {err}") from None
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=max(1, min(64, len(ds))))
     return ds
 
 
-def load_image_source(name: str, split: str = "train", image_column: str | None = None, streaming: bool = True):
-    """One source as an ``IterableDataset`` with columns ``image`` (``Image(decode=False)``) and ``key``."""
+def load_image_source(
+    name: str,
+    split: str = "train",
+    image_column: str | None = None,
+    streaming: bool = True,
+    notes: list[str] | None = None,
+):
+    """One source as an ``IterableDataset`` with columns ``image`` (``Image(decode=False)``) and ``key``.
+
+    ``key`` is the demo row's name, else empty (`ImageStream` names decoded examples by path or bytes hash). A local
+    file or folder with a single split is read for any ``split``, with a line appended to ``notes``.
+    """
     import datasets
 
+    notes = [] if notes is None else notes
     if name == "demo":
         if split not in ("train", "validation", "test"):
             raise ValueError(f"`split` of the demo photos must be 'train', 'validation' or 'test', got {split!r}.")
-        return _demo_dataset()
+        return _demo_dataset(split)
     source = SOURCES.get(name)
     if source is not None:
         column = image_column or source.image_column
         ds = _load_split(source.location(), source.split(split), streaming, source.config)
     elif Path(name).expanduser().exists():
-        kind, kwargs = _local_loader(Path(name).expanduser())
-        ds = _load_split(kind, "train" if Path(name).is_file() else split, streaming, **kwargs)
+        path = Path(name).expanduser()
+        kind, kwargs = _local_loader(path)
+        ds = _load_split(kind, _local_split(kind, kwargs, split, f"local dataset {name!r}", notes), streaming, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
         ds = _load_split(name, split, streaming)
@@ -226,17 +334,28 @@ def load_image_source(name: str, split: str = "train", image_column: str | None 
     if column != "image":
         ds = ds.rename_column(column, "image")
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    # A stable identifier per example: the file path when the source has one, else a hash of the bytes.
     return ds.map(
-        _add_key, features=datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
+        _empty_key, features=datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
     )
 
 
-def _add_key(example: dict) -> dict:
-    image = example["image"] or {}
+def _empty_key(example: dict) -> dict:
+    return {"image": example["image"], "key": ""}
+
+
+def example_key(image: dict | None) -> str:
+    """A stable identifier of a stored image: its file path when it has one, else a hash of its bytes."""
+    image = image or {}
     blob = image.get("bytes")
-    key = hashlib.sha1(blob).hexdigest()[:16] if blob else (image.get("path") or "")
-    return {"image": image, "key": key}
+    return hashlib.sha1(blob).hexdigest()[:16] if blob else (image.get("path") or "")
+
+
+def example_seed(seed: int, rank: int, epoch: int, worker: int, row: int) -> int:
+    """Seed of one example's augmentation: a hash of the run's ``seed``, the process ``rank``, the ``epoch``, the
+    loader ``worker`` and the ``row`` index in that worker's raw stream. Examples skipped on resume are never
+    decoded, and the others still draw the same crops and flips."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}/{worker}/{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -261,35 +380,81 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), mode
 
 
-def image_transform(resolution: int, train: bool):
+def image_transform(resolution: int, train: bool, crop_scale: tuple[float, float] | None = None):
     """Shorter side resized to ``resolution`` (bicubic), random (train) or center (eval) crop, random flip (train),
-    pixels mapped to [-1, 1]. Random draws use torch's RNG (seeded per DataLoader worker)."""
+    pixels mapped to [-1, 1]. With ``crop_scale`` training takes torchvision's random-resized crop of that area
+    fraction instead. Random draws use torch's global RNG (`ImageStream` seeds it per example)."""
     from torchvision.transforms import v2
 
-    steps = [v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
-    steps += [v2.RandomCrop(resolution), v2.RandomHorizontalFlip()] if train else [v2.CenterCrop(resolution)]
+    bicubic = v2.InterpolationMode.BICUBIC
+    if train and crop_scale is not None:
+        steps = [v2.RandomResizedCrop(resolution, scale=crop_scale, interpolation=bicubic, antialias=True)]
+    else:
+        steps = [v2.Resize(resolution, interpolation=bicubic, antialias=True)]
+        steps += [v2.RandomCrop(resolution)] if train else [v2.CenterCrop(resolution)]
+    steps += [v2.RandomHorizontalFlip()] if train else []
     steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
     return v2.Compose(steps)
+
+
+@contextlib.contextmanager
+def _seeded_cpu_rng(seed: int | None):
+    """Run the block with torch's CPU RNG seeded to ``seed`` and restore the caller's state after it."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class ImageStream(torch.utils.data.IterableDataset):
     """Decodes, converts and transforms the images of a (sharded, shuffled) ``datasets.IterableDataset``.
 
-    Yields ``{"pixel_values": (3, R, R) in [-1, 1], "key": str, "num_skipped": int}``, where ``num_skipped`` counts
-    the bad images dropped just before this one (so a consumer can total them across DataLoader workers).
+    Yields ``{"pixel_values": (3, R, R) in [-1, 1], "key", "num_skipped", "converted", "worker", "row"}``: ``row``
+    is the example's index in the raw stream this loader ``worker`` reads, ``num_skipped`` counts the bad images
+    dropped just before it, ``converted`` is its original mode when it was converted to RGB (else ""). Training
+    augmentations draw from a seed of ``(seed, rank, epoch, worker, row)`` (`example_seed`).
+
+    Evaluation streams (``train=False``) yield bad images too, as ``{"pixel_values": None, "skipped": reason,
+    "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every process and
+    loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
+    batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
+
+    ``resume_at`` (set by `groupvq_hf.stream.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
+    worker first yields ``placeholders`` empty examples (``{"placeholder": True}``) standing for batches already
+    consumed, then skips its first ``rows`` raw rows without decoding them.
     ``skipped`` / ``converted`` count reasons and original modes in the iterating process.
     """
 
-    def __init__(self, examples, resolution: int, train: bool, min_image_size: int = 8, max_samples: int | None = None):
+    def __init__(
+        self,
+        examples,
+        resolution: int,
+        train: bool,
+        min_image_size: int = 8,
+        max_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        crop_scale: tuple[float, float] | None = None,
+        blocks: tuple[int, int, int] | None = None,
+        notes: list[str] | None = None,
+    ):
         super().__init__()
         self.examples = examples
         self.resolution = resolution
         self.train = train
         self.min_image_size = min_image_size
         self.max_samples = max_samples
-        self.transform = image_transform(resolution, train)
+        self.seed = seed
+        self.rank = rank
+        self.blocks = blocks
+        self.notes = list(notes or [])
+        self.transform = image_transform(resolution, train, crop_scale)
+        self.resume_at: dict[int, tuple[int, int]] | None = None
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
+        self.decoded = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (shards and buffer, same seed on every rank)."""
@@ -303,34 +468,69 @@ class ImageStream(torch.utils.data.IterableDataset):
     def num_shards(self) -> int:
         return self.examples.num_shards
 
-    def decode(self, example: dict) -> torch.Tensor | None:
-        """Pixels of one raw example, or None (counted in ``skipped``) when it cannot be used."""
-        import datasets
-
+    def decode(self, example: dict, seed: int | None = None) -> tuple[torch.Tensor | None, str | None, str]:
+        """``(pixels, reason, mode)`` of one raw example: pixels, or None and why (counted in ``skipped``); ``mode``
+        is the original mode of a converted image (else ""). ``seed`` seeds the random augmentations."""
+        self.decoded += 1
         try:
-            image = datasets.Image().decode_example(example["image"])
-            image, mode = to_rgb(image)
+            image, mode = to_rgb(open_image(example["image"] or {}))
         except Exception as err:  # truncated, corrupt, not an image, decompression bomb, missing file ...
-            self.skipped[f"undecodable:{type(err).__name__}"] += 1
-            return None
+            reason = f"undecodable:{type(err).__name__}"
+            self.skipped[reason] += 1
+            return None, reason, ""
         if min(image.size) < self.min_image_size:
             self.skipped["too_small"] += 1
-            return None
+            return None, "too_small", ""
         if mode is not None:
             self.converted[mode] += 1
-        return self.transform(image).clamp_(-1.0, 1.0)
+        with _seeded_cpu_rng(seed):
+            return self.transform(image).clamp_(-1.0, 1.0), None, mode or ""
+
+    def _rows(self, worker: int, num_workers: int):
+        """``(row, example)`` pairs this worker reads."""
+        if self.blocks is None:
+            yield from enumerate(self.examples)  # datasets shards the stream across loader workers itself
+            return
+        rank, world_size, block = self.blocks
+        slots, slot = world_size * num_workers, worker * world_size + rank
+        # .iter() reads the whole stream in every worker (iterating the dataset would shard it by worker)
+        row = 0
+        for columns in self.examples.iter(batch_size=block):
+            for values in zip(*columns.values()):
+                if (row // block) % slots == slot:
+                    yield row, dict(zip(columns, values))
+                row += 1
 
     def __iter__(self):
-        pending, yielded = 0, 0
-        for example in self.examples:
-            pixels = self.decode(example)
-            if pixels is None:
-                pending += 1
-                continue
-            yield {"pixel_values": pixels, "key": example.get("key") or "", "num_skipped": pending}
-            pending, yielded = 0, yielded + 1
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        placeholders, skip_rows = (self.resume_at or {}).get(worker, (0, 0))
+        yielded = 0
+        for _ in range(placeholders):
             if self.max_samples is not None and yielded >= self.max_samples:
                 return
+            yield {"placeholder": True, "worker": worker, "row": skip_rows - 1}
+            yielded += 1
+        epoch, pending = (self.epoch if self.train else 0), 0
+        for row, example in self._rows(worker, num_workers):
+            if row < skip_rows:
+                continue  # consumed before the resume: not decoded
+            if self.max_samples is not None and yielded >= self.max_samples:
+                return
+            seed = example_seed(self.seed, self.rank, epoch, worker, row) if self.train else None
+            pixels, reason, mode = self.decode(example, seed)
+            if pixels is None:
+                if self.train:
+                    pending += 1
+                else:
+                    yield {"pixel_values": None, "skipped": reason, "worker": worker, "row": row}
+                continue
+            key = example.get("key") or example_key(example["image"])
+            yield {
+                "pixel_values": pixels, "key": key, "num_skipped": pending, "converted": mode, "worker": worker,
+                "row": row,
+            }  # fmt: skip
+            pending, yielded = 0, yielded + 1
 
 
 def build_image_dataset(
@@ -346,13 +546,17 @@ def build_image_dataset(
     max_samples: int | None = None,
     min_image_size: int = 8,
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+    block_size: int | None = None,
 ) -> ImageStream:
-    """A stream of ``{"pixel_values": (3, resolution, resolution) in [-1, 1], "key", "num_skipped"}`` for one rank.
+    """A stream of ``{"pixel_values": (3, resolution, resolution) in [-1, 1], "key", "num_skipped", ...}`` for one
+    rank (see [`ImageStream`]).
 
     Every rank shuffles with the same ``seed`` (shards, then a buffer of ``shuffle_buffer_size``; ``set_epoch``
     reshuffles) and keeps a disjoint part with ``split_dataset_by_node(rank, world_size)``. ``max_samples`` caps
     the examples this rank yields per epoch (per DataLoader worker when read through workers). Evaluation streams
-    (``train=False``) are not shuffled. Images whose shorter side is below ``min_image_size`` are skipped.
+    (``train=False``) are not shuffled; with ``block_size`` they are split across ranks and loader workers by
+    blocks of rows in stream order instead of by shards. Images whose shorter side is below ``min_image_size`` are
+    skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``).
     """
     from datasets import interleave_datasets
     from datasets.distributed import split_dataset_by_node
@@ -365,8 +569,11 @@ def build_image_dataset(
         raise ValueError(f"`rank` must be an int in [0, {world_size - 1}] (world_size={world_size}), got {rank!r}.")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
+    if block_size is not None and (train or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"`block_size` must be a positive int, for evaluation streams only, got {block_size!r}.")
     parts = parse_dataset_spec(dataset)
-    sources = [load_image_source(name, split, image_column, streaming) for name, _ in parts]
+    notes: list[str] = []
+    sources = [load_image_source(name, split, image_column, streaming, notes) for name, _ in parts]
     if len(sources) == 1:
         ds = sources[0]
     else:
@@ -375,9 +582,13 @@ def build_image_dataset(
         )
     if train:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-    if world_size > 1:
+    if world_size > 1 and block_size is None:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    return ImageStream(ds, resolution, train, min_image_size=min_image_size, max_samples=max_samples)
+    crop_scale = DEMO_CROP_SCALE if train and dataset == "demo" and split == "train" else None
+    return ImageStream(
+        ds, resolution, train, min_image_size=min_image_size, max_samples=max_samples, seed=seed, rank=rank,
+        crop_scale=crop_scale, blocks=None if block_size is None else (rank, world_size, block_size), notes=notes,
+    )  # fmt: skip
 
 
 def collate_pixels(batch: list[dict]) -> torch.Tensor:
@@ -388,11 +599,28 @@ def collate_pixels(batch: list[dict]) -> torch.Tensor:
 
 
 def collate_examples(batch: list[dict]) -> dict:
-    """``collate_pixels`` plus the example keys and the number of bad images skipped while reading the batch."""
+    """A batch of [`ImageStream`] examples: ``pixel_values`` (B, 3, R, R) of the decoded ones (an empty tensor
+    when there is none), their ``keys`` and stream ``rows``, the ``worker`` that read them and ``rows_read`` (rows
+    it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, ``(row, reason)`` pairs)
+    and ``num_converted`` / ``converted`` (original modes). A batch of resume placeholders is ``{"placeholder":
+    True, "worker", "rows_read"}``."""
+    if not batch:
+        raise ValueError("`batch` must hold at least one example.")
+    position = {"worker": batch[-1].get("worker", 0), "rows_read": batch[-1].get("row", -1) + 1}
+    if all(example.get("placeholder") for example in batch):
+        return {"placeholder": True, **position}
+    good = [example for example in batch if example.get("pixel_values") is not None]
+    bad = [(example["row"], example["skipped"]) for example in batch if example.get("pixel_values") is None]
+    converted = [example.get("converted") for example in good if example.get("converted")]
     return {
-        "pixel_values": collate_pixels(batch),
-        "keys": [example.get("key", "") for example in batch],
-        "num_skipped": sum(int(example.get("num_skipped", 0)) for example in batch),
+        "pixel_values": collate_pixels(good) if good else torch.empty(0, 3, 0, 0),
+        "keys": [example.get("key", "") for example in good],
+        "rows": [example.get("row", -1) for example in good],
+        "num_skipped": sum(int(example.get("num_skipped", 0)) for example in good) + len(bad),
+        "skipped": bad,
+        "num_converted": len(converted),
+        "converted": converted,
+        **position,
     }
 
 
@@ -403,9 +631,14 @@ __all__ = [
     "build_image_dataset",
     "collate_examples",
     "collate_pixels",
+    "demo_eval_boxes",
     "demo_images",
+    "demo_regions",
+    "example_key",
+    "example_seed",
     "image_transform",
     "load_image_source",
+    "open_image",
     "parse_dataset_spec",
     "to_rgb",
 ]

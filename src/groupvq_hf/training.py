@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .configuration_groupvq import PRESETS, GroupVQConfig
-from .data import collate_examples
+from .stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state_rank{rank}.json"
@@ -175,74 +175,6 @@ def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
         )
     config.sample_size = resolution
     return config
-
-
-# ---------------------------------------------------------------------------------------------------- data stream
-class ResumableBatches:
-    """Endless batches of an [`ImageStream`], epoch after epoch, with a position that can be saved and restored.
-
-    Epoch ``e`` reshuffles the stream (``set_epoch(e)``) and seeds the augmentations from ``(seed, rank, e)``: with
-    worker processes through the DataLoader's generator, in-process through a private torch RNG state, so the
-    global RNG is left alone. ``load_state_dict`` resumes by replaying the epoch up to the saved batch.
-    """
-
-    def __init__(self, stream, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0):
-        self.stream = stream
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.rank = rank
-        self.epoch = 0
-        self.batches_in_epoch = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
-
-    def _epoch_seed(self, epoch: int) -> int:
-        digest = hashlib.sha256(f"{self.seed}/{self.rank}/{epoch}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-    def __iter__(self):
-        while True:
-            epoch, skip = self.epoch, self.batches_in_epoch
-            self.stream.set_epoch(epoch)
-            generator = torch.Generator().manual_seed(self._epoch_seed(epoch))
-            loader = torch.utils.data.DataLoader(
-                self.stream,
-                batch_size=self.batch_size,
-                collate_fn=collate_examples,
-                num_workers=self.num_workers,
-                drop_last=True,
-                generator=generator,
-                pin_memory=torch.cuda.is_available(),
-            )
-            rng_state = generator.get_state()  # in-process augmentations draw from here, not the global RNG
-            iterator, count = iter(loader), 0
-            while True:
-                if self.num_workers == 0:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.set_rng_state(rng_state)
-                        batch = next(iterator, None)
-                        rng_state = torch.get_rng_state()
-                else:
-                    batch = next(iterator, None)
-                if batch is None:
-                    break
-                count += 1
-                if count <= skip:
-                    continue
-                self.batches_in_epoch = count
-                yield batch
-            if count == 0:
-                raise ValueError(
-                    f"Process {self.rank} read no full batch of {self.batch_size} images in epoch {epoch}: the dataset "
-                    "is too small for `--train_batch_size` x number of processes (or every image was skipped)."
-                )
-            self.epoch, self.batches_in_epoch = epoch + 1, 0
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
