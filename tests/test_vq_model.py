@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from groupvq_hf import GroupVectorQuantizer, GroupVQConfig, GroupVQModel, GroupVQVAE
 from groupvq_hf.conversion import checkpoint_kind, convert_checkpoint
+from groupvq_hf.quantizer import QUANTIZER_CONFIG_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 # diffusers' own VQModel test configuration (tests/models/autoencoders/test_models_vq.py).
@@ -57,7 +59,7 @@ def test_accepts_every_vqmodel_argument_with_vqmodel_defaults():
     for name, param in base.items():
         assert name in ours and ours[name].default == param.default, name
     extras = set(ours) - set(base)
-    assert extras == {"num_groups", "codebook_rank", "group_sizes", "group_ranks", "projector", "commitment_beta"}
+    assert extras == {*QUANTIZER_CONFIG_KEYS, "trained_group_sizes"}
     vae = GroupVQVAE(**VQ_TEST_INIT)
     assert isinstance(vae, VQModel)
     assert type(vae.quantize) is GroupVectorQuantizer
@@ -136,7 +138,7 @@ def test_token_decoding_with_lookup_from_codebook():
         (lambda v: v.encode(torch.randn(1, 4, 32, 32)), "channels"),
         (lambda v: v.encode(torch.randn(1, 3, 31, 32)), "divisible"),
         (lambda v: v.encode([[0.0]]), "`x`"),
-        (lambda v: v(torch.randn(3, 32, 32)), "`x`"),
+        (lambda v: v(torch.randn(3, 32, 32)), "`sample`"),
         (lambda v: v.decode(torch.randn(1, 3, 8, 8)), "vq_embed_dim=8"),
         (lambda v: v.decode(torch.zeros(1, 8, 8, dtype=torch.long), force_not_quantize=True), "`h`"),
     ],
@@ -393,7 +395,9 @@ class TestDiffusersGenericModelChecks:
         model = GroupVQVAE(**VQ_TEST_INIT).eval().to(dtype)
         model.save_pretrained(tmp_path)
         assert GroupVQVAE.from_pretrained(tmp_path, low_cpu_mem_usage=True, torch_dtype=dtype).dtype == dtype
-        assert GroupVQVAE.from_pretrained(tmp_path, low_cpu_mem_usage=False, torch_dtype=dtype).dtype == dtype
+        # as diffusers' own check: a model with `_keep_in_fp32_modules` always loads with low_cpu_mem_usage=True
+        with pytest.raises(ValueError, match="`low_cpu_mem_usage` cannot be False"):
+            GroupVQVAE.from_pretrained(tmp_path, low_cpu_mem_usage=False, torch_dtype=dtype)
 
     @torch.no_grad()
     def test_determinism_and_output_shape(self):
@@ -476,3 +480,188 @@ class TestDiffusersGenericModelChecks:
         assert GroupVQVAE._no_split_modules == VQModel._no_split_modules
         assert GroupVQVAE._supports_group_offloading == VQModel._supports_group_offloading
         assert GroupVQVAE._skip_layerwise_casting_patterns == VQModel._skip_layerwise_casting_patterns
+
+
+# --------------------------------------------------------------------------------------------- issue 13: robustness
+@torch.no_grad()
+def test_bf16_load_keeps_the_quantizer_fp32_and_the_fp32_indices(tmp_path):
+    vae = tiny_vae(lookup_from_codebook=True)
+    vae.save_pretrained(tmp_path / "fp32")
+    x = dummy_inputs()["sample"]
+    reference = vae.quantize(vae.encode(x).latents)[2][2]
+    half = GroupVQVAE.from_pretrained(tmp_path / "fp32", torch_dtype=torch.bfloat16).eval()
+    assert half.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert {t.dtype for t in half.quantize.state_dict().values()} == {torch.float32}
+    assert torch.equal(half.quantize.codebook(), vae.quantize.codebook())
+    latents = half.encode(x.bfloat16()).latents
+    # the same codes as the fp32 model gives for these (bf16) latents: the codebook is not rounded
+    assert torch.equal(half.quantize(latents)[2][2], vae.quantize(latents.float())[2][2])
+    assert (half.quantize(latents)[2][2] == reference).float().mean() > 0.5  # same model, bf16 encoder
+    tokens = half.decode(reference, force_not_quantize=True).sample  # bf16 lookup decode
+    assert tokens.dtype == torch.bfloat16 and tokens.shape == x.shape
+    half.save_pretrained(tmp_path / "bf16")
+    again = GroupVQVAE.from_pretrained(tmp_path / "bf16")
+    assert {t.dtype for t in again.quantize.state_dict().values()} == {torch.float32}
+    assert torch.equal(again.quantize.codebook(), vae.quantize.codebook())
+
+
+@torch.no_grad()
+def test_trained_group_sizes_survive_resize_save_and_both_conversions(tmp_path):
+    vae = tiny_vae()
+    assert vae.config.trained_group_sizes is None
+    vae.resize_codebook(128, mode="extend", seed=0)
+    assert vae.config.trained_group_sizes == [16, 16, 16, 16]
+    vae.resize_codebook([40, 40, 40, 40], mode="extend", seed=1)
+    assert vae.config.trained_group_sizes == [16, 16, 16, 16]  # the trained ones, not the first extension's
+    vae.save_pretrained(tmp_path)
+    loaded = GroupVQVAE.from_pretrained(tmp_path)
+    assert loaded.config.trained_group_sizes == [16, 16, 16, 16]
+    model = GroupVQModel.from_diffusers(loaded)
+    assert model.config.trained_group_sizes == [16, 16, 16, 16]
+    assert model.config.core_std == loaded.config.core_std
+    back = GroupVQVAE.from_groupvq(model)
+    assert back.config.trained_group_sizes == [16, 16, 16, 16] and back.config.core_std == vae.config.core_std
+    back.resize_codebook(320, mode="resample", seed=0)
+    assert back.config.trained_group_sizes == [0, 0, 0, 0]
+    assert GroupVQModel.from_diffusers(back).config.trained_group_sizes == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="trained_group_sizes"):
+        tiny_vae(trained_group_sizes=[16, 16, 17, 16])
+
+
+@torch.no_grad()
+def test_both_shells_share_one_resize_path():
+    import groupvq_hf.modeling_groupvq as transformers_shell
+    import groupvq_hf.shells as shells
+    import groupvq_hf.vq_model as diffusers_shell
+
+    assert transformers_shell.resize_quantizer is diffusers_shell.resize_quantizer is shells.resize_codebook
+    vae, model = tiny_vae(), tiny_groupvq_model(codebook_size=64, num_groups=4, codebook_rank=4, codebook_dim=8)
+    for shell in (vae, model):
+        assert shell.resize_codebook([20, 20, 24, 16], mode="extend", seed=0) == [20, 20, 24, 16]
+    assert vae.config.group_sizes == model.config.group_sizes == [20, 20, 24, 16]
+    assert vae.config.trained_group_sizes == model.config.trained_group_sizes == [16] * 4
+    assert vae.config.num_vq_embeddings == model.config.codebook_size == 80
+
+
+@torch.no_grad()
+def test_empty_batch_raises_value_error_naming_the_batch_size_in_both_shells():
+    vae, model = tiny_vae(lookup_from_codebook=True), tiny_groupvq_model()
+    empty = torch.zeros(0, 3, 16, 16)
+    for call in (lambda: vae(empty), lambda: vae.encode(empty), lambda: model(empty), lambda: model.encode(empty)):
+        with pytest.raises(ValueError, match="batch size 0"):
+            call()
+    with pytest.raises(ValueError, match="`h`.*batch size 0"):
+        vae.decode(torch.zeros(0, 8, 4, 4))
+    with pytest.raises(ValueError, match="`h`.*batch size 0"):
+        vae.decode(torch.zeros(0, 4, 4, dtype=torch.long), force_not_quantize=True)
+    with pytest.raises(ValueError, match="`quantized`.*batch size 0"):
+        model.decode(torch.zeros(0, 16, 4, 4))
+    with pytest.raises(ValueError, match="`indices`.*batch size 0"):
+        model.decode_indices(torch.zeros(0, 4, 4, dtype=torch.long))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_raises_value_error_naming_the_input(bad):
+    vae, model = tiny_vae(), tiny_groupvq_model()
+    x = dummy_inputs()["sample"][:2, :, :16, :16].clone()
+    x[1, 0, 3, 5] = bad
+    with pytest.raises(ValueError, match="`sample` holds NaN or inf"):
+        vae(x)
+    with pytest.raises(ValueError, match="`x` holds NaN or inf"):
+        vae.encode(x)
+    with pytest.raises(ValueError, match="`pixel_values` holds NaN or inf"):
+        model(x)
+    with pytest.raises(ValueError, match="`pixel_values` holds NaN or inf"):
+        model.encode(x)
+    latents = vae.encode(x[:1]).latents.clone()
+    latents[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="`h` holds NaN or inf"):
+        vae.decode(latents)
+    # one switch per model turns the check off, the shell's and the quantizer's
+    for shell in (vae, model):
+        assert shell.check_finite
+        shell.check_finite = False
+        quantizer = shell.quantize if shell is vae else shell.quantizer
+        assert quantizer.check_finite is False
+    assert vae(x).sample.shape == x.shape and model(x).reconstruction.shape == x.shape
+
+
+SAVER = """
+import sys, torch
+from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
+kind, seed, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(seed)
+small = dict(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=8, sample_size=16)
+model = GroupVQModel(GroupVQConfig.from_preset("tiny", codebook_size=64 * (seed + 1), **small))
+model = GroupVQVAE.from_groupvq(model) if kind == "vae" else model
+for _ in range(3):
+    model.save_pretrained(path)
+"""
+
+
+def _read_folder(path, kind):
+    """(codebook size in config.json, core rows in the weights) read through one directory handle, so both come from
+    the same folder even if another one is swapped in meanwhile; None when the folder is gone or incomplete."""
+    weights = "model.safetensors" if kind == "model" else "diffusion_pytorch_model.safetensors"
+    try:
+        folder = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        with open("config.json", "rb", opener=lambda name, flags: os.open(name, flags, dir_fd=folder)) as f:
+            config = f.read()
+        with open(weights, "rb", opener=lambda name, flags: os.open(name, flags, dir_fd=folder)) as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(folder)
+    try:
+        size = json.loads(config)["codebook_size" if kind == "model" else "num_vq_embeddings"]
+    except ValueError:  # a config.json half rewritten in place
+        return ("broken config.json", config[:40])
+    rows, per_group = header[f"{'quantizer' if kind == 'model' else 'quantize'}.core"]["shape"][:2]
+    return size, rows * per_group
+
+
+@pytest.mark.parametrize("kind", ["model", "vae"])
+def test_two_processes_saving_one_folder_never_leave_a_mixed_folder(tmp_path, kind):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    target = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(script), kind, str(seed), str(target)]) for seed in (0, 1)]
+    seen = []
+    while any(p.poll() is None for p in procs):  # a reader meanwhile: every complete read is of one writer
+        seen.append(_read_folder(target, kind))
+        time.sleep(0.002)
+    assert [p.wait() for p in procs] == [0, 0]
+    seen.append(_read_folder(target, kind))
+    reads = [s for s in seen if s is not None]
+    assert reads[-1] in ((64, 64), (128, 128))
+    assert [s for s in reads if s[0] != s[1]] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "saver.py"]  # no temporary folder left behind
+
+
+@torch.no_grad()
+def test_saving_over_a_folder_keeps_other_files_and_drops_stale_weights(tmp_path, monkeypatch):
+    model = tiny_groupvq_model()
+    folder = tmp_path / "model"
+    (folder / "extra").mkdir(parents=True)
+    (folder / "README.md").write_text("my card")
+    (folder / "extra" / "results.json").write_text("{}")
+    (folder / "preprocessor_config.json").write_text('{"custom": true}')  # the user's processor is kept
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):  # a sharded save's files
+        (folder / stale).write_text("stale")
+    model.save_pretrained(folder)
+    names = sorted(p.name for p in folder.iterdir())
+    assert "README.md" in names and "extra" in names and not [n for n in names if n.startswith("model-")]
+    assert "model.safetensors.index.json" not in names
+    assert json.loads((folder / "preprocessor_config.json").read_text()) == {"custom": True}
+    assert (folder / "extra" / "results.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    loaded = GroupVQModel.from_pretrained(folder)
+    assert torch.equal(loaded.quantizer.codebook(), model.quantizer.codebook())
+    monkeypatch.chdir(folder)  # the working directory itself is written in place, never renamed
+    tiny_vae().save_pretrained(".")
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file() and (folder / "README.md").is_file()

@@ -1,7 +1,9 @@
 """Group-VQ image tokenizer as a transformers ``PreTrainedModel``.
 
 pixels [-1, 1] (B, 3, H, W) -> Encoder -> quant_conv -> latents (B, d, h, w) -> GroupVectorQuantizer
--> post_quant_conv -> Decoder -> reconstruction. Encoder and Decoder are diffusers' VQGAN blocks; state-dict
+-> post_quant_conv -> Decoder -> reconstruction. Encoder and Decoder are diffusers' VQGAN blocks (backbone "vqgan"),
+a ViT (backbone "vit", vit.py) or SimVQ's network (backbone "simvq", simvq_backbone.py, where quant_conv and
+post_quant_conv are identities and the encoder/decoder keys are SimVQ's own); for "vqgan" state-dict
 names match diffusers' ``VQModel`` except ``quantizer.*`` <-> ``quantize.*``.
 """
 
@@ -18,7 +20,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
-from .quantizer import QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
+from .quantizer import GroupVectorQuantizer
+from .shells import CARRIED_CONFIG_KEYS, check_input, save_folder
+from .shells import resize_codebook as resize_quantizer
+from .simvq_backbone import SimVQDecoder, SimVQEncoder
 from .vit import L2NormalizedGroupVectorQuantizer, ViTDecoder, ViTEncoder
 
 # diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
@@ -94,6 +99,12 @@ class GroupVQModel(GroupVQPreTrainedModel):
                 num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, mlp_ratio=config.mlp_ratio,
             )
             self.encoder = ViTEncoder(config.in_channels, config.latent_channels, **vit)
+        elif config.backbone == "simvq":  # SimVQ's network (Table 1's VQGAN rows): no attention, no quant_conv
+            simvq = dict(
+                block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+                norm_num_groups=config.norm_num_groups,
+            )
+            self.encoder = SimVQEncoder(config.in_channels, config.latent_channels, **simvq)
         else:
             self.encoder = Encoder(
                 in_channels=config.in_channels,
@@ -106,7 +117,8 @@ class GroupVQModel(GroupVQPreTrainedModel):
                 double_z=False,
                 mid_block_add_attention=config.mid_block_add_attention,
             )
-        self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1)
+        has_quant_conv = config.backbone != "simvq"
+        self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1) if has_quant_conv else nn.Identity()
         quantizer_class = L2NormalizedGroupVectorQuantizer if config.l2_normalize_codes else GroupVectorQuantizer
         self.quantizer = quantizer_class(
             codebook_size=config.codebook_size,
@@ -119,9 +131,13 @@ class GroupVQModel(GroupVQPreTrainedModel):
             commitment_beta=config.commitment_beta,
             core_std=config.core_std,
         )
-        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.latent_channels, 1)
+        self.post_quant_conv = (
+            nn.Conv2d(config.codebook_dim, config.latent_channels, 1) if has_quant_conv else nn.Identity()
+        )
         if config.backbone == "vit":
             self.decoder = ViTDecoder(config.latent_channels, config.out_channels, **vit)
+        elif config.backbone == "simvq":
+            self.decoder = SimVQDecoder(config.latent_channels, config.out_channels, **simvq)
         else:
             self.decoder = Decoder(
                 in_channels=config.latent_channels,
@@ -157,6 +173,16 @@ class GroupVQModel(GroupVQPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` height and width must be divisible by the downsampling factor {f}, got {h}x{w}."
             )
+        check_input(pixel_values, "pixel_values", self.check_finite)  # batch size 0, NaN/inf: ValueError
+
+    @property
+    def check_finite(self) -> bool:
+        """Raise ValueError on NaN/inf pixels or latents (one reduction each); False skips both checks."""
+        return self.quantizer.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self.quantizer.check_finite = bool(value)
 
     # ----------------------------------------------------------------------------------------- API
     def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> GroupVQEncoderOutput | tuple:
@@ -176,7 +202,8 @@ class GroupVQModel(GroupVQPreTrainedModel):
             raise ValueError(f"`quantized` must have shape (batch, {self.config.codebook_dim}, h, w), got {got}.")
         if not quantized.is_floating_point():
             raise ValueError(f"`quantized` must be a floating-point tensor, got {quantized.dtype}.")
-        quantized = quantized.to(self.post_quant_conv.weight.dtype)  # the quantizer stays fp32 in a bf16 model
+        check_input(quantized, "quantized", check_finite=False)
+        quantized = quantized.to(self.decoder.conv_out.weight.dtype)  # the quantizer stays fp32 in a bf16 model
         hidden = self.post_quant_conv(quantized)
         return self.decoder(hidden, quantized if self.config.norm_type == "spatial" else None)
 
@@ -185,6 +212,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
         if not isinstance(indices, torch.Tensor) or indices.ndim != 3:
             got = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
             raise ValueError(f"`indices` must be an integer tensor of shape (batch, h, w), got {got}.")
+        check_input(indices, "indices")
         b, h, w = indices.shape
         codes = self.quantizer.get_codebook_entry(indices, (b, h, w, self.config.codebook_dim))
         return self.decode(codes)
@@ -206,12 +234,9 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
         See [`GroupVectorQuantizer.resize_codebook`]. Returns the new group sizes.
         """
-        old_sizes = self.quantizer.group_sizes
-        sizes = self.quantizer.resize_codebook(new_size, mode=mode, seed=seed)
-        trained = self.config.trained_group_sizes or old_sizes
-        self.config.trained_group_sizes = list(trained) if mode == "extend" else [0] * len(sizes)
-        self.config.codebook_size = sum(sizes)
-        self.config.group_sizes = None if self.quantizer.uniform else list(sizes)
+        sizes, update = resize_quantizer(self.quantizer, self.config.trained_group_sizes, new_size, mode, seed)
+        for key, value in update.items():  # the same update as GroupVQVAE's (groupvq_hf.shells.resize_codebook)
+            setattr(self.config, key, value)
         return sizes
 
     def default_image_processor(self) -> GroupVQImageProcessor:
@@ -221,13 +246,22 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json` and its code)
-        when the folder has none, so `push_to_hub` publishes a complete tokenizer."""
+        when the folder has none, so `push_to_hub` publishes a complete tokenizer. The main process writes into a
+        temporary folder swapped into place (`groupvq_hf.shells.save_folder`): a reader, or a second save at the
+        same time, never leaves a config of one save beside the weights of another."""
         hub_keys = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
         hub_kwargs = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        is_main = kwargs.get("is_main_process", True)
-        if is_main and not os.path.exists(os.path.join(save_directory, "preprocessor_config.json")):
-            self.default_image_processor().save_pretrained(save_directory)
+        is_main = args[0] if args else kwargs.get("is_main_process", True)
+        has_processor = os.path.exists(os.path.join(save_directory, "preprocessor_config.json"))
+        save_model = super().save_pretrained
+
+        def write(folder):
+            result = save_model(folder, *args, **kwargs)
+            if is_main and not has_processor:
+                self.default_image_processor().save_pretrained(folder)
+            return result
+
+        result = save_folder(save_directory, write, "model.safetensors") if is_main else write(save_directory)
         if push_to_hub and is_main:  # after the processor is written (transformers would upload before it)
             repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
@@ -238,7 +272,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
     def config_from_diffusers(cls, diffusers_config) -> GroupVQConfig:
         """A `GroupVQConfig` from a `GroupVQVAE` (or `VQModel`) config mapping."""
         cfg = dict(diffusers_config)
-        kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + QUANTIZER_CONFIG_KEYS if cfg.get(key) is not None}
+        kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + CARRIED_CONFIG_KEYS if cfg.get(key) is not None}
         for src, dst in DIFFUSERS_CONFIG_RENAMES.items():
             if cfg.get(src) is not None:
                 kwargs[dst] = cfg[src]

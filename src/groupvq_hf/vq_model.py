@@ -5,8 +5,8 @@
 pipelines that take a ``VQModel`` (LDM, LDM super-resolution, Kandinsky 2.2's ``movq``, aMUSEd, VQ-Diffusion) take it
 unchanged. State dicts map 1:1 to ``GroupVQModel``'s (``quantize.*`` <-> ``quantizer.*``).
 
-This file travels to the Hub as remote code next to ``quantizer.py``: it imports torch, diffusers and ``.quantizer``
-only (diffusers copies just the direct relative imports of the file named in ``auto_map``).
+This file travels to the Hub as remote code next to ``quantizer.py``, ``shells.py`` and ``fileio.py``: it imports torch,
+diffusers and those three directly (diffusers copies just the direct relative imports of the file named in ``auto_map``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,19 @@ import shutil
 import torch
 from diffusers import ModelMixin, VQModel  # noqa: F401  (pipelines look `ModelMixin` up in this module's namespace)
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from .fileio import atomic_directory  # noqa: F401  (used by .shells; imported here so diffusers copies it)
 from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
+from .shells import check_input, check_trained_group_sizes, quantizer_config, save_folder
+from .shells import resize_codebook as resize_quantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
-# pipeline custom component load without groupvq_hf: this file and its only relative import.
-REMOTE_CODE_FILES = (os.path.basename(__file__), "quantizer.py")
+# pipeline custom component load without groupvq_hf: this file and its relative imports.
+REMOTE_CODE_FILES = (os.path.basename(__file__), "quantizer.py", "shells.py", "fileio.py")
+# diffusers shell config name -> GroupVQConfig name of what `groupvq_hf.shells.resize_codebook` updates.
+RESIZE_CONFIG_NAMES = {"codebook_size": "num_vq_embeddings"}
 # Config keys that change nothing in the weights: the only ones `from_groupvq`/`from_vqmodel` let a caller override.
 RUNTIME_CONFIG_KEYS = ("lookup_from_codebook", "force_upcast", "scaling_factor", "sample_size")
 VQMODEL_CONFIG_KEYS = (
@@ -52,12 +59,20 @@ class GroupVQVAE(VQModel):
         group_ranks (`list[int]`, *optional*): heterogeneous ranks r_j, one per group.
         projector (`str`, defaults to `"linear"`): `"linear"`, `"mlp"` or `"linear+mlp"` (Table 3).
         commitment_beta (`float`, defaults to 0.25): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3).
+        trained_group_sizes (`list[int]`, *optional*): after `resize_codebook`, how many leading codes of each group
+            were trained (self-extension keeps them, resampling leaves none); None for a model as trained.
+
+    The quantizer stays fp32 when loaded with `torch_dtype=torch.bfloat16`/`float16` (`_keep_in_fp32_modules`): the
+    search (Eq. 1) sees the codebook as trained. `check_finite` (default True) makes `encode`, `decode` and
+    `forward` raise ValueError on NaN/inf input; an empty batch raises ValueError.
 
     `encode(x).latents` are the latents before quantisation; `decode(h)` quantises them (unless
     `force_not_quantize`), or with `lookup_from_codebook=True` and `force_not_quantize=True` decodes token indices
     `h` (B, h, w) through `quantize.get_codebook_entry`; `forward(sample)` returns `DecoderOutput(sample,
     commit_loss)` with the Group-VQ commitment loss.
     """
+
+    _keep_in_fp32_modules = ["quantize"]  # cores, projectors, biases: as GroupVQModel's `_keep_in_fp32_modules_strict`
 
     @register_to_config
     def __init__(
@@ -86,6 +101,7 @@ class GroupVQVAE(VQModel):
         projector: str = "linear",
         commitment_beta: float = 0.25,
         core_std: float | None = None,
+        trained_group_sizes: list[int] | None = None,
     ):
         for name, value in (("num_vq_embeddings", num_vq_embeddings), ("latent_channels", latent_channels)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -136,6 +152,9 @@ class GroupVQVAE(VQModel):
         )
         self.quantize = quantize
         self.register_to_config(core_std=quantize.core_std)  # None resolves to d^-1/2: save the value in use
+        trained = check_trained_group_sizes(trained_group_sizes, quantize.group_sizes)
+        if trained_group_sizes is not None:
+            self.register_to_config(trained_group_sizes=trained)
         if group_sizes is not None and num_groups != len(group_sizes):
             self.register_to_config(num_groups=len(group_sizes))  # heterogeneous groups: the list decides
 
@@ -150,30 +169,43 @@ class GroupVQVAE(VQModel):
         """Code dimension d (`vq_embed_dim`, or `latent_channels` when that is None)."""
         return self.quantize.codebook_dim
 
+    @property
+    def check_finite(self) -> bool:
+        """Raise ValueError on NaN/inf input or latents (one reduction each); False skips the shell's and the
+        quantizer's checks."""
+        return self.quantize.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self.quantize.check_finite = bool(value)
+
     # ----------------------------------------------------------------------------------------- checks
-    def _check_sample(self, x) -> None:
+    def _check_sample(self, x, name: str = "x") -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             raise ValueError(
-                f"`x` must be a float tensor of shape (batch, {self.config.in_channels}, height, width), "
+                f"`{name}` must be a float tensor of shape (batch, {self.config.in_channels}, height, width), "
                 f"got {_shape_of(x)}."
             )
         if x.shape[1] != self.config.in_channels:
             raise ValueError(
-                f"`x` must have {self.config.in_channels} channels (config.in_channels), got shape {tuple(x.shape)}."
+                f"`{name}` must have {self.config.in_channels} channels (config.in_channels), "
+                f"got shape {tuple(x.shape)}."
             )
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
-                f"`x` height and width must be divisible by the downsampling factor {f}, "
+                f"`{name}` height and width must be divisible by the downsampling factor {f}, "
                 f"got {x.shape[-2]}x{x.shape[-1]}."
             )
+        check_input(x, name, self.check_finite)  # batch size 0, NaN/inf: ValueError
 
-    def _check_latents(self, h) -> None:
+    def _check_latents(self, h, check_finite: bool = True) -> None:
         d = self.codebook_dim
         if not isinstance(h, torch.Tensor) or h.ndim != 4 or not h.is_floating_point() or h.shape[1] != d:
             raise ValueError(
                 f"`h` must be a float tensor of shape (batch, {d}, h, w) (vq_embed_dim={d}), got {_shape_of(h)}."
             )
+        check_input(h, "h", check_finite and self.check_finite)
 
     def _token_shape(self, h, shape) -> tuple[int, int, int, int]:
         """The (B, h, w, d) shape for token indices `h`, checked against `shape` when the caller passes one."""
@@ -183,6 +215,8 @@ class GroupVQVAE(VQModel):
                 "With `lookup_from_codebook=True` and `force_not_quantize=True`, `h` must be an integer tensor of "
                 f"code indices, got {getattr(h, 'dtype', type(h).__name__)}."
             )
+        if h.ndim:
+            check_input(h, "h")
         if shape is None:
             if h.ndim != 3:
                 raise ValueError(
@@ -205,24 +239,41 @@ class GroupVQVAE(VQModel):
         self._check_sample(x)
         return super().encode(x, return_dict=return_dict)
 
+    @apply_forward_hook
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True, shape=None):
         """As `VQModel.decode`: quantise `h` (B, d, h, w) and decode; with `force_not_quantize=True` decode `h` as is,
-        or, when `config.lookup_from_codebook`, look integer token indices `h` up in the codebook first."""
+        or, when `config.lookup_from_codebook`, look integer token indices `h` up in the codebook first.
+
+        `VQModel.decode` with the looked-up codes (fp32, from the fp32 quantizer) cast to the decoder's dtype, so a
+        bf16/fp16 model decodes tokens too."""
         if force_not_quantize and self.config.lookup_from_codebook:
-            shape = self._token_shape(h, shape)
+            codes = self.quantize.get_codebook_entry(h, self._token_shape(h, shape))
+            quant, commit_loss = codes.to(self.post_quant_conv.weight.dtype), torch.zeros(h.shape[0]).to(h)
         else:
-            self._check_latents(h)
-        return super().decode(h, force_not_quantize=force_not_quantize, return_dict=return_dict, shape=shape)
+            self._check_latents(h, check_finite=not force_not_quantize)  # NaN/inf latents have no nearest code
+            if force_not_quantize:
+                quant, commit_loss = h, torch.zeros(h.shape[0]).to(h)
+            else:
+                quant, commit_loss, _ = self.quantize(h)
+        dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
+        if not return_dict:
+            return dec, commit_loss
+        return DecoderOutput(sample=dec, commit_loss=commit_loss)
+
+    def forward(self, sample: torch.Tensor, return_dict: bool = True):
+        """As `VQModel.forward`: `DecoderOutput(sample, commit_loss)`; `sample` is checked as `encode` checks `x`."""
+        self._check_sample(sample, "sample")
+        return super().forward(sample, return_dict=return_dict)
 
     # ----------------------------------------------------------------------------------------- Group-VQ
     def resize_codebook(self, new_size, mode: str = "extend", seed: int | None = None) -> list[int]:
         """Resize the codebook without training (Algorithm 2, Eq. 11) and update the config, so `save_pretrained`
-        / `from_pretrained` round-trip it. See `GroupVectorQuantizer.resize_codebook`; returns the new group sizes."""
-        sizes = self.quantize.resize_codebook(new_size, mode=mode, seed=seed)
-        uniform = self.quantize.uniform
-        self.register_to_config(
-            num_vq_embeddings=sum(sizes), num_groups=len(sizes), group_sizes=None if uniform else list(sizes)
-        )
+        / `from_pretrained` round-trip it. See `GroupVectorQuantizer.resize_codebook`; returns the new group sizes.
+
+        The same path as `GroupVQModel.resize_codebook` (`groupvq_hf.shells.resize_codebook`): it records
+        `trained_group_sizes` too."""
+        sizes, update = resize_quantizer(self.quantize, self.config.trained_group_sizes, new_size, mode, seed)
+        self.register_to_config(**{RESIZE_CONFIG_NAMES.get(key, key): value for key, value in update.items()})
         return sizes
 
     @classmethod
@@ -262,23 +313,16 @@ class GroupVQVAE(VQModel):
         cfg = model.config
         if getattr(cfg, "backbone", "vqgan") != "vqgan":
             raise ValueError(
-                f"`model` has backbone={cfg.backbone!r}; GroupVQVAE is convolutional (diffusers pipelines expect "
-                "VQModel's Encoder/Decoder), so only backbone='vqgan' models convert. Use GroupVQModel / AutoModel."
+                f"`model` has backbone={cfg.backbone!r}; GroupVQVAE is built on diffusers' VQModel Encoder/Decoder "
+                "blocks (what diffusers pipelines expect), so only backbone='vqgan' models convert. Use GroupVQModel "
+                "/ AutoModel."
             )
         if getattr(cfg, "l2_normalize_codes", False):
             raise ValueError("`model` uses l2_normalize_codes=True (factorised lookup), which GroupVQVAE does not implement.")
         config = {key: getattr(cfg, key) for key in VQMODEL_CONFIG_KEYS if hasattr(cfg, key)}
-        config.update(
-            num_vq_embeddings=quantizer.codebook_size,
-            vq_embed_dim=quantizer.codebook_dim,
-            num_groups=quantizer.num_groups,
-            codebook_rank=getattr(cfg, "codebook_rank", None),
-            group_sizes=None if quantizer.uniform else quantizer.group_sizes,
-            group_ranks=getattr(cfg, "group_ranks", None),
-            projector=quantizer.projector,
-            commitment_beta=quantizer.commitment_beta,
-            core_std=quantizer.core_std,
-        )
+        # every Group-VQ key (QUANTIZER_CONFIG_KEYS and trained_group_sizes), the group layout as the quantizer holds it
+        config.update(quantizer_config(cfg, quantizer))
+        config.update(num_vq_embeddings=quantizer.codebook_size, vq_embed_dim=quantizer.codebook_dim)
         config.update(cls._runtime_overrides(overrides))
         for key in ("down_block_types", "up_block_types", "block_out_channels", "group_sizes", "group_ranks"):
             if config.get(key) is not None:
@@ -330,7 +374,8 @@ class GroupVQVAE(VQModel):
         return super().extract_init_dict(config_dict, **kwargs)
 
     def save_code(self, save_directory: str | os.PathLike) -> list[str]:
-        """Copy this file and `quantizer.py` into `save_directory` (for `auto_map` / custom components)."""
+        """Copy this file and its relative imports (`REMOTE_CODE_FILES`) into `save_directory` (for `auto_map` /
+        custom components)."""
         os.makedirs(save_directory, exist_ok=True)
         here = os.path.dirname(os.path.abspath(__file__))
         copied = []
@@ -353,24 +398,34 @@ class GroupVQVAE(VQModel):
         use_flashpack: bool = False,
         **kwargs,
     ):
-        """`ModelMixin.save_pretrained`, with the model's code (`vq_model.py`, `quantizer.py`) written first so the
-        folder, and what `push_to_hub` uploads from it, loads with `trust_remote_code=True` without groupvq_hf.
-        Same signature as `ModelMixin.save_pretrained` (pipelines pass `safe_serialization`/`variant` by name)."""
-        if is_main_process and not os.path.isfile(save_directory):
-            self.save_code(save_directory)
+        """`ModelMixin.save_pretrained`, with the model's code (`REMOTE_CODE_FILES`) written first so the folder, and
+        what `push_to_hub` uploads from it, loads with `trust_remote_code=True` without groupvq_hf.
+        Same signature as `ModelMixin.save_pretrained` (pipelines pass `safe_serialization`/`variant` by name).
+
+        The main process writes into a temporary folder swapped into place (`groupvq_hf.shells.save_folder`): a
+        reader, or a second save at the same time, never leaves a config of one save beside the weights of another
+        (with `push_to_hub=True` diffusers uploads from the folder itself, which is then written in place)."""
         if use_flashpack:
             kwargs["use_flashpack"] = use_flashpack
-        return super().save_pretrained(
-            save_directory,
-            is_main_process=is_main_process,
-            save_function=save_function,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=push_to_hub,
-            **kwargs,
-        )
+        save_model = super().save_pretrained
 
+        def write(folder):
+            if is_main_process and not os.path.isfile(folder):
+                self.save_code(folder)
+            return save_model(
+                folder,
+                is_main_process=is_main_process,
+                save_function=save_function,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                push_to_hub=push_to_hub,
+                **kwargs,
+            )
+
+        if is_main_process and not push_to_hub:
+            return save_folder(save_directory, write, "diffusion_pytorch_model.safetensors")
+        return write(save_directory)
 
 GroupVQVAE.register_for_auto_class("AutoModel")
 

@@ -1,0 +1,144 @@
+"""Rules both model shells share: the transformers `GroupVQModel` and the diffusers `GroupVQVAE`.
+
+- input checks: a non-empty batch, finite values (`check_input`);
+- one resize path: resize the quantizer and compute the config update, `trained_group_sizes` included
+  (`resize_codebook`);
+- the quantizer part of a config, carried generically by the conversions between the shells (`quantizer_config`);
+- saving into a temporary folder swapped into place, so a reader never sees a mixed folder (`save_folder`).
+
+This file travels to the Hub as remote code beside both shells: it imports torch, `.quantizer` and `.fileio` only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .fileio import atomic_directory
+from .quantizer import QUANTIZER_CONFIG_KEYS
+
+# Every Group-VQ config key the conversions carry: the quantizer's arguments and the resize record.
+CARRIED_CONFIG_KEYS = (*QUANTIZER_CONFIG_KEYS, "trained_group_sizes")
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
+def check_input(tensor: torch.Tensor, name: str, check_finite: bool = True) -> None:
+    """Raise ValueError naming `name` when `tensor` holds no sample (batch size 0) or, if `check_finite`, NaN/inf.
+
+    The finiteness check is one reduction over the input; `model.check_finite = False` skips it (and the quantizer's).
+    """
+    if tensor.shape[0] == 0:
+        raise ValueError(f"`{name}` must hold at least one sample, got batch size 0 (shape {tuple(tensor.shape)}).")
+    if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        samples = sorted({int(i) for i in (~torch.isfinite(tensor)).flatten(1).any(1).nonzero().flatten()})
+        raise ValueError(
+            f"`{name}` holds NaN or inf ({bad} of {tensor.numel()} values, in sample(s) {samples[:8]}); "
+            "such an input has no nearest code. Set `model.check_finite = False` to skip this check."
+        )
+
+
+def check_trained_group_sizes(trained: Sequence[int] | None, group_sizes: Sequence[int]) -> list[int] | None:
+    """`trained_group_sizes` as a list: one count per group with 0 <= count <= group size, else ValueError."""
+    if trained is None:
+        return None
+    counts = list(trained)
+    valid = all(isinstance(t, int) and not isinstance(t, bool) for t in counts)
+    if not valid or len(counts) != len(group_sizes) or any(not 0 <= t <= n for t, n in zip(counts, group_sizes)):
+        raise ValueError(
+            f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {list(group_sizes)}, "
+            f"got {trained!r}."
+        )
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------- resize
+def resize_codebook(quantizer, trained_group_sizes, new_size, mode: str = "extend", seed: int | None = None):
+    """Resize `quantizer` (Algorithm 2) and return `(new group sizes, config update)`.
+
+    The update holds `codebook_size`, `num_groups`, `group_sizes` (None for uniform groups) and
+    `trained_group_sizes`: self-extension keeps the trained leading codes of each group (the count recorded before,
+    or every code of a model as trained); resampling leaves none. Each shell maps the names to its own config.
+    """
+    old_sizes = quantizer.group_sizes
+    sizes = quantizer.resize_codebook(new_size, mode=mode, seed=seed)
+    trained = list(trained_group_sizes or old_sizes) if mode == "extend" else [0] * len(sizes)
+    update = {
+        "codebook_size": sum(sizes),
+        "num_groups": len(sizes),
+        "group_sizes": None if quantizer.uniform else list(sizes),
+        "trained_group_sizes": trained,
+    }
+    return sizes, update
+
+
+# ---------------------------------------------------------------------------------------------------------- convert
+def quantizer_config(config, quantizer) -> dict:
+    """Every key of `CARRIED_CONFIG_KEYS` from `config` (attributes or a mapping), the group layout from `quantizer`."""
+    def get(key):
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    carried = {key: get(key) for key in CARRIED_CONFIG_KEYS}
+    carried.update(num_groups=quantizer.num_groups, group_sizes=None if quantizer.uniform else quantizer.group_sizes)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in carried.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- save
+def _weights_family(weights_name: str) -> re.Pattern:
+    """Files a save of `weights_name` owns: its variants, shards and index (stale ones are never carried over)."""
+    stem = re.escape(weights_name.split(".")[0])
+    return re.compile(rf"^{stem}([.-].*)?\.(safetensors|bin)(\.index(\.[^.]+)?\.json)?$")
+
+
+def save_folder(save_directory: str | os.PathLike, write: Callable[[str], object], weights_name: str):
+    """Run `write(folder)` (a `save_pretrained`) into a temporary folder and swap it into `save_directory`.
+
+    A reader then sees the old folder or the new one, never a config of one save and weights of another. Files of
+    an existing folder that the save does not write (a README, results) are carried over (hard links, else copies),
+    except stale weight files of the same name family, which the libraries' in-place save deletes too. A symlink,
+    a mount point or the working directory (or a folder above it) is written in place.
+    """
+    path = Path(save_directory)
+    if path.exists() and (not path.is_dir() or path.is_symlink() or os.path.ismount(path)):
+        return write(str(path))
+    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        return write(str(path))
+    owned = _weights_family(weights_name)
+    with atomic_directory(path) as tmp:
+        result = write(str(tmp))
+        if path.is_dir():
+            for entry in path.iterdir():
+                target = tmp / entry.name
+                if target.exists() or owned.match(entry.name):
+                    continue
+                try:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(entry, target)
+                except FileNotFoundError:  # another writer swapped the folder meanwhile: it is not ours to keep
+                    continue
+    return result
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+    return dst
+
+
+__all__ = [
+    "CARRIED_CONFIG_KEYS",
+    "check_input",
+    "check_trained_group_sizes",
+    "quantizer_config",
+    "resize_codebook",
+    "save_folder",
+]
