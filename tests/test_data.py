@@ -311,7 +311,7 @@ def test_bad_images_are_skipped_and_counted_and_odd_modes_converted(tmp_path):
     batch = collate_examples(list(build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False)))
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["rows"] == [0, 3, 4, 5, 6, 8]
     assert [row for row, _ in batch["skipped"]] == [1, 2, 7] and batch["num_skipped"] == 3
-    assert sorted(batch["converted"]) == ["CMYK", "I;16", "L", "P", "RGBA"] and batch["num_converted"] == 5
+    assert sorted(batch["modes"]) == ["", "CMYK", "I;16", "L", "P", "RGBA"] and batch["num_converted"] == 5
 
 
 def test_to_rgb_composites_alpha_on_white():

@@ -19,7 +19,6 @@ from groupvq_hf.evaluation import (
     resize_plan,
     resize_study,
     resize_study_markdown,
-    samples_for_rank,
     update_model_card,
 )
 from groupvq_hf.metrics import ReconstructionMetrics
@@ -78,34 +77,41 @@ def test_resize_plan_covers_table_2_and_figure_4():
         resize_plan(6, min_power=-2)
 
 
-def test_samples_are_shared_across_ranks_and_metrics_parsed():
-    assert [samples_for_rank(7, r, 3) for r in range(3)] == [3, 2, 2]
-    assert samples_for_rank(None, 0, 2) is None
-    assert samples_for_rank(1, 1, 2) == 0
-    with pytest.raises(ValueError, match="max_samples"):
-        samples_for_rank(0, 0, 1)
+def test_metrics_parsed():
     assert parse_metrics("psnr, codebook_usage") == ("psnr", "codebook_usage")
     with pytest.raises(ValueError, match="metrics"):
         parse_metrics("psnr,bleu")
+    with pytest.raises(ValueError, match="max_samples"):
+        build_eval_dataloader("demo", max_samples=0)
 
 
-def test_eval_dataloader_gives_center_crops_of_this_rank(tmp_path):
-    loader = build_eval_dataloader(
-        "demo", split="validation", resolution=32, batch_size=2, max_samples=3, rank=1, world_size=2
-    )
-    batches = list(loader)
-    assert [b.shape for b in batches] == [(1, 3, 32, 32)]  # rank 1 holds 1 of the 3 images
-    assert build_eval_dataloader("demo", resolution=32, max_samples=1, rank=1, world_size=2) is None
+def test_eval_dataloader_blocks_cover_consecutive_rows_on_every_rank():
+    def rows(rank, world_size, num_workers=0):
+        loader = build_eval_dataloader(
+            "demo", split="validation", resolution=16, batch_size=2, max_samples=8, rank=rank, world_size=world_size,
+            num_workers=num_workers,
+        )  # fmt: skip
+        batches = iter(loader)
+        return [next(batches)["rows"] for _ in range(3)]
+
+    assert rows(0, 1) == [[0, 1], [2, 3], [4, 5]]
+    assert rows(0, 1, num_workers=2) == [[0, 1], [2, 3], [4, 5]]  # workers take blocks in turn, order kept
+    assert rows(0, 2) == [[0, 1], [4, 5], [8, 9]] and rows(1, 2) == [[2, 3], [6, 7], [10, 11]]
 
 
 def test_evaluate_model_uses_exactly_max_samples_with_dataloader_workers():
     torch.manual_seed(0)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
-    # Each of the 2 workers caps its own stream at 3 images: 6 arrive, exactly 3 are evaluated.
     loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=2, max_samples=3, num_workers=2)
-    assert sum(b.shape[0] for b in loader) == 6
-    results = evaluate_model(model, loader, metrics="psnr,codebook_usage", progress=False, total=3)
-    assert results["num_images"] == 3
+    results = evaluate_model(model, loader, metrics="psnr,codebook_usage", progress=False, max_samples=3)
+    assert results["num_images"] == 3 and results["skipped_images"] == 0
+
+
+def test_demo_validation_gives_256_held_out_crops():
+    loader = build_eval_dataloader("demo", split="validation", resolution=16, batch_size=64, max_samples=256)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    results = evaluate_model(model, loader, metrics="codebook_usage", progress=False, max_samples=256)
+    assert results["num_images"] == 256
 
 
 def test_evaluate_model_matches_a_direct_computation():
@@ -135,35 +141,67 @@ def test_evaluate_model_matches_a_direct_computation():
 
 
 @pytest.fixture(scope="module")
-def two_process_run(saved_model, weights, tmp_path_factory):
+def parquet_folder(tmp_path_factory):
+    """16 rows in 4 parquet shards (only a "train" split): rows 1 and 6 are not images, row 3 is grayscale."""
+    import io
+
+    import datasets
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("parquet")
+    rng = np.random.default_rng(0)
+    blobs = []
+    for row in range(16):
+        image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        (image.convert("L") if row == 3 else image).save(buffer, format="PNG")
+        blobs.append(b"not an image" if row in (1, 6) else buffer.getvalue())
+    features = datasets.Features({"image": datasets.Image()})
+    for shard in range(4):
+        rows = [{"bytes": blob, "path": None} for blob in blobs[4 * shard : 4 * shard + 4]]
+        datasets.Dataset.from_dict({"image": rows}, features=features).to_parquet(
+            str(root / f"train-{shard:05d}-of-00004.parquet")
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_process_run(saved_model, weights, parquet_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     card = out / "card" / "README.md"
     args = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "scripts/evaluate.py", "--model", str(saved_model), "--dataset", "demo", "--split", "validation",
-        "--resolution", "32", "--max_samples", "4", "--batch_size", "2",
+        "scripts/evaluate.py", "--model", str(saved_model), "--dataset", str(parquet_folder),
+        "--resolution", "32", "--max_samples", "5", "--batch_size", "2",
         "--metrics", "psnr,ssim,lpips,rfid,codebook_usage", "--codebook_size", "512", "--resize_mode", "resample",
         "--seed", "3", "--lpips_weights", weights["lpips"], "--inception_weights", weights["inception"],
         "--output", str(out / "results.json"), "--model_card", str(card), "--no_progress",
     ]  # fmt: skip
-    _run(args)
-    return json.loads((out / "results.json").read_text()), card
+    proc = _run(args)
+    return json.loads((out / "results.json").read_text()), card, proc.stdout
 
 
-def test_evaluate_script_two_processes_reduces_like_one(two_process_run, saved_model, weights):
-    record, _ = two_process_run
-    assert record["num_samples"] == 4 and record["dataset"] == "demo" and record["resolution"] == 32
+def test_evaluate_script_two_processes_reduces_like_one(two_process_run, saved_model, weights, parquet_folder):
+    record, _, stdout = two_process_run
+    assert record["num_samples"] == 5 and record["resolution"] == 32
     assert record["resize"] == {"from_size": 256, "to_size": 512, "mode": "resample", "seed": 3}
     assert record["codebook_size"] == 512 and len(record["group_usage"]) == 8
+    # The folder's only split is read for the default split, with a note; the bad row 1 is counted (row 6 lies
+    # after the 5th image: rows 0, 2, 3, 4, 5 are evaluated) and the grayscale row 3 converted.
+    assert record["split"] == "validation" and "single split ('train')" in record["notes"][0]
+    assert record["skipped_images"] == 1 and record["converted_images"] == 1 and record["converted_modes"] == {"L": 1}
+    assert "Note: " in stdout and "skipped 1" in stdout and "converted 1" in stdout
 
-    # The same 4 demo images in one process, same resized model: the reduced results must agree.
+    # The same first 5 images in one process (other batches), same resized model: the results must agree.
     model = GroupVQModel.from_pretrained(saved_model).eval()
     model.resize_codebook(512, mode="resample", seed=3)
-    loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=4, max_samples=4)
+    loader = build_eval_dataloader(str(parquet_folder), resolution=32, batch_size=3, max_samples=5)
     single = evaluate_model(
-        model, loader, lpips_weights=weights["lpips"], inception_weights=weights["inception"], progress=False
-    )
+        model, loader, lpips_weights=weights["lpips"], inception_weights=weights["inception"], progress=False,
+        max_samples=5,
+    )  # fmt: skip
+    assert single["num_images"] == 5 and single["skipped_images"] == 1 and single["converted_images"] == 1
     metrics = record["metrics"]
     assert set(metrics) == {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity"}
     for key in ("psnr", "ssim", "lpips", "perplexity"):
@@ -177,7 +215,7 @@ def test_evaluate_script_two_processes_reduces_like_one(two_process_run, saved_m
 def test_evaluate_script_writes_the_model_index(two_process_run):
     from huggingface_hub import ModelCard
 
-    record, card_path = two_process_run
+    record, card_path, _ = two_process_run
     card = ModelCard.load(card_path)
     entries = {e.metric_type: e for e in card.data.eval_results}
     assert set(entries) == {"psnr", "ssim", "lpips", "fid", "codebook_usage", "perplexity"}

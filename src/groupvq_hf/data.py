@@ -602,7 +602,7 @@ def collate_examples(batch: list[dict]) -> dict:
     """A batch of [`ImageStream`] examples: ``pixel_values`` (B, 3, R, R) of the decoded ones (an empty tensor
     when there is none), their ``keys`` and stream ``rows``, the ``worker`` that read them and ``rows_read`` (rows
     it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, ``(row, reason)`` pairs)
-    and ``num_converted`` / ``converted`` (original modes). A batch of resume placeholders is ``{"placeholder":
+    and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""). A batch of resume placeholders is ``{"placeholder":
     True, "worker", "rows_read"}``."""
     if not batch:
         raise ValueError("`batch` must hold at least one example.")
@@ -611,15 +611,15 @@ def collate_examples(batch: list[dict]) -> dict:
         return {"placeholder": True, **position}
     good = [example for example in batch if example.get("pixel_values") is not None]
     bad = [(example["row"], example["skipped"]) for example in batch if example.get("pixel_values") is None]
-    converted = [example.get("converted") for example in good if example.get("converted")]
+    modes = [example.get("converted") or "" for example in good]
     return {
         "pixel_values": collate_pixels(good) if good else torch.empty(0, 3, 0, 0),
         "keys": [example.get("key", "") for example in good],
         "rows": [example.get("row", -1) for example in good],
         "num_skipped": sum(int(example.get("num_skipped", 0)) for example in good) + len(bad),
         "skipped": bad,
-        "num_converted": len(converted),
-        "converted": converted,
+        "num_converted": sum(1 for mode in modes if mode),
+        "modes": modes,
         **position,
     }
 

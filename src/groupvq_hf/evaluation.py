@@ -1,8 +1,9 @@
 """Streaming evaluation of a Group-VQ tokenizer under accelerate, and the codebook resize study.
 
 Every process streams its own part of the evaluation split (``build_image_dataset(..., train=False)``: resize the
-shortest edge and center-crop, ``split_dataset_by_node``), reconstructs it and feeds [`ReconstructionMetrics`] and
-[`CodebookUsage`]; their states are summed across processes at the end. ``scripts/evaluate.py`` and
+shortest edge and center-crop), reconstructs it and feeds [`ReconstructionMetrics`] and [`CodebookUsage`]; their
+states are summed across processes at the end. ``max_samples`` evaluates the first N images of the stream whatever
+the number of processes; undecodable (skipped) and converted images are counted in the results. ``scripts/evaluate.py`` and
 ``scripts/resize_study.py`` are thin command lines over [`evaluate_model`] and [`resize_study`].
 
 The resize study is the paper's Table 2 / Figure 4: from the trained codebook of size n, resample down (n / 2^p),
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,21 +25,12 @@ from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetric
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
 RESIZE_STUDY_MODES = ("resample", "extend")
+DATA_COUNTS = ("skipped_images", "skipped_reasons", "converted_images", "converted_modes")  # not metrics
 
 
 def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of `ALL_METRICS`)."""
     return _check_metrics(metrics, ALL_METRICS)
-
-
-def samples_for_rank(max_samples: int | None, rank: int, world_size: int) -> int | None:
-    """This rank's share of ``max_samples`` (the shares sum to ``max_samples``; ``None`` means all)."""
-    if max_samples is None:
-        return None
-    if not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1:
-        raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
-    share = max_samples // world_size + (rank < max_samples % world_size)
-    return share
 
 
 def build_eval_dataloader(
@@ -51,22 +44,38 @@ def build_eval_dataloader(
     image_column: str | None = None,
     num_workers: int = 0,
     seed: int = 0,
-) -> torch.utils.data.DataLoader | None:
-    """This rank's evaluation batches: center crops ``(B, 3, R, R)`` in [-1, 1] (``None`` when its share is 0)."""
-    from .data import build_image_dataset, collate_pixels
+) -> torch.utils.data.DataLoader:
+    """This rank's evaluation batches (`groupvq_hf.data.collate_examples` dicts: center crops ``pixel_values``
+    (B, 3, R, R) in [-1, 1], their stream ``rows``, the bad images ``skipped`` and the ``converted`` modes).
+
+    With ``max_samples`` every rank and loader worker reads the stream in order and keeps blocks of ``batch_size``
+    rows in turn, so the k-th batches of all ranks cover consecutive rows and [`evaluate_model`] (given the same
+    ``max_samples``) evaluates exactly the first ``max_samples`` images whatever the number of processes. Without
+    it the ranks read disjoint shards. ``loader.dataset.notes`` holds notes on the split read.
+    """
+    from .data import build_image_dataset, collate_examples
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    share = samples_for_rank(max_samples, rank, world_size)
-    if share == 0:
-        return None
+    if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1):
+        raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,
-        rank=rank, world_size=world_size, streaming=True, max_samples=share,
+        rank=rank, world_size=world_size, streaming=True,
+        block_size=None if max_samples is None else batch_size,
     )  # fmt: skip
     return torch.utils.data.DataLoader(
-        stream, batch_size=batch_size, collate_fn=collate_pixels, num_workers=num_workers
+        stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers
     )
+
+
+def _gather_lists(accelerator, values: list) -> list[list]:
+    """``values`` of every process, in rank order."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [values]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([values]))
 
 
 def load_model(model: str | os.PathLike, device: torch.device | str = "cpu"):
@@ -88,14 +97,20 @@ def evaluate_model(
     inception_weights: str | None = None,
     progress: bool = True,
     total: int | None = None,
+    max_samples: int | None = None,
 ) -> dict:
     """Reconstruct every batch of ``dataloader`` and return the requested metrics over all processes.
 
-    ``dataloader`` yields pixel batches (B, 3, H, W) in [-1, 1] (or dicts with ``pixel_values``) for this process
+    ``dataloader`` yields pixel batches (B, 3, H, W) in [-1, 1] (or `collate_examples` dicts) for this process
     only (``None``: nothing for this process). Returns ``{"psnr", "ssim", "lpips", "rfid", "codebook_usage",
-    "perplexity", "num_images", ...}`` for what ``metrics`` names, plus ``group_usage`` / ``group_frequency``
-    (per group) with ``codebook_usage``. Every process must call it (results are reduced across processes).
-    ``total``: this process's number of images (the progress bar's length); batches beyond it are not used.
+    "perplexity", "num_images", "skipped_images", "converted_images", ...}`` for what ``metrics`` names, plus
+    ``group_usage`` / ``group_frequency`` (per group) with ``codebook_usage`` and the reasons / original modes of
+    skipped / converted images. Every process must call it (results are reduced across processes).
+
+    ``max_samples``: evaluate the first ``max_samples`` images of the stream, in stream order over all processes;
+    needs batches of [`build_eval_dataloader`] built with the same ``max_samples`` (the processes exchange the
+    rows of each step's batches to find the cut). ``total``: this process's number of images; batches beyond it
+    are not used.
     """
     from tqdm.auto import tqdm
 
@@ -109,21 +124,50 @@ def evaluate_model(
     ) if recon_names else None  # fmt: skip
     usage = CodebookUsage(codebook_size=model.config.codebook_size, group_sizes=model.quantizer.group_sizes)
     model.eval()
-    num_images = 0
-    with tqdm(total=total, disable=not show, desc="evaluate", unit="img") as bar:
-        for batch in dataloader if dataloader is not None else ():
-            pixels = batch["pixel_values"] if isinstance(batch, dict) else batch
-            if total is not None:  # each DataLoader worker caps its own stream: cut to this process's share here
-                pixels = pixels[: total - num_images]
-                if pixels.shape[0] == 0:
+    num_images, seen = 0, 0  # this process's images; images of all processes before this step (max_samples)
+    skipped, converted = Counter(), Counter()
+    lockstep = max_samples is not None and accelerator is not None and accelerator.num_processes > 1
+    cap = total if max_samples is None else max_samples
+    batches = iter(dataloader if dataloader is not None else ())
+    with tqdm(total=cap, disable=not show, desc="evaluate", unit="img") as bar:
+        while True:
+            batch = next(batches, None)
+            info = batch if isinstance(batch, dict) else {}
+            pixels = info.get("pixel_values") if isinstance(batch, dict) else batch
+            rows = list(info.get("rows", range(0 if pixels is None else pixels.shape[0])))
+            bad = list(info.get("skipped", ()))
+            if lockstep:  # where this step's rows of all processes reach the max_samples-th image
+                gathered = _gather_lists(accelerator, [batch is not None, rows])
+                if not any(has_batch for has_batch, _ in gathered):
                     break
-            pixels = pixels.to(device)
-            out = model(pixels)
-            if recon is not None:
-                recon.add_batch(predictions=out.reconstruction.clamp(-1, 1), references=pixels)
-            usage.add_batch(predictions=out.indices)
-            num_images += pixels.shape[0]
-            bar.update(pixels.shape[0])
+                step_rows = sorted(r for _, rs in gathered for r in rs)
+                remaining = max_samples - seen
+                cutoff = step_rows[remaining - 1] if len(step_rows) >= remaining else float("inf")
+                seen += min(len(step_rows), remaining)
+            elif batch is None:
+                break
+            else:  # one process: batches arrive in stream order
+                left = len(rows) if cap is None else cap - num_images
+                cutoff = rows[left - 1] if 0 < left <= len(rows) else float("inf")
+            keep = [i for i, r in enumerate(rows) if r <= cutoff]
+            skipped.update(reason for row, reason in bad if row < cutoff)
+            modes = info.get("modes", ())
+            converted.update(modes[i] for i in keep if i < len(modes) and modes[i])
+            if keep:
+                pixels = pixels[: len(keep)] if keep == list(range(len(keep))) else pixels[keep]
+                pixels = pixels.to(device)
+                out = model(pixels)
+                if recon is not None:
+                    recon.add_batch(predictions=out.reconstruction.clamp(-1, 1), references=pixels)
+                usage.add_batch(predictions=out.indices)
+                num_images += pixels.shape[0]
+                bar.update(pixels.shape[0] if not lockstep else 0)
+            if lockstep:
+                bar.update(min(seen, max_samples) - bar.n)
+                if seen >= max_samples:
+                    break
+            elif cap is not None and num_images >= cap:
+                break
     results = {}
     if recon is not None:
         results.update(recon.compute())
@@ -135,6 +179,12 @@ def evaluate_model(
         from .metrics import _sum_across_processes
 
         results["num_images"] = int(_sum_across_processes(torch.tensor(float(num_images))))
+    for name, counts in (("skipped", skipped), ("converted", converted)):
+        total_counts = Counter()
+        for part in _gather_lists(accelerator, sorted(counts.items())):
+            total_counts.update(dict(part))
+        results[f"{name}_images"] = sum(total_counts.values())
+        results[f"{name}_{'reasons' if name == 'skipped' else 'modes'}"] = dict(sorted(total_counts.items()))
     return results
 
 
@@ -144,9 +194,12 @@ def evaluate_model(
 def results_record(metrics: dict, **context) -> dict:
     """The JSON written by ``scripts/evaluate.py``: ``context`` (model, dataset, split, resolution, ...) plus
     ``"metrics"`` (scalars, the keys `groupvq_hf.hub.normalize_eval_results` reads) and per-group lists."""
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images"}
+    counts = {k: metrics[k] for k in DATA_COUNTS if k in metrics}
+    scalars = {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images" and k not in counts
+    }
     groups = {k: v for k, v in metrics.items() if isinstance(v, list)}
-    return {**context, "num_samples": metrics.get("num_images"), "metrics": scalars, **groups}
+    return {**context, "num_samples": metrics.get("num_images"), **counts, "metrics": scalars, **groups}
 
 
 def write_json(data, path: str | os.PathLike) -> Path:
@@ -261,7 +314,7 @@ def resize_study(
         rows.append({
             "method": run["method"], "mode": run["mode"], "power": run["power"],
             "codebook_size": candidate.config.codebook_size, "groups": num_groups,
-            **{k: v for k, v in results.items() if not isinstance(v, list)},
+            **{k: v for k, v in results.items() if not isinstance(v, (list, dict))},
         })  # fmt: skip
         del candidate
     return rows
@@ -414,8 +467,18 @@ def _dataloader_factory(args, accelerator):
     return make
 
 
-def _share(args, accelerator) -> int | None:
-    return samples_for_rank(args.max_samples, accelerator.process_index, accelerator.num_processes)
+def _report_data(record: dict, notes: Sequence[str]) -> None:
+    """Print the notes on the split read and the counts of skipped and converted images."""
+    for note in notes:
+        print(f"Note: {note}")
+    skipped, converted = record.get("skipped_images", 0), record.get("converted_images", 0)
+    print(
+        f"Evaluated {record.get('num_samples')} images; skipped {skipped} that could not be used"
+        + (f" {record.get('skipped_reasons')}" if skipped else "")
+        + f"; converted {converted} to RGB"
+        + (f" {record.get('converted_modes')}" if converted else "")
+        + "."
+    )
 
 
 def run_evaluate(args, accelerator=None) -> dict:
@@ -438,13 +501,18 @@ def run_evaluate(args, accelerator=None) -> dict:
         }
     context["codebook_size"] = model.config.codebook_size
     context["num_groups"] = model.quantizer.num_groups
+    loader = _dataloader_factory(args, accelerator)()
+    notes = list(loader.dataset.notes)
+    if notes:
+        context["notes"] = notes
     results = evaluate_model(
-        model, _dataloader_factory(args, accelerator)(), metrics=names, accelerator=accelerator,
+        model, loader, metrics=names, accelerator=accelerator,
         lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
-        progress=not args.no_progress, total=_share(args, accelerator),
+        progress=not args.no_progress, max_samples=args.max_samples,
     )  # fmt: skip
     record = results_record(results, **context)
     if accelerator.is_main_process:
+        _report_data(record, notes)
         write_json(record, args.output)
         if args.model_card:
             update_model_card(args.model_card, record, model_name=Path(str(args.model)).name)
@@ -462,7 +530,7 @@ def run_resize_study(args, accelerator=None) -> dict:
         model, _dataloader_factory(args, accelerator), plan=plan, metrics=names, seed=args.seed,
         accelerator=accelerator,
         progress=not args.no_progress, lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
-        total=_share(args, accelerator),
+        max_samples=args.max_samples,
     )  # fmt: skip
     out = Path(args.output_dir)
     paths = {}
