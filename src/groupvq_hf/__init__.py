@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_groupvq import PRESETS, GroupVQConfig
+from .convert_simvq import convert_simvq, from_simvq
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQEncoderOutput, GroupVQModel, GroupVQModelOutput, GroupVQPreTrainedModel
 from .quantizer import GroupVectorQuantizer, nearest_code_indices
@@ -25,5 +26,7 @@ __all__ = [
     "GroupVQVAE",
     "GroupVectorQuantizer",
     "PRESETS",
+    "convert_simvq",
+    "from_simvq",
     "nearest_code_indices",
 ]

@@ -8,7 +8,7 @@ from transformers import PreTrainedConfig
 from .quantizer import LEGACY_CORE_STD, PROJECTORS, check_core_std, default_core_std, resolve_groups
 from .vit import check_vit_settings
 
-BACKBONES = ("vqgan", "vit")
+BACKBONES = ("vqgan", "vit", "simvq")
 
 
 def _positive_int(value) -> bool:
@@ -51,6 +51,26 @@ PRESETS: dict[str, dict] = {
         backbone="vit", patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0,
         codebook_size=256, num_groups=8, codebook_rank=16, codebook_dim=16, latent_channels=16, sample_size=32,
     ),
+    # Table 1's VQGAN rows on SimVQ's network (`configs/imagenet_simvq_128_B.yaml`: ch 128, ch_mult [1, 2, 2, 4],
+    # 2 residual blocks, z_channels 128, no attention, no quant_conv): 128 px, f = 8, 65,536 codes in 64 groups of
+    # rank 128, d 128.
+    "simvq-imagenet": dict(
+        backbone="simvq", block_out_channels=(128, 256, 256, 512), layers_per_block=2, latent_channels=128,
+        norm_num_groups=32, mid_block_add_attention=False, sample_size=128,
+        codebook_size=65536, num_groups=64, codebook_rank=128, codebook_dim=128,
+    ),
+    # The same network with MS-COCO's codebook: 4,096 codes in 16 groups.
+    "simvq-coco": dict(
+        backbone="simvq", block_out_channels=(128, 256, 256, 512), layers_per_block=2, latent_channels=128,
+        norm_num_groups=32, mid_block_add_attention=False, sample_size=128,
+        codebook_size=4096, num_groups=16, codebook_rank=128, codebook_dim=128,
+    ),
+    # A few-second CPU SimVQ-network model (the network of the `simvq-tiny` test fixture): 32x32 pixels, f = 2.
+    "simvq-tiny": dict(
+        backbone="simvq", block_out_channels=(32, 64), layers_per_block=1, latent_channels=32, norm_num_groups=32,
+        mid_block_add_attention=False, sample_size=32,
+        codebook_size=256, num_groups=8, codebook_rank=16, codebook_dim=32,
+    ),
 }
 
 
@@ -79,8 +99,12 @@ class GroupVQConfig(PreTrainedConfig):
         in_channels, out_channels, down_block_types, up_block_types, block_out_channels, layers_per_block,
         act_fn, latent_channels, norm_num_groups, norm_type, mid_block_add_attention, sample_size, scaling_factor:
             as in diffusers' `VQModel`; block types default to one plain down/up block per `block_out_channels` entry.
-            Used by the "vqgan" backbone only (`sample_size` and the channel counts are used by both).
-        backbone (`str`): "vqgan" (convolutional, diffusers blocks; default) or "vit" (ViT-VQGAN, Yu et al. 2021).
+            Used by the "vqgan" backbone only (`sample_size` and the channel counts are used by all backbones;
+            "simvq" also uses `block_out_channels` (SimVQ's `ch * ch_mult`), `layers_per_block` (its
+            `num_res_blocks`) and `norm_num_groups`).
+        backbone (`str`): "vqgan" (convolutional, diffusers blocks; default), "vit" (ViT-VQGAN, Yu et al. 2021) or
+            "simvq" (SimVQ's convolutional network, `simvq_backbone.py`: bias-free residual blocks, no attention,
+            no `quant_conv`/`post_quant_conv`, so `latent_channels` must equal `codebook_dim`).
         patch_size, hidden_size, num_hidden_layers, num_attention_heads, mlp_ratio: the "vit" backbone's patch size
             (its downsampling factor), transformer width, depth, heads and MLP width / `hidden_size`, shared by the
             encoder and its mirrored decoder. Position embeddings cover the `sample_size / patch_size` grid.
@@ -174,9 +198,19 @@ class GroupVQConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`norm_type`={self.norm_type!r} is a VQGAN decoder option; use 'group' with backbone='vit'."
                 )
+        if self.backbone == "simvq":
+            if self.latent_channels != self.codebook_dim:
+                raise ValueError(
+                    f"backbone='simvq' has no `quant_conv`: `latent_channels` ({self.latent_channels}) must equal "
+                    f"`codebook_dim` ({self.codebook_dim})."
+                )
+            if self.norm_type != "group":
+                raise ValueError(
+                    f"`norm_type`={self.norm_type!r} is a VQGAN decoder option; use 'group' with backbone='simvq'."
+                )
         # GroupNorms act on the block channels only (the latent is convolved, never normalised).
         bad_norm = [c for c in self.block_out_channels if c % self.norm_num_groups]
-        if bad_norm and self.norm_type == "group" and self.backbone == "vqgan":
+        if bad_norm and self.norm_type == "group" and self.backbone in ("vqgan", "simvq"):
             raise ValueError(
                 f"`norm_num_groups`={self.norm_num_groups} must divide every entry of `block_out_channels` "
                 f"{self.block_out_channels}; {bad_norm} do not."
@@ -207,7 +241,7 @@ class GroupVQConfig(PreTrainedConfig):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GroupVQConfig:
         """A config from one of the settings in `PRESETS`: "imagenet", "coco", "ablation", "tiny", "vit-imagenet",
-        "vit-imagenet-16" or "vit-tiny"."""
+        "vit-imagenet-16", "vit-tiny", "simvq-imagenet", "simvq-coco" or "simvq-tiny"."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
