@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
 from groupvq_hf.app import (  # noqa: E402
-    MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, main, open_image,
+    MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, load_model, main, open_image,
 )
 from groupvq_hf.data import demo_images  # noqa: E402
 from groupvq_hf.metrics import ReconstructionMetrics  # noqa: E402
@@ -48,6 +48,11 @@ def api_result(model, image, size=None, mode="extend", seed=0):
     return out.indices[0].numpy(), psnr
 
 
+def _components(blocks) -> dict:
+    """The page's components' properties by elem_id (or id)."""
+    return {c["props"].get("elem_id") or c["id"]: c["props"] for c in blocks.config["components"]}
+
+
 # ------------------------------------------------------------------------------------------------ Python side
 def test_resized_copies_are_cached_and_leave_the_loaded_model_unchanged(tiny_model):
     image = demo_images()[1]
@@ -62,6 +67,8 @@ def test_resized_copies_are_cached_and_leave_the_loaded_model_unchanged(tiny_mod
     assert result.codebook_size == 2 * n and abs(result.psnr - psnr) < 1e-3
     assert result.distinct_codes == len(np.unique(indices)) and 1 <= result.groups_used <= 8
     assert result.token_map.size == indices.shape[::-1] and result.reconstruction.size == (64, 64)
+    # The same image again at n: its encoder output is reused, the result is still model.encode's.
+    np.testing.assert_array_equal(tokenizer.tokenize(image).indices, api_result(tiny_model, image)[0])
     assert tokenizer.resized(2 * n, "extend", 0) is tokenizer.resized(2 * n, "extend", 0)  # cached
     assert tokenizer.resized(2 * n, "extend", 1) is not tokenizer.resized(2 * n, "extend", 0)
     assert tokenizer.resized(n, "extend", 0) is tiny_model  # extending by nothing is the model itself
@@ -105,14 +112,13 @@ def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):
     launched = {}
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
     main(["--port", "7999"])
-    texts = [str(c.get("props", {}).get("value", "")) for c in launched["blocks"].config["components"]]
-    page = "\n".join(texts)
+    page = str(_components(launched["blocks"])["missing-model"]["value"])
     assert "`outputs/demo/model` does not exist yet" in page and MAKE_MODEL_COMMAND in page
     assert launched["server_port"] == 7999 and launched["server_name"] == "127.0.0.1"
 
     missing = tmp_path / "nowhere"
     blocks = build_demo(str(missing))
-    page = "\n".join(str(c.get("props", {}).get("value", "")) for c in blocks.config["components"])
+    page = str(_components(blocks)["missing-model"]["value"])
     assert f"`{missing}` could not be loaded" in page and MAKE_MODEL_COMMAND in page
 
 
@@ -121,7 +127,20 @@ def _requirement_names(lines) -> set:
             if line.strip() and line.strip()[0] not in "#-"}
 
 
-def test_space_folder_is_a_gradio_space():
+def test_remote_code_model_serves_the_same_tokens(saved_model):
+    # Through AutoModel / AutoImageProcessor (in this process transformers resolves them to the registered
+    # groupvq_hf classes; tests/test_remote_code.py covers loading where groupvq_hf is not installed).
+    model, processor = load_model(str(saved_model), trust_remote_code=True)
+    library = DemoTokenizer(*load_model(str(saved_model)))
+    image = demo_images()[2]
+    for size, mode in ((None, "extend"), (512, "extend"), (128, "resample")):
+        remote, local = DemoTokenizer(model, processor).tokenize(image, size, mode, 5), library.tokenize(image, size, mode, 5)
+        np.testing.assert_array_equal(remote.indices, local.indices)
+        assert remote.codebook_size == local.codebook_size and remote.psnr == pytest.approx(local.psnr, abs=1e-4)
+
+
+def test_space_folder_is_a_gradio_space(saved_model, monkeypatch):
+    import runpy
     import tomllib
 
     from huggingface_hub import SpaceCard
@@ -137,6 +156,11 @@ def test_space_folder_is_a_gradio_space():
     # The Space installs what the package needs (it is copied beside app.py, not pip-installed) and gradio.
     assert _requirement_names(project["dependencies"]) | {"gradio"} <= requirements
     assert "gradio" in _requirement_names(project["optional-dependencies"]["demo"])
+    # The Space's app builds the page for the model named by GROUPVQ_MODEL (launching only as __main__).
+    monkeypatch.setenv("GROUPVQ_MODEL", str(saved_model))
+    components = _components(runpy.run_path(os.path.join(folder, "app.py"))["demo"])
+    assert components["size"]["value"] == 256 and components["size"]["maximum"] == 1024
+    assert "missing-model" not in components
 
 
 # ------------------------------------------------------------------------------------------------ in the browser

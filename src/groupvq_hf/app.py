@@ -14,6 +14,7 @@ extra (``pip install -e ".[demo]"``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import tempfile
@@ -40,6 +41,7 @@ MAKE_MODEL_COMMAND = """bash scripts/setup.sh && .venv/bin/accelerate launch --c
 MIN_IMAGE_SIDE = 8  # as the training data stream's `min_image_size`
 MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before they are decoded
 MAX_CACHED_MODELS = 4  # resized quantizer copies kept (LRU)
+MAX_CACHED_IMAGES = 16  # encoder outputs kept (LRU), so a codebook change re-runs only quantizer and decoder
 DEMO_PREFIX = "demo:"
 DISPLAY_SIDE = 256  # crops, reconstructions and token maps are shown enlarged to at least this many pixels
 
@@ -142,7 +144,8 @@ class DemoTokenizer:
         self.model = model.eval()
         self.processor = processor if processor is not None else model.default_image_processor()
         self.max_cached = max_cached
-        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cache: OrderedDict[tuple, object] = OrderedDict()  # (size, mode, seed) -> resized model
+        self._latents: OrderedDict[str, torch.Tensor] = OrderedDict()  # image hash -> encoder output
         self._lock = threading.Lock()
 
     @property
@@ -183,6 +186,24 @@ class DemoTokenizer:
             self._cache.popitem(last=False)
         return copied
 
+    def _quantize(self, model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(quantized, indices)`` of ``model.encode(pixels)``; the encoder output is cached per image.
+
+        Every resized copy shares the loaded model's encoder, so a codebook change only re-runs the quantizer
+        (Eq. 1) on the cached latents: the same as ``model.encode``, without its most expensive half.
+        """
+        key = hashlib.sha1(pixels.float().cpu().numpy().tobytes()).hexdigest()
+        latents = self._latents.get(key)
+        if latents is None:
+            enc = model.encode(pixels)
+            self._latents[key] = enc.latents
+            while len(self._latents) > MAX_CACHED_IMAGES:
+                self._latents.popitem(last=False)
+            return enc.quantized, enc.indices
+        self._latents.move_to_end(key)
+        quantized, _, (_, _, indices) = model.quantizer(latents)
+        return quantized, indices
+
     def tokenize(self, image: Image.Image, size: int | None = None, mode: str = "extend", seed: int = 0) -> Tokenized:
         """Crop ``image`` with the processor, encode it with the (resized) codebook, decode, measure."""
         from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -191,10 +212,10 @@ class DemoTokenizer:
             model = self.resized(self.trained_size if size is None else size, mode, seed)
             pixels = self.processor(image, return_tensors="pt").pixel_values.to(self.model.dtype)
             with torch.inference_mode():
-                enc = model.encode(pixels)
-                reconstruction = model.decode(enc.quantized).float().clamp(-1, 1)
+                quantized, indices = self._quantize(model, pixels)
+                reconstruction = model.decode(quantized).float().clamp(-1, 1)
         pred, ref = to_unit_images(reconstruction, "reconstruction"), to_unit_images(pixels.float(), "pixel_values")
-        indices = enc.indices[0].cpu()
+        indices = indices[0].cpu()
         quantizer = model.quantizer
         return Tokenized(
             crop=self.processor.postprocess(pixels)[0],
@@ -223,7 +244,7 @@ def codebook_text(size: int, n: int, mode: str, seed: int) -> str:
     if mode == "extend" and size > n:
         line += f" — the {n:,} trained codes kept, {size - n:,} new codes drawn (Eq. 11)"
     elif mode == "resample":
-        line += f" — all {size:,} cores redrawn from N(0, I)"
+        line += f" — all {size:,} codes drawn anew (new frozen cores)"
     return line
 
 
