@@ -14,6 +14,7 @@ import torch
 from groupvq_hf.data import build_image_dataset
 from groupvq_hf.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 from groupvq_hf.training import (
+    COMPLETE_FILE,
     NonFiniteGuard,
     ResumableBatches,
     list_checkpoints,
@@ -28,7 +29,7 @@ TRAIN = str(REPO_ROOT / "scripts" / "train.py")
 TINY_RUN = [
     "--model_config", "tiny", "--resolution", "32", "--train_batch_size", "4", "--perceptual_weight", "0",
     "--dataloader_num_workers", "0", "--logging_steps", "1", "--validation_steps", "2", "--num_validation_images", "2",
-    "--disc_start", "1", "--report_to", "none", "--seed", "7",
+    "--disc_start", "1", "--report_to", "none", "--seed", "7", "--num_validation_usage_images", "8",
 ]  # fmt: skip
 
 
@@ -143,7 +144,7 @@ def test_missing_lpips_weights_stop_the_run_naming_the_ways_out(tmp_path):
 # ---------------------------------------------------------------------------------------------------- pieces
 def test_resumable_batches_restore_exact_position_across_epochs():
     def stream():
-        return build_image_dataset("demo", resolution=16, seed=5)
+        return build_image_dataset("demo", resolution=16, seed=5, max_samples=8)  # 2 batches per epoch
 
     straight = ResumableBatches(stream(), batch_size=4, seed=5)
     it = iter(straight)
@@ -154,7 +155,7 @@ def test_resumable_batches_restore_exact_position_across_epochs():
     head = [next(it)["pixel_values"] for _ in range(3)]
     assert torch.equal(torch.get_rng_state(), rng_before)  # augmentations leave the global RNG alone
     state = first.state_dict()
-    assert state == {"epoch": 1, "batches_in_epoch": 1}
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 1)
     resumed = ResumableBatches(stream(), batch_size=4, seed=5)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     it = iter(resumed)
@@ -168,7 +169,9 @@ def test_resumable_batches_restore_exact_position_across_epochs():
 def test_checkpoint_listing_rotation_and_resolution(tmp_path):
     for step in (10, 2, 30):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_FILE).write_text("{}")
     (tmp_path / ".tmp-checkpoint-40").mkdir()  # an interrupted save is never picked up
+    (tmp_path / "checkpoint-50").mkdir()  # nor a checkpoint without its completeness marker
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
     assert resolve_resume_path("latest", tmp_path).name == "checkpoint-30"
     assert resolve_resume_path(None, tmp_path) is None
@@ -215,9 +218,12 @@ def test_stop_and_resume_equals_uninterrupted_run_and_exports_model(tmp_path, ca
     from groupvq_hf import GroupVQImageProcessor, GroupVQModel
 
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(full, "--max_train_steps", "5", "--checkpointing_steps", "1")
-    _train(split, "--max_train_steps", "4", "--checkpointing_steps", "3")  # step 4 is lost: resumes from 3
-    result = _train(split, "--max_train_steps", "5", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
+    epoch = ["--max_train_samples", "8"]  # 2 batches per epoch: step 3 is in the second epoch
+    _train(full, "--max_train_steps", "5", "--checkpointing_steps", "1", *epoch)
+    _train(split, "--max_train_steps", "4", "--checkpointing_steps", "3", *epoch)  # step 4 is lost: resumes from 3
+    result = _train(
+        split, "--max_train_steps", "5", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest", *epoch
+    )
     assert result["resumed_from"] == str(split / "checkpoints" / "checkpoint-3") and result["global_step"] == 5
     for name in ("model.safetensors", "model_1.safetensors"):  # raw generator and discriminator at step 5
         a, b = (
@@ -239,19 +245,22 @@ def test_stop_and_resume_equals_uninterrupted_run_and_exports_model(tmp_path, ca
     grid = Image.open(split / "reconstructions.png")
     assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     state = json.loads((split / "checkpoints" / "checkpoint-3" / "training_state_rank0.json").read_text())
-    assert state["data"] == {"epoch": 1, "batches_in_epoch": 1} and state["global_step"] == 3
+    assert (state["data"]["epoch"], state["data"]["batches_in_epoch"], state["global_step"]) == (1, 1, 3)
 
 
-def test_torch_compile_run_with_the_adaptive_gan_weight_exports_plain_keys(tmp_path):
-    """--torch_compile through a GAN step (autograd.grad with retain_graph through the compiled decoder)."""
-    from safetensors.torch import load_file
-
+def test_torch_compile_checkpoints_cross_resume_and_export_plain_keys(tmp_path):
+    """Eager step 1 -> resumed with --torch_compile to 2 (a GAN step with the adaptive weight: autograd.grad with
+    retain_graph through the compiled decoder) -> resumed eagerly to 3. No `_orig_mod.` key anywhere."""
     from groupvq_hf import GroupVQModel
 
-    result = _train(tmp_path, "--max_train_steps", "2", "--torch_compile")
-    assert result["global_step"] == 2
-    keys = load_file(str(tmp_path / "model" / "model.safetensors")).keys()
-    assert not any("_orig_mod" in k for k in keys)
+    gan = ["--adaptive_disc_weight", "--generator_loss", "hinge", "--checkpointing_steps", "1"]
+    _train(tmp_path, "--max_train_steps", "1", *gan)
+    result = _train(tmp_path, "--max_train_steps", "2", "--torch_compile", "--resume_from_checkpoint", "latest", *gan)
+    assert result["resumed_from"].endswith("checkpoint-1") and result["global_step"] == 2
+    result = _train(tmp_path, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", *gan)
+    assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
+    for path in (tmp_path / "checkpoints" / "checkpoint-2" / "model.safetensors", tmp_path / "model" / "model.safetensors"):
+        assert not any("_orig_mod" in k for k in _weights(path))
     assert GroupVQModel.from_pretrained(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).reconstruction.shape == (1, 3, 32, 32)
 
 
@@ -277,3 +286,179 @@ def test_two_process_cpu_run_reads_disjoint_data_and_keeps_replicas_identical(tm
     checkpoint = out_dir / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "training_state_rank0.json").is_file() and (checkpoint / "training_state_rank1.json").is_file()
     assert (checkpoint / "random_states_1.pkl").is_file() and (out_dir / "model" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- epochs
+def _image_folder(path: Path, num_images: int, num_corrupt: int = 0) -> Path:
+    """``num_images`` small PNGs (every third one grayscale) and ``num_corrupt`` undecodable ``.png`` files."""
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(num_images):
+        array = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+        image = Image.fromarray(array)
+        (image.convert("L") if i % 3 == 0 else image).save(path / f"img{i:02d}.png")
+    for i in range(num_corrupt):
+        (path / f"bad{i}.png").write_bytes(b"not an image at all")
+    return path
+
+
+def test_epoch_lengths_from_dataset_sizes(tmp_path):
+    import datasets
+
+    from groupvq_hf.training import dataset_num_examples, steps_per_epoch
+
+    args = parse_args(["--dataset", "imagenet", "--num_epochs", "50", "--train_batch_size", "32"])
+    assert steps_per_epoch(args, world_size=8) == 1_281_167 // 8 // 32
+    args = parse_args(["--dataset", "coco", "--num_epochs", "20", "--gradient_accumulation_steps", "2"])
+    assert steps_per_epoch(args, world_size=1) == 118_287 // 32 // 2
+    with pytest.raises(ValueError, match="--max_train_steps"):
+        steps_per_epoch(parse_args(["--dataset", "imagenet+coco", "--num_epochs", "1"]), world_size=1)
+    folder = _image_folder(tmp_path / "folder", 5, num_corrupt=1)
+    assert dataset_num_examples(str(folder)) == 6  # counted by name: a bad file is only found when decoded
+    blobs = [{"bytes": (folder / f"img{i:02d}.png").read_bytes(), "path": None} for i in range(5)]
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": blobs}, features=features).to_parquet(str(tmp_path / "rows.parquet"))
+    assert dataset_num_examples(str(tmp_path / "rows.parquet")) == 5
+    with pytest.raises(ValueError, match="less than one step"):
+        steps_per_epoch(parse_args(["--dataset", str(tmp_path / "rows.parquet"), "--num_epochs", "1"]), world_size=1)
+
+
+def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path, capsys):
+    """9 images (3 grayscale) + 1 corrupt file, batch 3: 3 steps per epoch, 2 epochs; cosine reaches 0 at step 6.
+    The skipped and converted images the batches report are printed at the end (also with --report_to none)."""
+    folder = _image_folder(tmp_path / "folder", 9, num_corrupt=1)
+    result = _train(
+        tmp_path / "run", "--dataset", str(folder), "--num_epochs", "2", "--train_batch_size", "3",
+        "--lr_scheduler", "cosine", "--num_validation_usage_images", "4",
+    )  # fmt: skip
+    assert result["global_step"] == 6 and result["learning_rate"] == 0.0
+    batches = iter(ResumableBatches(build_image_dataset(str(folder), resolution=32, seed=7), 3, seed=7))
+    skipped = converted = 0
+    for _ in range(6):  # the batches the run trained on
+        batch = next(batches)
+        skipped, converted = skipped + batch["num_skipped"], converted + batch.get("num_converted", 0)
+    assert converted > 0 and (result["skipped_images"], result["converted_images"]) == (skipped, converted)
+    out = capsys.readouterr().out
+    assert f"Training images skipped (undecodable or too small): {skipped}; converted to RGB: {converted}." in out
+
+
+# ---------------------------------------------------------------------------------------------------- validation usage
+def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, capsys):
+    from groupvq_hf import GroupVQModel
+    from groupvq_hf.training import validation_usage
+
+    result = _train(tmp_path, "--max_train_steps", "2", "--num_validation_usage_images", "6")
+    usage, groups = result["validation_codebook_usage"], result["validation_group_usage"]
+    model = GroupVQModel.from_pretrained(tmp_path / "model")
+    assert len(groups) == model.config.num_groups and 0 < usage <= 1
+    assert f"Codebook usage of the EMA model on 6 held-out images: {usage:.3f}" in capsys.readouterr().out
+    # the same figure from the exported EMA model on the same images, counted by hand
+    pixels, _ = __import__("groupvq_hf.training", fromlist=["x"]).validation_images(parse_args(TINY_RUN[:4]), 6)
+    with torch.no_grad():
+        indices = model.encode(pixels).indices
+    assert usage == pytest.approx(indices.unique().numel() / model.config.codebook_size)
+    again = validation_usage(model, pixels, batch_size=4)
+    assert again["codebook_usage"] == usage and again["num_images"] == 6
+    assert model.quantizer.usage_counts(sync=False).sum() == 0  # counters left reset
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, caplog):
+    first = _train(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    recorded = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "run_args.json").read_text())
+    assert recorded["seed"] == 7 and recorded["world_size"] == 1 and recorded["model_config_resolved"]["num_groups"] >= 1
+    assert json.loads((tmp_path / "model" / "run_args.json").read_text())["seed"] == 7
+    other = ["--seed", "1", "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest", "--max_train_steps", "3"]
+    with pytest.raises(ValueError) as err:
+        _train(tmp_path, *other)
+    message = str(err.value)
+    assert "seed: checkpoint 7, now 1" in message and "learning_rate: checkpoint 0.0001, now 0.001" in message
+    assert "disc_learning_rate: checkpoint 0.0001, now 0.001" in message  # it follows --learning_rate
+    assert "--allow_resume_changes disc_learning_rate,learning_rate,seed" in message
+    assert _weights(tmp_path / "model" / "model.safetensors")  # the old export is untouched
+    # a deliberate change is allowed by name; more steps always are
+    result = _train(tmp_path, *other, "--allow_resume_changes", "seed,learning_rate,disc_learning_rate")
+    assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
+    assert result["weights_sha256"] != first["weights_sha256"]
+    with pytest.raises(ValueError, match="allow_resume_changes"):
+        parse_args(["--allow_resume_changes", "no_such_flag"])
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _train(tmp_path, "--max_train_steps", "1")  # a fresh run in a folder that holds checkpoints
+    assert "already holds checkpoints of an earlier run (checkpoint-2)" in caplog.text
+
+
+def test_interrupted_checkpoint_replacement_leaves_latest_on_the_newest_complete(tmp_path, monkeypatch):
+    """Kill (simulated) between setting the old checkpoint-4 aside and renaming the new one in; and an old-style
+    half-deleted checkpoint-6 without its marker: `latest` is the complete checkpoint-2."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from groupvq_hf import fileio
+    from groupvq_hf.training import save_checkpoint
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = accelerator.prepare(torch.nn.Linear(2, 2))
+        root = tmp_path / "checkpoints"
+        for step in (2, 4):
+            save_checkpoint(accelerator, root, step, {"global_step": step}, None, {"seed": 0})
+        assert [p.name for p in list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
+        assert (root / "checkpoint-4" / COMPLETE_FILE).is_file() and (root / "checkpoint-4" / "run_args.json").is_file()
+
+        real_replace = fileio.os.replace
+
+        def killed_after_setting_aside(src, dst):
+            if Path(src).name.startswith(".tmp-"):
+                raise KeyboardInterrupt("killed")
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(fileio.os, "replace", killed_after_setting_aside)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(accelerator, root, 4, {"global_step": 4}, None, {"seed": 0})
+        monkeypatch.setattr(fileio.os, "replace", real_replace)
+        assert not (root / "checkpoint-4").exists()
+        half = root / "checkpoint-6"  # what the old save left when killed inside rmtree
+        half.mkdir()
+        (half / "training_state_rank0.json").write_text(json.dumps({"global_step": 6}))
+        assert resolve_resume_path("latest", root).name == "checkpoint-2"
+        with pytest.raises(ValueError, match="incomplete"):
+            resolve_resume_path(str(half), root)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+
+def test_export_is_swapped_in_whole(tmp_path, monkeypatch, tiny_model):
+    from groupvq_hf import GroupVQModel
+    from groupvq_hf.training import save_export
+
+    target = save_export(tiny_model, tmp_path / "model", {"seed": 0})
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "run_args.json"} <= set(before)
+
+    def dies_halfway(self, folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{}")
+        raise KeyboardInterrupt("killed during the export")
+
+    monkeypatch.setattr(GroupVQModel, "save_pretrained", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_export(tiny_model, target, {"seed": 1})
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("batch_size, workers", [(1, 0), (32, 2)])
+def test_demo_trains_with_any_batch_size_and_worker_count(tmp_path, batch_size, workers):
+    result = _train(
+        tmp_path, "--max_train_steps", "1", "--train_batch_size", str(batch_size),
+        "--dataloader_num_workers", str(workers), "--validation_steps", "0",
+    )  # fmt: skip
+    assert result["global_step"] == 1 and 0 < result["validation_codebook_usage"] <= 1

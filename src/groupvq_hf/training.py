@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,15 @@ from .stream import ResumableBatches  # noqa: F401  (re-exported: moved next to 
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state_rank{rank}.json"
+RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
+COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
+# Arguments that do not change what a run computes (or that a resume may extend): never compared on resume.
+RESUME_CHANGES_ALWAYS_ALLOWED = (
+    "output_dir", "resume_from_checkpoint", "allow_resume_changes", "max_train_steps", "num_epochs",
+    "checkpointing_steps", "checkpoints_total_limit", "report_to", "tracker_project_name", "logging_steps",
+    "validation_steps", "num_validation_images", "num_validation_usage_images", "log_example_keys",
+    "max_nonfinite_steps", "lpips_weights", "torch_compile",
+)  # fmt: skip
 DEFAULT_DEMO_STEPS = 300
 
 
@@ -66,7 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local VGG16/LPIPS weights file when the standard download is not reachable",
     )
-    g.add_argument("--disc_weight", type=float, default=0.8)
+    g.add_argument(
+        "--generator_loss",
+        default="non_saturating",
+        choices=["non_saturating", "hinge"],
+        help="GAN loss of the generator: SimVQ's non-saturating softplus(-mean logit per image) (default) or "
+        "VQGAN's hinge -mean D(x_rec); the discriminator always uses the hinge loss",
+    )
+    g.add_argument(
+        "--disc_weight",
+        type=float,
+        default=0.1,
+        help="weight of the generator's GAN loss: fixed (SimVQ's gen_loss_weight 0.1), or with "
+        "--adaptive_disc_weight the factor on VQGAN's adaptive weight (taming-transformers used 0.8); 0 turns the GAN off",
+    )
+    g.add_argument(
+        "--adaptive_disc_weight",
+        action="store_true",
+        help="scale the GAN loss by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer",
+    )
     g.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator and the GAN loss start")
     g.add_argument("--disc_layers", type=int, default=3)
     g.add_argument("--disc_channels", type=int, default=64)
@@ -78,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_epochs",
         type=int,
         default=None,
-        help="stop once a process starts epoch num_epochs (when no --max_train_steps)",
+        help="train this many epochs (stop once a process starts epoch num_epochs); learning-rate schedules decay "
+        "over num_epochs x the steps of one epoch (the dataset's size / (batch x processes x accumulation)), so the "
+        "size must be known: the named sources, local files and the demo; otherwise give --max_train_steps",
     )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
@@ -92,8 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers scheduler name (constant, constant_with_warmup, cosine, ...)",
     )
     g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument(
+        "--max_grad_norm", type=float, default=0.0, help="clip gradient norms to this value; 0 (default, SimVQ) disables"
+    )
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay, fixed from the first step (SimVQ)")
+    g.add_argument(
+        "--ema_warmup",
+        action="store_true",
+        help="ramp the EMA decay as diffusers' EMAModel does by default: min(ema_decay, (1 + t) / (10 + t))",
+    )
     g.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
     g.add_argument("--max_nonfinite_steps", type=int, default=20, help="consecutive NaN/inf steps before the run stops")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
@@ -104,20 +141,77 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="outputs/groupvq")
     g.add_argument("--checkpointing_steps", type=int, default=5000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (the newest complete checkpoint in <output_dir>/checkpoints) or a checkpoint folder; the "
+        "run's arguments must match the checkpoint's (see --allow_resume_changes)",
+    )
+    g.add_argument(
+        "--allow_resume_changes",
+        default="",
+        help="comma-separated arguments that may differ from the checkpoint's on resume (e.g. 'learning_rate,seed'); "
+        f"always allowed: {', '.join(RESUME_CHANGES_ALWAYS_ALLOWED)}",
+    )
     g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
     g.add_argument("--tracker_project_name", default="groupvq")
     g.add_argument("--logging_steps", type=int, default=50)
     g.add_argument(
-        "--validation_steps", type=int, default=1000, help="reconstruction grid every N steps (0: only at the end)"
+        "--validation_steps",
+        type=int,
+        default=1000,
+        help="every N steps (0: only at the end) the EMA model's reconstruction grid and its codebook usage on "
+        "held-out images",
     )
-    g.add_argument("--num_validation_images", type=int, default=8)
+    g.add_argument("--num_validation_images", type=int, default=8, help="images in the reconstruction grid")
+    g.add_argument(
+        "--num_validation_usage_images",
+        type=int,
+        default=256,
+        help="held-out images (--validation_split, center crops) over which codebook usage is counted at each "
+        "validation; 0 turns the measurement off",
+    )
     g.add_argument(
         "--log_example_keys",
         action="store_true",
         help="write each process's example keys and weight hash to <output_dir>/example_keys/",
     )
     return p
+
+
+# The loss and optimiser settings that make up the recipe, and how the model card names them.
+RECIPE_ARGUMENTS = (
+    "perceptual_weight", "generator_loss", "disc_weight", "adaptive_disc_weight", "disc_start", "commitment_weight",
+    "learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "lr_scheduler",
+    "lr_warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "no_ema",
+)  # fmt: skip
+SIMVQ_RECIPE = (
+    "SimVQ's released recipe (`configs/imagenet_simvq_128_B.yaml`, which the paper's section 4.1 follows), the "
+    "default of `scripts/train.py` in groupvq-hf: L1 + LPIPS (VGG16, weight 1) reconstruction loss; a PatchGAN "
+    "discriminator from step 0 with the hinge loss; the non-saturating generator loss (softplus of minus each "
+    "image's mean patch logit) with a fixed weight 0.1 (no adaptive weight); the Group-VQ commitment loss "
+    "`0.25*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3) with weight 1; Adam, learning rate 1e-4 constant, betas "
+    "(0.5, 0.9), no gradient clipping; only the projectors W_j, b_j of the codebook train, the cores stay frozen "
+    "(Algorithm 1). The exported weights are an EMA of the trained ones with a fixed decay 0.999."
+)
+
+
+def describe_recipe(training: dict | None) -> str:
+    """The model card's training summary: SimVQ's recipe, and which of its settings ``training`` (the arguments
+    of ``scripts/train.py``, e.g. its ``run_args.json``) changed."""
+    if not training or not any(name in training for name in RECIPE_ARGUMENTS):
+        return SIMVQ_RECIPE + " The training arguments of this checkpoint were not supplied."
+    parser = build_parser()
+    changed = []
+    for name in RECIPE_ARGUMENTS:
+        default = parser.get_default(name)
+        if name == "disc_learning_rate" and default is None:
+            default = training.get("learning_rate", parser.get_default("learning_rate"))
+        if name in training and training[name] != default:
+            changed.append(f"`--{name} {training[name]}`")
+    if not changed:
+        return "Trained with " + SIMVQ_RECIPE
+    return f"Trained with {SIMVQ_RECIPE} **Changed from that recipe for this run:** {', '.join(changed)}."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,7 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` must be >= 1, got {value}.")
-    for name in ("checkpointing_steps", "validation_steps", "dataloader_num_workers", "disc_start", "lr_warmup_steps"):
+    for name in (
+        "checkpointing_steps", "validation_steps", "dataloader_num_workers", "disc_start", "lr_warmup_steps",
+        "num_validation_usage_images",
+    ):  # fmt: skip
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
     for name in ("perceptual_weight", "disc_weight", "commitment_weight", "max_grad_norm", "learning_rate"):
@@ -154,6 +251,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model_config = {"demo": "tiny", "coco": "coco"}.get(first, "imagenet")
     if args.disc_learning_rate is None:
         args.disc_learning_rate = args.learning_rate
+    allowed = [name.strip().lstrip("-") for name in args.allow_resume_changes.split(",") if name.strip()]
+    unknown = sorted(set(allowed) - set(vars(args)) - {"world_size", "model_config_resolved"})
+    if unknown:
+        raise ValueError(
+            f"`--allow_resume_changes` names unknown arguments {unknown}; expected names of this script's arguments "
+            "(e.g. learning_rate,seed) or world_size."
+        )
+    args.allow_resume_changes = ",".join(allowed)
     return args
 
 
@@ -177,13 +282,112 @@ def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
     return config
 
 
+# ---------------------------------------------------------------------------------------------------- epochs
+# Images per split of the named sources (ImageNet-1k: ILSVRC 2012; COCO: 2017 images), for schedules in epochs.
+KNOWN_DATASET_SIZES = {
+    ("imagenet", "train"): 1_281_167, ("imagenet", "validation"): 50_000,
+    ("imagenet-wds", "train"): 1_281_167, ("imagenet-wds", "validation"): 50_000,
+    ("coco", "train"): 118_287, ("coco", "validation"): 5_000,
+}  # fmt: skip
+
+
+def _count_local_rows(kind: str, files: list[str]) -> int:
+    """Rows of local parquet files (from their metadata), images of an image folder, or images in tar shards."""
+    from .data import IMAGE_EXTENSIONS
+
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.endswith(".parquet"))
+    if kind == "webdataset":
+        import tarfile
+
+        total = 0
+        for f in files:
+            with tarfile.open(f) as tar:
+                total += sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
+        return total
+    return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
+    """Examples in one epoch of ``dataset``'s ``split``, or None when it cannot be known without reading it all.
+
+    Named sources: their published sizes (or the rows of a local mirror named by ``GROUPVQ_<NAME>_PATH``); local
+    files: parquet metadata, image files, images in tar shards (the split resolved as ``datasets`` resolves it);
+    the demo: the rows of its source (cheap, nothing is decoded); Hub repo ids: the split sizes of the dataset's
+    info when it has them (needs the network). Mixed specs (``a+b``) have a random epoch length: None.
+    """
+    from .data import SOURCES, _local_loader, load_image_source, parse_dataset_spec
+
+    parts = parse_dataset_spec(dataset)
+    if len(parts) != 1:
+        return None
+    name = parts[0][0]
+    if name == "demo":
+        return sum(1 for _ in load_image_source("demo", split))
+    source = SOURCES.get(name)
+    path = Path(source.location() if source is not None else name).expanduser()
+    if path.exists():
+        import datasets
+
+        kind, kwargs = _local_loader(path)
+        builder = datasets.load_dataset_builder(kind, **kwargs)
+        files = builder.config.data_files or {}
+        wanted = "train" if path.is_file() else (source.split(split) if source is not None else split)
+        for candidate in (wanted, {"validation": "val", "val": "validation"}.get(wanted)):
+            if candidate in files:
+                return _count_local_rows(kind, [str(f) for f in files[candidate]])
+        return None
+    if source is not None:
+        return KNOWN_DATASET_SIZES.get((name, split))
+    try:  # a Hub repo id: the split sizes its card or parquet export publish (needs the network)
+        import datasets
+
+        splits = datasets.load_dataset_builder(name).info.splits or {}
+        size = splits[split].num_examples if split in splits else 0
+        return int(size) or None
+    except Exception:  # offline, gated, or no such information
+        return None
+
+
+def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
+    """Optimizer steps in one epoch: the dataset's size (capped by ``--max_train_samples`` per process and loader
+    worker) // (batch x processes) // accumulation. ValueError when the size is unknown or too small."""
+    size = dataset_num_examples(args.dataset, args.dataset_split)
+    if size is None:
+        raise ValueError(
+            f"`--num_epochs` needs the number of images in `--dataset` {args.dataset!r} (split "
+            f"{args.dataset_split!r}) to decay the learning-rate schedule over the run, and it is not known without "
+            "reading the whole stream; give `--max_train_steps` instead (or as well)."
+        )
+    per_process = size // world_size
+    if args.max_train_samples is not None:
+        per_process = min(per_process, args.max_train_samples * max(1, args.dataloader_num_workers))
+    steps = per_process // args.train_batch_size // args.gradient_accumulation_steps
+    if steps < 1:
+        raise ValueError(
+            f"`--dataset` {args.dataset!r} has {size} images in split {args.dataset_split!r}: less than one step of "
+            f"`--train_batch_size` {args.train_batch_size} x {world_size} processes x "
+            f"`--gradient_accumulation_steps` {args.gradient_accumulation_steps} per epoch."
+        )
+    return steps
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Finished checkpoints (``checkpoint-<step>``) in ``checkpoint_dir``, oldest step first."""
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a finished checkpoint (its ``COMPLETE_FILE`` marker is written last)."""
+    return (Path(path) / COMPLETE_FILE).is_file()
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike, complete_only: bool = True) -> list[Path]:
+    """Checkpoints (``checkpoint-<step>``) in ``checkpoint_dir``, oldest step first; only complete ones by default."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    if complete_only:
+        found = [p for p in found if is_complete_checkpoint(p)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -199,7 +403,8 @@ def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | Non
 
 
 def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
-    """``"latest"`` -> newest checkpoint in ``checkpoint_dir`` (None when there is none); a path must exist."""
+    """``"latest"`` -> newest complete checkpoint in ``checkpoint_dir`` (None when there is none); a path must
+    exist and be complete."""
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint == "latest":
@@ -210,15 +415,32 @@ def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: str 
         raise ValueError(
             f"`--resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {str(path)!r}."
         )
+    if (path / STATE_FILE.format(rank=0)).is_file() and not is_complete_checkpoint(path):
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(path)!r} is incomplete (no {COMPLETE_FILE}: its save was interrupted); "
+            "resume from an earlier checkpoint or 'latest' (the newest complete one)."
+        )
     return path
 
 
-def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, rank_state: dict, total_limit: int | None) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then an atomic rename to ``checkpoint-<step>``.
+def save_checkpoint(
+    accelerator,
+    checkpoint_dir: Path,
+    step: int,
+    rank_state: dict,
+    total_limit: int | None,
+    run_args: dict | None = None,
+) -> Path:
+    """``accelerator.save_state`` into a temporary folder, then swapped in atomically as ``checkpoint-<step>``.
 
-    Every process writes its RNG state and ``training_state_rank<r>.json`` (step, data position). Old checkpoints
-    are rotated to ``total_limit`` after the new one is complete. Needs a file system shared by all processes.
+    Every process writes its RNG state and ``training_state_rank<r>.json`` (step, data position); the main process
+    then writes ``run_args`` (the arguments that define the run, see [`run_arguments`]) and, last, the
+    ``COMPLETE_FILE`` marker, and swaps the folder in with ``fileio.replace_directory`` (old aside, new in, old
+    deleted). A kill at any moment leaves the newest complete checkpoint for ``latest``. Old checkpoints are
+    rotated to ``total_limit`` after the new one is in place. Needs a file system shared by all processes.
     """
+    from .fileio import replace_directory
+
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = checkpoint_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
@@ -231,9 +453,10 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, rank_state: di
     state_file.write_text(json.dumps(rank_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if run_args is not None:
+            (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
+        (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
+        replace_directory(tmp, final)
         rotate_checkpoints(checkpoint_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
@@ -249,6 +472,57 @@ def load_rank_state(checkpoint: Path, rank: int) -> dict:
             f"`--resume_from_checkpoint` {str(checkpoint)!r} has no {STATE_FILE.format(rank=0)}: not a groupvq checkpoint."
         )
     return json.loads(path.read_text())
+
+
+def run_arguments(args: argparse.Namespace, config: GroupVQConfig, world_size: int) -> dict:
+    """What defines a run, as recorded in every checkpoint: every argument (JSON values), the number of processes
+    and the resolved model config (so a changed config file behind the same ``--model_config`` path is seen)."""
+    record = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str))}
+    model_config = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path"):
+        model_config.pop(volatile, None)
+    record.update(world_size=int(world_size), model_config_resolved=json.loads(json.dumps(model_config)))
+    return record
+
+
+def run_argument_differences(saved: dict, current: dict, allowed: str | list[str] = "") -> list[str]:
+    """``"name: checkpoint A, now B"`` for every argument that differs, except ``RESUME_CHANGES_ALWAYS_ALLOWED``
+    and the comma-separated names in ``allowed``; keys of ``model_config_resolved`` are compared one by one."""
+    if isinstance(allowed, str):
+        allowed = [name for name in allowed.split(",") if name]
+    skip = set(RESUME_CHANGES_ALWAYS_ALLOWED) | set(allowed)
+    lines = []
+    for name in sorted(set(saved) | set(current)):
+        if name in skip:
+            continue
+        old, new = saved.get(name, "<not set>"), current.get(name, "<not set>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += [
+                f"{name}.{key}: checkpoint {old.get(key, '<not set>')!r}, now {new.get(key, '<not set>')!r}"
+                for key in sorted(set(old) | set(new))
+                if old.get(key, "<not set>") != new.get(key, "<not set>")
+            ]
+        elif old != new:
+            lines.append(f"{name}: checkpoint {old!r}, now {new!r}")
+    return lines
+
+
+def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -> list[str]:
+    """Raise ValueError when ``checkpoint`` was written by a run with other arguments (listing them); returns
+    a warning line list (empty when all is well, one line for a checkpoint that recorded no arguments)."""
+    path = Path(checkpoint) / RUN_ARGS_FILE
+    if not path.is_file():
+        return [f"{checkpoint} records no run arguments (written by an older groupvq-hf): cannot check that it belongs to this run."]
+    differences = run_argument_differences(json.loads(path.read_text()), current, allowed)
+    if differences:
+        names = ",".join(sorted({line.split(":")[0].split(".")[0] for line in differences}))
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} belongs to a run with other arguments:\n  "
+            + "\n  ".join(differences)
+            + f"\nResume with the checkpoint's arguments, start in a new `--output_dir`, or allow these changes "
+            f"deliberately with `--allow_resume_changes {names}`."
+        )
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -309,6 +583,51 @@ class NonFiniteGuard:
         return False
 
 
+@functools.cache
+def _fixed_decay_ema_class():
+    from diffusers.training_utils import EMAModel
+
+    class FixedDecayEMAModel(EMAModel):
+        """diffusers' ``EMAModel`` whose decay is ``decay`` from the first update on (SimVQ's EMA); the parent ramps
+        it as ``min(decay, (1 + t) / (10 + t))`` and copies the weights at the first update."""
+
+        def get_decay(self, optimization_step: int) -> float:
+            return self.decay
+
+    return FixedDecayEMAModel
+
+
+def build_loss_fn(args: argparse.Namespace, perceptual=None):
+    """The [`VQGANLoss`] the arguments describe (SimVQ's recipe by default; see ``--generator_loss``,
+    ``--adaptive_disc_weight``)."""
+    from .losses import VQGANLoss
+
+    return VQGANLoss(
+        perceptual, args.perceptual_weight, args.disc_weight, args.disc_start, args.commitment_weight,
+        adaptive_weight=args.adaptive_disc_weight, generator_loss=args.generator_loss,
+    )  # fmt: skip
+
+
+def save_export(model, model_dir: Path, run_args: dict) -> Path:
+    """``model.save_pretrained`` plus ``RUN_ARGS_FILE`` into a temporary folder swapped in as ``model_dir``
+    (``fileio.atomic_directory``): a kill or an error leaves the previous export or this one, never a mix."""
+    from .fileio import atomic_directory
+
+    with atomic_directory(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
+    return Path(model_dir)
+
+
+def build_ema(parameters, decay: float, warmup: bool = False):
+    """An EMA of ``parameters``: fixed ``decay`` (default), or diffusers' ramped decay with ``warmup``."""
+    if warmup:
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(parameters, decay=decay)
+    return _fixed_decay_ema_class()(parameters, decay=decay)
+
+
 def tracker_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
 
@@ -337,11 +656,10 @@ def train(args: argparse.Namespace) -> dict:
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from .data import build_image_dataset
-    from .losses import PatchGANDiscriminator, VQGANLoss
+    from .losses import PatchGANDiscriminator
     from .modeling_groupvq import GroupVQModel
 
     logger = get_logger("groupvq_hf.train", log_level="INFO")
@@ -371,13 +689,15 @@ def train(args: argparse.Namespace) -> dict:
             perceptual = lpips_network(args.lpips_weights).to(accelerator.device)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err} Or train without the perceptual loss: --perceptual_weight 0.") from err
-    loss_fn = VQGANLoss(perceptual, args.perceptual_weight, args.disc_weight, args.disc_start, args.commitment_weight)
+    loss_fn = build_loss_fn(args, perceptual)
     if args.torch_compile:
         # The adaptive GAN weight takes autograd.grad(..., retain_graph=True) through the decoder, which compiled
         # backwards with donated buffers refuse.
         torch._functorch.config.donated_buffer = False
-        model.encoder = torch.compile(model.encoder)
-        model.decoder = torch.compile(model.decoder)
+        # Module.compile() compiles in place: parameter names (checkpoints, exports) carry no `_orig_mod.`, so a
+        # compiled run's checkpoint resumes without --torch_compile and the other way round.
+        model.encoder.compile()
+        model.decoder.compile()
     betas = (args.adam_beta1, args.adam_beta2)
     opt_g = torch.optim.Adam(
         model.parameters(), lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay
@@ -385,7 +705,11 @@ def train(args: argparse.Namespace) -> dict:
     opt_d = torch.optim.Adam(
         discriminator.parameters(), lr=args.disc_learning_rate, betas=betas, weight_decay=args.adam_weight_decay
     )
-    total_steps = args.max_train_steps or 10**9
+    if args.max_train_steps is None:  # --num_epochs alone: the schedule spans the epochs' real number of steps
+        epoch_steps = steps_per_epoch(args, world)
+        args.max_train_steps = args.num_epochs * epoch_steps
+        logger.info(f"{args.num_epochs} epochs of {epoch_steps} steps: {args.max_train_steps} steps.")
+    total_steps = args.max_train_steps
     sched_g, sched_d = (
         get_scheduler(
             args.lr_scheduler,
@@ -395,7 +719,7 @@ def train(args: argparse.Namespace) -> dict:
         )
         for opt in (opt_g, opt_d)
     )
-    ema = None if args.no_ema else EMAModel(model.parameters(), decay=args.ema_decay)
+    ema = None if args.no_ema else build_ema(model.parameters(), args.ema_decay, args.ema_warmup)
     model, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         model, discriminator, opt_g, opt_d, sched_g, sched_d
     )
@@ -412,24 +736,43 @@ def train(args: argparse.Namespace) -> dict:
         shuffle_buffer_size=args.shuffle_buffer_size,
     )  # fmt: skip
     batches = ResumableBatches(stream, args.train_batch_size, args.dataloader_num_workers, args.seed, rank)
-    global_step, skipped_images = 0, 0
+    global_step, skipped_images, converted_images = 0, 0, 0
 
+    run_args = run_arguments(args, config, world)
     resume = resolve_resume_path(args.resume_from_checkpoint, checkpoint_dir)
     if resume is not None:
         state = load_rank_state(resume, rank)  # first: a clear error for a folder that is no checkpoint of ours
+        for warning in check_resume_arguments(resume, run_args, args.allow_resume_changes):
+            logger.warning(warning)
         accelerator.load_state(str(resume))
         global_step, skipped_images = int(state["global_step"]), int(state.get("skipped_images", 0))
+        converted_images = int(state.get("converted_images", 0))
         batches.load_state_dict(state["data"])
         if ema is not None:
             ema.to(accelerator.device)
         logger.info(f"Resumed from {resume} at step {global_step} (data position {state['data']}).")
     elif args.resume_from_checkpoint:
         logger.info(f"No checkpoint in {checkpoint_dir}; starting from scratch.")
+    if resume is None and list_checkpoints(checkpoint_dir, complete_only=False):
+        found = ", ".join(p.name for p in list_checkpoints(checkpoint_dir, complete_only=False))
+        logger.warning(
+            f"{checkpoint_dir} already holds checkpoints of an earlier run ({found}) and this run starts from "
+            "scratch: its checkpoints replace those of the same steps. To continue that run pass "
+            "`--resume_from_checkpoint latest`; to keep the runs apart use another `--output_dir`."
+        )
 
-    # A fixed batch for the reconstruction grids (main process only).
-    eval_pixels = None
+    # The held-out images for codebook usage, the first of them for the reconstruction grids (main process only).
+    eval_pixels, usage_pixels = None, None
     if accelerator.is_main_process:
-        eval_pixels = fixed_eval_batch(args).to(accelerator.device)
+        pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
+        eval_pixels = pixels[: args.num_validation_images].to(accelerator.device)
+        if args.num_validation_usage_images:
+            usage_pixels = pixels[: args.num_validation_usage_images]
+            logger.info(
+                f"Codebook usage is measured on {len(usage_pixels)} images of split {split!r} "
+                f"({'held out' if split != args.dataset_split else 'the training split: the source has no other'})."
+            )
+    val_usage: dict = {}
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
@@ -447,7 +790,8 @@ def train(args: argparse.Namespace) -> dict:
     scaled = accelerator.scaler is not None  # fp16 loss scaling
     sums: dict[str, torch.Tensor] = {}
     counts: Counter = Counter()
-    local_skipped, t_log = 0, time.perf_counter()
+    local_counts, t_log = torch.zeros(2, dtype=torch.long), time.perf_counter()  # images skipped, converted
+    postfix: dict[str, str] = {}
     keys_seen: list[str] = []
     clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
     model.train()
@@ -458,7 +802,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.num_epochs is not None and _any_process(accelerator, batches.epoch >= args.num_epochs):
             break
         pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-        local_skipped += batch["num_skipped"]
+        local_counts += torch.tensor([batch["num_skipped"], batch.get("num_converted", 0)])
         if args.log_example_keys:
             keys_seen.extend(batch["keys"])
         gan = loss_fn.discriminator_active(global_step)
@@ -516,36 +860,51 @@ def train(args: argparse.Namespace) -> dict:
         if global_step % args.logging_steps == 0:
             means = accelerator.reduce(torch.stack([sums[k].to(accelerator.device) / counts[k] for k in sums]), "mean")
             stats = {f"train/{k}": float(v) for k, v in zip(sums, means)}
-            skipped_images += int(accelerator.reduce(torch.tensor(local_skipped, device=accelerator.device), "sum"))
-            usage = plain_model.quantizer.codebook_usage()  # all-reduced over processes: called on every rank
+            skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
+            # Usage of the codes the training batches hit since the last log (not held-out usage; all-reduced over
+            # processes: called on every rank).
+            usage = plain_model.quantizer.codebook_usage()
             groups = plain_model.quantizer.group_usage()
             plain_model.quantizer.reset_usage()
             elapsed = time.perf_counter() - t_log
             stats.update(
                 {
                     "train/lr": sched_g.get_last_lr()[0],
-                    "train/codebook_usage": usage,
+                    "train/window_codebook_usage": usage,
                     "train/samples_per_second": samples_per_step * args.logging_steps / max(elapsed, 1e-9),
                     "data/skipped_images": skipped_images,
+                    "data/converted_images": converted_images,
                     "data/epoch": batches.epoch,
                     "train/nonfinite_steps": guard_g.total + guard_d.total,
                 }
             )
-            stats.update({f"codebook_usage/group_{j:03d}": u for j, u in enumerate(groups)})
+            stats.update({f"train/window_group_usage/group_{j:03d}": u for j, u in enumerate(groups)})
             accelerator.log(stats, step=global_step)
-            progress.set_postfix(loss=f"{stats.get('train/loss', float('nan')):.4f}", usage=f"{usage:.2f}")
+            postfix.update(loss=f"{stats.get('train/loss', float('nan')):.4f}", window_usage=f"{usage:.2f}")
+            progress.set_postfix(postfix)
             sums.clear()
             counts.clear()
-            local_skipped, t_log = 0, time.perf_counter()
+            t_log = time.perf_counter()
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
             rank_state = {
                 "global_step": global_step, "data": batches.state_dict(), "skipped_images": skipped_images,
+                "converted_images": converted_images,
                 "world_size": world,
             }  # fmt: skip
-            path = save_checkpoint(accelerator, checkpoint_dir, global_step, rank_state, args.checkpoints_total_limit)
+            path = save_checkpoint(
+                accelerator, checkpoint_dir, global_step, rank_state, args.checkpoints_total_limit, run_args
+            )
             logger.info(f"Saved checkpoint {path}")
         if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-            log_reconstructions(accelerator, export_model(plain_model, ema), eval_pixels, global_step)
+            ema_model = export_model(plain_model, ema)
+            log_reconstructions(accelerator, ema_model, eval_pixels, global_step)
+            if usage_pixels is not None:
+                val_usage = validation_usage(ema_model, usage_pixels, args.train_batch_size)
+                accelerator.log(usage_stats(val_usage), step=global_step)
+                postfix["val_usage"] = f"{val_usage['codebook_usage']:.2f}"
+                progress.set_postfix(postfix)
+            del ema_model
         if args.max_train_steps is not None and global_step >= args.max_train_steps:
             break
     progress.close()
@@ -557,27 +916,54 @@ def train(args: argparse.Namespace) -> dict:
     if len(set(digests)) != 1:
         raise RuntimeError(f"Model replicas diverged across processes: {digests}")
     logger.info(f"Weights in sync across {world} processes (sha256 {digest[:16]}).")
+    skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
     if args.log_example_keys:
         keys_dir = output_dir / "example_keys"
         keys_dir.mkdir(parents=True, exist_ok=True)
         (keys_dir / f"rank{rank}.json").write_text(json.dumps({"keys": keys_seen, "weights_sha256": digest}))
     result = {
-        "global_step": global_step, "skipped_images": skipped_images, "weights_sha256": digest,
-        "resumed_from": None if resume is None else str(resume),
+        "global_step": global_step, "skipped_images": skipped_images, "converted_images": converted_images,
+        "weights_sha256": digest, "resumed_from": None if resume is None else str(resume),
+        "learning_rate": sched_g.get_last_lr()[0],
     }  # fmt: skip
     if accelerator.is_main_process:
         final = export_model(plain_model, ema)
-        model_dir = output_dir / "model"
-        final.save_pretrained(model_dir)
+        model_dir = save_export(final, output_dir / "model", run_args)
         grid_path = output_dir / "reconstructions.png"
         grid = reconstruction_grid(eval_pixels, reconstruct(final, eval_pixels))
         grid.save(grid_path)
         log_reconstructions(accelerator, final, eval_pixels, global_step, grid)
-        print(f"Model saved to {model_dir.resolve()}")
+        print(f"Model saved to {model_dir.resolve()} (training arguments in {RUN_ARGS_FILE})")
         print(f"Reconstruction grid (top: originals, bottom: reconstructions) saved to {grid_path.resolve()}")
+        if usage_pixels is not None:
+            val_usage = validation_usage(final, usage_pixels, args.train_batch_size)
+            accelerator.log(usage_stats(val_usage), step=global_step)
+            groups = val_usage["group_usage"]
+            print(
+                f"Codebook usage of the EMA model on {val_usage['num_images']} held-out images: "
+                f"{val_usage['codebook_usage']:.3f} (per group: min {min(groups):.3f}, max {max(groups):.3f})"
+            )
+            result.update(
+                validation_codebook_usage=val_usage["codebook_usage"], validation_group_usage=groups
+            )
         result.update(model_dir=str(model_dir), grid_path=str(grid_path))
+    # Printed also without trackers (--report_to none): every process has the totals.
+    if accelerator.is_main_process:
+        print(
+            f"Training images skipped (undecodable or too small): {skipped_images}; converted to RGB: "
+            f"{converted_images}."
+        )
     accelerator.end_training()
     return result
+
+
+def _add_counts(accelerator, local_counts: torch.Tensor, skipped: int, converted: int) -> tuple[int, int]:
+    """Add the image counts of every process since the last call (a collective: all ranks call it) and zero them."""
+    total = local_counts.to(accelerator.device, copy=True)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    local_counts.zero_()
+    return skipped + int(total[0]), converted + int(total[1])
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -606,20 +992,56 @@ def export_model(plain_model, ema):
     return final.eval()
 
 
-def fixed_eval_batch(args: argparse.Namespace) -> torch.Tensor:
-    """``--num_validation_images`` center-cropped images of the validation split (train split when it has none)."""
+def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.Tensor, str]:
+    """The first ``num_images`` center crops of ``--validation_split`` (CPU), and the split they came from: the
+    training split only when the source has no validation split (then they are not held out)."""
     from .data import build_image_dataset, collate_pixels
 
-    kwargs = dict(
-        resolution=args.resolution, train=False, image_column=args.image_column, max_samples=args.num_validation_images
-    )
+    kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
+    for split in (args.validation_split, args.dataset_split):
+        try:
+            examples = list(build_image_dataset(args.dataset, split, **kwargs))
+        except Exception:  # no such split in this source (the error type depends on the source's format)
+            examples = []
+        examples = [example for example in examples if example.get("pixel_values") is not None]  # no bad images
+        if examples:
+            return collate_pixels(examples), split
+    raise ValueError(f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r}).")
+
+
+@torch.no_grad()
+def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
+    """Codebook usage (overall and per group) of ``model`` on ``pixels``, counted in this process only.
+
+    Uses the quantizer's own counters with ``sync=False`` (no collective: safe on the main process of a
+    distributed run) and leaves them reset. Returns ``codebook_usage``, ``group_usage`` and ``num_images``.
+    """
+    quantizer = model.quantizer
+    device = next(model.parameters()).device
+    track, was_training = quantizer.track_usage, model.training
+    quantizer.reset_usage()
+    quantizer.track_usage = True
+    model.eval()
     try:
-        examples = list(build_image_dataset(args.dataset, args.validation_split, **kwargs))
-    except Exception:  # no such split in this source (the error type depends on the source's format)
-        examples = []
-    if not examples:
-        examples = list(build_image_dataset(args.dataset, args.dataset_split, **kwargs))
-    return collate_pixels(examples)
+        for chunk in pixels.split(batch_size):
+            model.encode(chunk.to(device))
+        result = {
+            "codebook_usage": quantizer.codebook_usage(sync=False),
+            "group_usage": quantizer.group_usage(sync=False),
+            "num_images": len(pixels),
+        }
+    finally:
+        quantizer.reset_usage()
+        quantizer.track_usage = track
+        model.train(was_training)
+    return result
+
+
+def usage_stats(usage: dict) -> dict:
+    """Tracker entries of [`validation_usage`]: ``val/codebook_usage`` and ``val/group_usage/group_<j>``."""
+    stats = {"val/codebook_usage": usage["codebook_usage"]}
+    stats.update({f"val/group_usage/group_{j:03d}": u for j, u in enumerate(usage["group_usage"])})
+    return stats
 
 
 def log_reconstructions(accelerator, model, pixels, step: int, grid=None) -> None:
@@ -639,17 +1061,30 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 __all__ = [
+    "KNOWN_DATASET_SIZES",
     "NonFiniteGuard",
     "ResumableBatches",
+    "build_ema",
+    "build_loss_fn",
     "build_parser",
+    "check_resume_arguments",
+    "dataset_num_examples",
+    "describe_recipe",
     "export_model",
+    "is_complete_checkpoint",
     "list_checkpoints",
     "main",
     "parse_args",
     "resolve_model_config",
     "resolve_resume_path",
     "rotate_checkpoints",
+    "run_argument_differences",
+    "run_arguments",
     "save_checkpoint",
+    "save_export",
+    "steps_per_epoch",
     "train",
+    "validation_images",
+    "validation_usage",
     "weights_digest",
 ]
