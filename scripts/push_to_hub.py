@@ -3,15 +3,19 @@
 
     python scripts/push_to_hub.py --model outputs/model --repo_id you/groupvq-imagenet \
         --eval_results results.json [--resize_study resize_study.json] [--private] \
-        [--codebook_size 131072 --resize_mode extend] [--diffusers]
+        [--codebook_size 131072 --resize_mode extend] [--diffusers] [--timeout 60]
 
-Uses HF_TOKEN or the saved login (`hf auth login`). The logic lives in `groupvq_hf.hub.publish`.
+Uses HF_TOKEN or the saved login (`hf auth login`) and HF_ENDPOINT. Every failure (no or read-only token, an endpoint
+that refuses, drops or never answers a request within --timeout seconds, an HTTP error) ends in one line on stderr
+naming it, with exit code 1; a failed upload changes nothing on the Hub, so running the command again completes it.
+The logic lives in `groupvq_hf.hub.publish`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -29,17 +33,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
     parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
     parser.add_argument("--commit_message", default="Upload Group-VQ tokenizer")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="Seconds each Hub request may wait to connect, send or receive "
+                             "(default: groupvq_hf.hub.DEFAULT_TIMEOUT, 60).")
     args = parser.parse_args(argv)
     if args.resize_mode != "extend" and args.codebook_size is None:
         parser.error("--resize_mode needs --codebook_size")
+    if args.timeout is not None and (not math.isfinite(args.timeout) or args.timeout <= 0):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from huggingface_hub.errors import LocalTokenNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    from groupvq_hf.hub import HubAccessError, publish
+    from groupvq_hf.hub import DEFAULT_TIMEOUT, HubAccessError, HubConnectionError, publish
 
     training = None
     if args.training_args:
@@ -59,9 +69,12 @@ def main(argv=None) -> None:
             resize_seed=args.resize_seed,
             diffusers=args.diffusers,
             commit_message=args.commit_message,
+            timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
         )
-    except (LocalTokenNotFoundError, HubAccessError, ValueError) as err:
+    except (LocalTokenNotFoundError, HubAccessError, HubConnectionError, ValueError) as err:
         sys.exit(f"push_to_hub: error: {err}")
+    except HfHubHTTPError as err:  # a server error (5xx, ...) after its retries: one line, no traceback
+        sys.exit(f"push_to_hub: error: the Hub at {constants.ENDPOINT} answered: {' '.join(str(err).split())}")
     print(f"Published {args.repo_id}: {commit.commit_url}")
 
 

@@ -19,6 +19,8 @@ organisations and read/write roles. Endpoints (huggingface_hub 2.4):
   ``RevisionNotFound`` on 404s)
 
 Every request is recorded in ``server.requests``; requests no route answers go to ``server.unhandled``.
+``server.fail_next(method, path_regex, times=1)`` makes the next matching requests fail as a network failure: the
+connection is closed without an answer (the client sees the server disconnect), and nothing is changed.
 
 Use::
 
@@ -89,6 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
         self.user = self.server.hub.tokens.get(self.token)
         self.server.hub.requests.append((method, path, self.token))
+        if self.server.hub._take_fault(method, path):  # a dropped connection: no answer, no change
+            self.close_connection = True
+            return
         routes = [
             ("GET", r"/api/whoami-v2", self.whoami),
             ("GET", r"/api/agent-harnesses", self.agent_harnesses),
@@ -322,6 +327,7 @@ class HubServer:
         self.requests: list[tuple[str, str, str | None]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.faults: list[list] = []  # [method, path regex, remaining count]
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -349,6 +355,19 @@ class HubServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def fail_next(self, method: str, path_pattern: str, times: int = 1) -> None:
+        """Drop the connection of the next `times` `method` requests whose path fully matches `path_pattern`."""
+        with self.lock:
+            self.faults.append([method, path_pattern, times])
+
+    def _take_fault(self, method: str, path: str) -> bool:
+        with self.lock:
+            for fault in self.faults:
+                if fault[0] == method and fault[2] > 0 and re.fullmatch(fault[1], path):
+                    fault[2] -= 1
+                    return True
+        return False
 
     def files(self, repo_id: str) -> dict[str, bytes]:
         """The files at the head of `repo_id`."""

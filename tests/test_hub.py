@@ -4,6 +4,7 @@ imported. huggingface_hub reads HF_ENDPOINT when imported, so pushes and loads r
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -34,7 +35,8 @@ TOKENS = {
 }
 TRANSFORMERS_FILES = {
     "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "configuration_groupvq.py",
-    "modeling_groupvq.py", "quantizer.py", "image_processing_groupvq.py", "vit.py",
+    "modeling_groupvq.py", "quantizer.py", "image_processing_groupvq.py", "vit.py", "simvq_backbone.py", "shells.py",
+    "fileio.py",
 }
 EVAL_RESULTS = {"dataset": "imagenet", "split": "validation", "resolution": 32, "max_samples": 64,
                 "metrics": {"rfid": 5.25, "lpips": 0.21, "psnr": 21.5, "ssim": 0.71, "codebook_usage": 0.98}}
@@ -189,12 +191,14 @@ def test_libraries_push_to_hub_publish_a_loadable_folder(hub, published):
     card = ModelCard(hub.files("tester/native")["README.md"].decode())
     assert "groupvq" in card.data.tags and "## Resizing the codebook" in card.text  # push_to_hub kept the card
     diffusers_files = set(hub.files("tester/native-diffusers"))
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "vq_model.py", "quantizer.py"} <= diffusers_files
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "vq_model.py", "quantizer.py", "shells.py",
+            "fileio.py"} <= diffusers_files
     assert json.loads(hub.files("tester/native-diffusers")["config.json"])["auto_map"] == {
         "AutoModel": "vq_model.GroupVQVAE"}
     scripted = set(hub.files("groupvq-org/groupvq-tiny-diffusers"))
     assert scripted == {"README.md", "config.json", "diffusion_pytorch_model.safetensors", "vq_model.py",
-                        "quantizer.py", "preprocessor_config.json", "image_processing_groupvq.py"}
+                        "quantizer.py", "shells.py", "fileio.py", "preprocessor_config.json",
+                        "image_processing_groupvq.py"}
     assert hub.repos["groupvq-org/groupvq-tiny-diffusers"].private
 
 
@@ -361,3 +365,63 @@ def test_load_for_publishing_converts_between_formats(tmp_path, local_model):
         load_for_publishing(tmp_path)
     with pytest.raises(ValueError, match="must be a GroupVQModel, a GroupVQVAE or a saved folder"):
         load_for_publishing(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------------------------ network failures
+NETWORK_TIMEOUT = 3  # the --timeout of these runs, in seconds
+
+
+def _push_script(model_dir, endpoint, home, *args):
+    """Run scripts/push_to_hub.py in a fresh process (HF_ENDPOINT is read at import); (exit code, output lines)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "HF_HOME": str(home / "hf_home"),
+        "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_writer", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1,localhost",
+    }
+    command = [sys.executable, SCRIPT, "--model", str(model_dir), "--timeout", str(NETWORK_TIMEOUT), *args]
+    result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=300)  # a hang fails
+    return result.returncode, [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def saved_model(local_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("network") / "model"
+    local_model.save_pretrained(folder)
+    return folder
+
+
+def test_push_to_a_closed_port_ends_in_one_clear_line(saved_model, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    code, lines = _push_script(saved_model, endpoint, tmp_path, "--repo_id", "tester/x")
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"push_to_hub: error: cannot reach the Hub at {endpoint}: "), lines[0]
+    assert "refused" in lines[0].lower()
+
+
+def test_push_to_a_silent_port_ends_in_one_clear_line_after_the_timeout(saved_model, tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        code, lines = _push_script(saved_model, endpoint, tmp_path, "--repo_id", "tester/x")
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"push_to_hub: error: the Hub at {endpoint} did not answer within {NETWORK_TIMEOUT} s"), lines[0]
+
+
+def test_timeout_must_be_positive(saved_model):
+    result = subprocess.run([sys.executable, SCRIPT, "--model", str(saved_model), "--repo_id", "tester/x",
+                             "--timeout", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--timeout must be a positive number of seconds" in result.stderr
+
+
+def test_an_upload_that_fails_midway_is_completed_by_a_rerun(hub, saved_model, tmp_path):
+    hub.fail_next("POST", r"/api/models/tester/flaky/commit/main")  # the connection drops during the commit
+    code, lines = _push_script(saved_model, hub.url, tmp_path, "--repo_id", "tester/flaky")
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"push_to_hub: error: cannot reach the Hub at {hub.url}: "), lines[0]
+    assert hub.files("tester/flaky") == {} and hub.repos["tester/flaky"].commits == []  # nothing half-uploaded
+    code, lines = _push_script(saved_model, hub.url, tmp_path, "--repo_id", "tester/flaky")
+    assert code == 0 and lines[-1].startswith("Published tester/flaky: "), lines
+    assert set(hub.files("tester/flaky")) == TRANSFORMERS_FILES and len(hub.repos["tester/flaky"].commits) == 1

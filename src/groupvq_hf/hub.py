@@ -5,10 +5,15 @@ training recipe, loading, resizing, citation); `publish` saves the model (safete
 the remote-code files, `preprocessor_config.json`) and the card into a folder and uploads it with `HfApi.upload_folder`,
 after checking the token can write to the repo. Only files matching `ALLOW_PATTERNS` and none of `IGNORE_PATTERNS`
 are uploaded: never optimizer states, pickles or tokens.
+
+Network failures (a refused or dropped connection, an endpoint that never answers) raise `HubConnectionError`, one line
+naming the endpoint, after at most `timeout` seconds per request (`hub_timeout`). The upload is one commit: a failed
+one changes nothing on the Hub, and running `publish` again completes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, Repo
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .configuration_groupvq import GroupVQConfig
+from .fileio import atomic_directory
 from .data import SOURCES, parse_dataset_spec
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQModel
@@ -56,8 +62,74 @@ PAPER_RECIPE = (
 PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # second byte of a pickle after the PROTO opcode 0x80
 
 
+# Seconds a Hub request may wait to connect, to send, or between two reads of the answer (not the whole upload).
+DEFAULT_TIMEOUT = 60.0
+
+
 class HubAccessError(PermissionError):
     """The token cannot write to the repository (read-only token, foreign namespace, invalid token)."""
+
+
+class HubConnectionError(ConnectionError):
+    """The Hub endpoint refused or dropped the connection, or did not answer within the timeout."""
+
+
+# ---------------------------------------------------------------------------------------------------------- network
+def check_timeout(timeout) -> float:
+    """`timeout` as a positive finite float, else ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+    return float(timeout)
+
+
+@contextlib.contextmanager
+def hub_timeout(timeout: float = DEFAULT_TIMEOUT):
+    """Inside the block every request huggingface_hub sends through its shared client (`get_session`) waits at most
+    `timeout` seconds to connect, to send, and between reads of the answer (huggingface_hub's own client has no
+    timeout). Uses `huggingface_hub.set_client_factory`; the default client is restored on exit. (Downloads take
+    HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT.)"""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    timeout = check_timeout(timeout)
+
+    def client_with_timeout():
+        client = _http.default_client_factory()
+        client.timeout = timeout  # httpx: connect, read, write and pool timeouts
+        return client
+
+    set_client_factory(client_with_timeout)
+    try:
+        yield
+    finally:
+        set_client_factory(_http.default_client_factory)
+
+
+def network_failure(err: BaseException, endpoint: str, timeout: float) -> str | None:
+    """One line naming `endpoint` and the failure when `err` is an httpx transport error (huggingface_hub's client
+    raises them as they are: refused, dropped, timed out); None for anything else."""
+    kinds = {c.__name__ for c in type(err).__mro__ if c.__module__.split(".")[0] in ("httpx", "httpx2")}
+    if "TransportError" not in kinds:
+        return None
+    if "TimeoutException" in kinds:
+        return (
+            f"the Hub at {endpoint} did not answer within {timeout:g} s ({type(err).__name__}); check HF_ENDPOINT "
+            "and the network, or allow more time with --timeout."
+        )
+    detail = " ".join(str(err).split()) or "no details"
+    return f"cannot reach the Hub at {endpoint}: {type(err).__name__}: {detail}"
+
+
+@contextlib.contextmanager
+def hub_network_errors(endpoint: str, timeout: float):
+    """Turn a network failure inside the block into `HubConnectionError` (see `network_failure`)."""
+    try:
+        yield
+    except Exception as err:
+        message = network_failure(err, endpoint, timeout)
+        if message is None:
+            raise
+        raise HubConnectionError(message) from err
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -351,6 +423,7 @@ def publish(
     commit_message: str = "Upload Group-VQ tokenizer",
     endpoint: str | None = None,
     save_directory: str | os.PathLike | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ):
     """Save a Group-VQ tokenizer with its model card and upload it to `repo_id`; returns the `CommitInfo`.
 
@@ -362,7 +435,11 @@ def publish(
         diffusers: publish the diffusers `GroupVQVAE` format instead of the transformers one.
         eval_results, resize_study, training, datasets: model card content, see [`render_model_card`].
         endpoint: Hub URL (defaults to `HF_ENDPOINT`).
-        save_directory: keep the uploaded folder there (default: a temporary folder).
+        save_directory: keep the uploaded folder there (default: a temporary folder). It is written beside and
+            swapped into place whole (`fileio.atomic_directory`): a reader never sees a half-written folder.
+        timeout: seconds each Hub request may wait (see [`hub_timeout`]); a refused, dropped or silent connection
+            raises `HubConnectionError` naming the endpoint. A failed upload changes nothing on the Hub (one
+            commit): calling `publish` again completes it.
     """
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"`repo_id` must be a non-empty string 'namespace/name', got {repo_id!r}.")
@@ -371,45 +448,46 @@ def publish(
         raise ValueError(f"`resize_mode` must be 'extend' or 'resample', got {resize_mode!r}.")
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").is_file():
         raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {model}).")
+    timeout = check_timeout(timeout)
     token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token)
-    check_write_access(api, repo_id, token)
-
-    model = load_for_publishing(model, diffusers=diffusers)
-    resize = None
-    if codebook_size is not None:
-        quantizer = model.quantize if diffusers else model.quantizer
-        resize = {"from_size": quantizer.codebook_size, "to_size": int(codebook_size), "mode": resize_mode,
-                  "seed": resize_seed}
-        with torch.no_grad():
-            model.resize_codebook(int(codebook_size), mode=resize_mode, seed=resize_seed)
-
-    try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    except HfHubHTTPError as err:
-        _raise_access(err, repo_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(save_directory or tmp)
-        model.save_pretrained(folder)  # safetensors, config with auto_map, code files (+ image processor)
-        if diffusers and not (folder / "preprocessor_config.json").exists():
-            side = model.config.sample_size
-            processor = GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-            processor.save_pretrained(folder)
+    with hub_timeout(timeout), hub_network_errors(api.endpoint, timeout):
+        check_write_access(api, repo_id, token)
+        model = load_for_publishing(model, diffusers=diffusers)
+        resize = None
+        if codebook_size is not None:
+            quantizer = model.quantize if diffusers else model.quantizer
+            resize = {"from_size": quantizer.codebook_size, "to_size": int(codebook_size), "mode": resize_mode,
+                      "seed": resize_seed}
+            with torch.no_grad():
+                model.resize_codebook(int(codebook_size), mode=resize_mode, seed=resize_seed)
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        except HfHubHTTPError as err:
+            _raise_access(err, repo_id)
         card = render_model_card(
             model.config, repo_id, eval_results=eval_results, resize_study=resize_study, resize=resize,
             training=training, diffusers=diffusers, num_parameters=sum(p.numel() for p in model.parameters()),
             datasets=datasets,
         )
-        card.save(folder / "README.md")
-        files = upload_file_list(folder)
-        check_no_secrets(folder, files, token)
-        try:
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
-            )
-        except HfHubHTTPError as err:  # includes RepositoryNotFoundError
-            _raise_access(err, repo_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(save_directory) if save_directory is not None else Path(tmp) / "upload"
+            with atomic_directory(folder) as staging:  # weights, processor and card appear at once
+                model.save_pretrained(staging)  # safetensors, config with auto_map, code files (+ image processor)
+                if diffusers and not (staging / "preprocessor_config.json").exists():
+                    side = model.config.sample_size
+                    crop = {"height": side, "width": side}
+                    GroupVQImageProcessor(size={"shortest_edge": side}, crop_size=crop).save_pretrained(staging)
+                card.save(staging / "README.md")
+            files = upload_file_list(folder)
+            check_no_secrets(folder, files, token)
+            try:  # one commit: it lands whole or not at all
+                return api.upload_folder(
+                    repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                    allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                )
+            except HfHubHTTPError as err:  # includes RepositoryNotFoundError
+                _raise_access(err, repo_id)
 
 
 def _raise_access(err: HfHubHTTPError, repo_id: str):
@@ -425,12 +503,18 @@ def _raise_access(err: HfHubHTTPError, repo_id: str):
 __all__ = [
     "ALLOW_PATTERNS",
     "CARD_TEMPLATE",
+    "DEFAULT_TIMEOUT",
     "HubAccessError",
+    "HubConnectionError",
     "IGNORE_PATTERNS",
     "check_no_secrets",
+    "check_timeout",
     "check_write_access",
+    "hub_network_errors",
+    "hub_timeout",
     "load_for_publishing",
     "model_index_entries",
+    "network_failure",
     "normalize_eval_results",
     "publish",
     "render_model_card",
