@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no network calls
 
@@ -115,6 +117,11 @@ def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):
     page = str(_components(launched["blocks"])["missing-model"]["value"])
     assert "`outputs/demo/model` does not exist yet" in page and MAKE_MODEL_COMMAND in page
     assert launched["server_port"] == 7999 and launched["server_name"] == "127.0.0.1"
+
+    # The script itself (it must not let scripts/evaluate.py shadow the `evaluate` library).
+    script = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"), "--help"],
+                            capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0 and "--screenshot" in script.stdout, script.stderr
 
     missing = tmp_path / "nowhere"
     blocks = build_demo(str(missing))
