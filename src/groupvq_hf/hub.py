@@ -30,6 +30,7 @@ from .fileio import atomic_directory
 from .data import SOURCES, parse_dataset_spec
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQModel
+from .training import describe_recipe
 
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "groupvq.md"  # a link to <repo>/model_cards
 ALLOW_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.py"]
@@ -51,13 +52,6 @@ METRICS = {
     "codebook_usage": ("codebook_usage", "Codebook usage", False),
     "perplexity": ("perplexity", "Perplexity", False),
 }
-PAPER_RECIPE = (
-    "`scripts/train.py` of groupvq-hf follows the paper's VQGAN setup (section 4.1, aligned with SimVQ): L1 "
-    "reconstruction + LPIPS (VGG16) perceptual loss + PatchGAN discriminator (hinge loss, adaptive weight) + the "
-    "Group-VQ commitment loss `beta*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3); Adam, learning rate 1e-4, betas "
-    "(0.5, 0.9); in the codebook only the projectors W_j, b_j are trained, the cores stay frozen (Algorithm 1). "
-    "The exported weights are an EMA of the trained ones (`--ema_decay`, default 0.999)."
-)
 
 PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # second byte of a pickle after the PROTO opcode 0x80
 
@@ -316,7 +310,7 @@ def render_model_card(
         eval_split=evals["split"] if evals else None,
         eval_resolution=evals["resolution"] if evals else None,
         eval_samples=evals["num_samples"] if evals else None,
-        training_summary=PAPER_RECIPE,
+        training_summary=describe_recipe(training),  # SimVQ's recipe and what this run changed
         training_rows=sorted((str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in (training or {}).items()),
         example_size=2 * int(cfg.codebook_size),
         resize_study=resize_study_markdown(resize_study),
