@@ -302,3 +302,23 @@ def test_evaluation_and_resize_study_run_on_the_simvq_backbone(reference):
     mse = ((reconstruction - pixels) / 2).pow(2).mean(dim=(1, 2, 3))  # per image, on [0, 1]
     assert rows[0]["psnr"] == pytest.approx(float((-10 * torch.log10(mse)).mean()), rel=1e-4)
     assert rows[0]["codebook_usage"] == pytest.approx(len(model(pixels).indices.unique()) / 64)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("simvq-tiny")).train()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def grads():
+        model.zero_grad()
+        out = model(pixels)
+        (out.reconstruction.square().mean() + out.commitment_loss).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.encoder.gradient_checkpointing and model.decoder.gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
