@@ -590,13 +590,14 @@ def test_non_finite_input_raises_value_error_naming_the_input(bad):
 SAVER = """
 import sys, torch
 from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
-kind, seed, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+seed, path = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(seed)
 small = dict(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=8, sample_size=16)
 model = GroupVQModel(GroupVQConfig.from_preset("tiny", codebook_size=64 * (seed + 1), **small))
-model = GroupVQVAE.from_groupvq(model) if kind == "vae" else model
+vae = GroupVQVAE.from_groupvq(model)
 for _ in range(3):
-    model.save_pretrained(path)
+    model.save_pretrained(path + "/model")
+    vae.save_pretrained(path + "/vae")
 """
 
 
@@ -625,22 +626,21 @@ def _read_folder(path, kind):
     return size, rows * per_group
 
 
-@pytest.mark.parametrize("kind", ["model", "vae"])
-def test_two_processes_saving_one_folder_never_leave_a_mixed_folder(tmp_path, kind):
+def test_two_processes_saving_one_folder_never_leave_a_mixed_folder(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
-    target = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, str(script), kind, str(seed), str(target)]) for seed in (0, 1)]
-    seen = []
+    procs = [subprocess.Popen([sys.executable, str(script), str(seed), str(tmp_path / "out")]) for seed in (0, 1)]
+    seen = {"model": [], "vae": []}
     while any(p.poll() is None for p in procs):  # a reader meanwhile: every complete read is of one writer
-        seen.append(_read_folder(target, kind))
+        for kind, reads in seen.items():
+            reads.append(_read_folder(tmp_path / "out" / kind, kind))
         time.sleep(0.002)
     assert [p.wait() for p in procs] == [0, 0]
-    seen.append(_read_folder(target, kind))
-    reads = [s for s in seen if s is not None]
-    assert reads[-1] in ((64, 64), (128, 128))
-    assert [s for s in reads if s[0] != s[1]] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "saver.py"]  # no temporary folder left behind
+    for kind, reads in seen.items():
+        reads = [r for r in reads + [_read_folder(tmp_path / "out" / kind, kind)] if r is not None]
+        assert reads[-1] in ((64, 64), (128, 128)), kind
+        assert [r for r in reads if r[0] != r[1]] == [], kind  # never a config of one save beside another's weights
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model", "vae"]  # no temporary folder left
 
 
 @torch.no_grad()
