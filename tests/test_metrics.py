@@ -199,8 +199,9 @@ def test_identical_images_give_perfect_scores(lpips_net, inception_net):
     results = ReconstructionMetrics(lpips_net=lpips_net, inception_net=inception_net).compute(
         predictions=x, references=x
     )
-    assert set(results) == {"psnr", "ssim", "lpips", "rfid", "num_images"}
+    assert set(results) == {"psnr", "ssim", "lpips", "rfid", "l1", "num_images"}
     assert results["psnr"] == math.inf
+    assert results["l1"] == 0.0
     assert results["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert results["lpips"] == 0.0
     assert results["rfid"] == pytest.approx(0.0, abs=1e-6)
@@ -326,3 +327,15 @@ def test_codebook_usage_takes_plain_lists_of_indices():
     assert CodebookUsage().compute(predictions=[[0, 1], [2, 2]], codebook_size=8)["codebook_usage"] == 3 / 8
     with pytest.raises(ValueError, match="integer code indices"):
         CodebookUsage().compute(predictions=[0.5, 1.0], codebook_size=8)
+
+
+def test_l1_is_the_mean_absolute_error_on_the_training_scale():
+    from groupvq_hf.metrics import ReconstructionMetrics
+
+    generator = torch.Generator().manual_seed(0)
+    refs = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
+    preds = (refs + 0.1 * torch.randn(3, 3, 16, 16, generator=generator)).clamp(-1, 1)
+    result = ReconstructionMetrics(metrics="l1").compute(predictions=preds, references=refs)
+    expected = (preds - refs).abs().mean(dim=(1, 2, 3)).mean().item()
+    assert result["l1"] == pytest.approx(expected, rel=1e-5)
+    assert ReconstructionMetrics(metrics="l1").compute(predictions=refs, references=refs)["l1"] == 0.0

@@ -25,7 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfid")
+RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfid", "l1")
 DATA_RANGE = 1.0  # PSNR / SSIM are computed on images scaled to [0, 1]
 
 _CITATION = """\
@@ -39,9 +39,10 @@ Args:
     predictions: reconstructed images, float (N, 3, H, W) in [-1, 1] (the model's output; values outside are
         clipped) or uint8 (N, H, W, 3); a torch tensor or a numpy array.
     references: the original images, same shape and format as ``predictions``.
-    metrics (compute only): names among "psnr", "ssim", "lpips", "rfid" to return (default: those accumulated).
+    metrics (compute only): names among "psnr", "ssim", "lpips", "rfid", "l1" to return (default: those accumulated).
 Returns:
     dict with the requested keys: ``psnr`` (dB, mean of per-image PSNR), ``ssim`` (mean per-image SSIM),
+    ``l1`` (mean absolute error on the [-1, 1] pixel scale, the training loss's L1; needs no network),
     ``lpips`` (mean per-image LPIPS(VGG16)), ``rfid`` (FID between references and predictions), and
     ``num_images``.
 """
@@ -165,7 +166,7 @@ class FrechetDistance(FrechetInceptionDistance):
 
 
 class ReconstructionMetrics(evaluate.Metric):
-    """rFID, LPIPS(VGG16), PSNR and SSIM of reconstructions against their originals, streamed.
+    """rFID, LPIPS(VGG16), PSNR, SSIM and L1 of reconstructions against their originals, streamed.
 
     ``metrics`` picks what ``add_batch`` accumulates (default all); LPIPS and Inception networks load lazily
     from ``lpips_weights`` / ``inception_weights`` (local files) or the standard way (see
@@ -264,6 +265,9 @@ class ReconstructionMetrics(evaluate.Metric):
 
             ssim = structural_similarity_index_measure(preds, refs, data_range=DATA_RANGE, reduction="none")
             self._state("ssim", device).update(ssim.double())
+        if "l1" in self.metrics:
+            l1 = (preds - refs).abs().mean(dim=(1, 2, 3)) * 2  # [0, 1] -> the [-1, 1] scale of the training L1
+            self._state("l1", device).update(l1.double())
         if "lpips" in self.metrics:
             self._state("lpips", device).update(self._lpips(device)(preds * 2 - 1, refs * 2 - 1).double())
         if "rfid" in self.metrics:
