@@ -2,6 +2,7 @@
 imported. huggingface_hub reads HF_ENDPOINT when imported, so pushes and loads run in subprocesses pointed at it."""
 
 import copy
+import importlib.util
 import json
 import os
 import socket
@@ -425,3 +426,42 @@ def test_an_upload_that_fails_midway_is_completed_by_a_rerun(hub, saved_model, t
     code, lines = _push_script(saved_model, hub.url, tmp_path, "--repo_id", "tester/flaky")
     assert code == 0 and lines[-1].startswith("Published tester/flaky: "), lines
     assert set(hub.files("tester/flaky")) == TRANSFORMERS_FILES and len(hub.repos["tester/flaky"].commits) == 1
+
+
+def test_network_failures_read_as_one_line_naming_the_endpoint(local_model):
+    import httpx2
+
+    from groupvq_hf.hub import network_failure
+
+    request = httpx2.Request("GET", "http://hub.test/api/whoami-v2")
+    refused = httpx2.ConnectError("[Errno 111] Connection\n   refused", request=request)
+    assert network_failure(refused, "http://hub.test", 5) == (
+        "cannot reach the Hub at http://hub.test: ConnectError: [Errno 111] Connection refused")
+    dropped = httpx2.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+    assert network_failure(dropped, "http://hub.test", 5).startswith("cannot reach the Hub at http://hub.test: Remote")
+    silent = network_failure(httpx2.ReadTimeout("timed out", request=request), "http://hub.test", 2.5)
+    assert silent.startswith("the Hub at http://hub.test did not answer within 2.5 s (ReadTimeout)")
+    assert network_failure(ValueError("not the network"), "http://hub.test", 5) is None
+    with pytest.raises(ValueError, match="`timeout` must be a positive number of seconds"):
+        publish(local_model, "tester/x", token="hf_x", timeout=0)
+
+
+def test_script_reports_an_http_error_in_one_line(monkeypatch, saved_model):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    import groupvq_hf.hub
+
+    spec = importlib.util.spec_from_file_location("push_to_hub", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    response = httpx2.Response(503, request=httpx2.Request("POST", "http://hub.test/api/repos/create"))
+
+    def unavailable(*args, **kwargs):
+        raise HfHubHTTPError("503 Server Error: Service Unavailable\n\nRequest ID: abc", response=response)
+
+    monkeypatch.setattr(groupvq_hf.hub, "publish", unavailable)
+    with pytest.raises(SystemExit) as exit:
+        script.main(["--model", str(saved_model), "--repo_id", "tester/x"])
+    assert exit.value.code.startswith("push_to_hub: error: the Hub at ")
+    assert exit.value.code.endswith(" answered: 503 Server Error: Service Unavailable Request ID: abc")

@@ -263,7 +263,8 @@ class GroupVQVAE(VQModel):
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
         """As `VQModel.forward`: `DecoderOutput(sample, commit_loss)`; `sample` is checked as `encode` checks `x`."""
         self._check_sample(sample, "sample")
-        return super().forward(sample, return_dict=return_dict)
+        dec = self.decode(super().encode(sample).latents)  # VQModel.forward, with `sample` checked once
+        return dec if return_dict else (dec.sample, dec.commit_loss)
 
     # ----------------------------------------------------------------------------------------- Group-VQ
     def resize_codebook(self, new_size, mode: str = "extend", seed: int | None = None) -> list[int]:
