@@ -312,6 +312,10 @@ def test_bad_images_are_skipped_and_counted_and_odd_modes_converted(tmp_path):
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["rows"] == [0, 3, 4, 5, 6, 8]
     assert [row for row, _ in batch["skipped"]] == [1, 2, 7] and batch["num_skipped"] == 3
     assert sorted(batch["modes"]) == ["", "CMYK", "I;16", "L", "P", "RGBA"] and batch["num_converted"] == 5
+    evaluation = list(build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False))
+    assert collate_pixels(evaluation).shape == (6, 3, 16, 16)  # the markers are left out
+    capped = list(build_image_dataset(str(tmp_path / "bad.parquet"), resolution=16, train=False, max_samples=2))
+    assert [e["row"] for e in capped] == [0, 1, 2, 3] and collate_pixels(capped).shape[0] == 2  # 2 images, 2 markers
 
 
 def test_to_rgb_composites_alpha_on_white():

@@ -592,10 +592,12 @@ def build_image_dataset(
 
 
 def collate_pixels(batch: list[dict]) -> torch.Tensor:
-    """Stack the ``pixel_values`` of a list of examples into a (B, 3, R, R) tensor."""
-    if not batch:
-        raise ValueError("`batch` must hold at least one example.")
-    return torch.stack([example["pixel_values"] for example in batch])
+    """Stack the ``pixel_values`` of a list of examples into a (B, 3, R, R) tensor (bad-image markers of evaluation
+    streams, whose ``pixel_values`` is None, are left out)."""
+    pixels = [example["pixel_values"] for example in batch if example.get("pixel_values") is not None]
+    if not pixels:
+        raise ValueError("`batch` must hold at least one decoded example.")
+    return torch.stack(pixels)
 
 
 def collate_examples(batch: list[dict]) -> dict:
