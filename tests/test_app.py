@@ -67,8 +67,12 @@ def test_resized_copies_are_cached_and_leave_the_loaded_model_unchanged(tiny_mod
     indices, psnr = api_result(tiny_model, image, 2 * n, "extend", 0)
     np.testing.assert_array_equal(result.indices, indices)
     assert result.codebook_size == 2 * n and abs(result.psnr - psnr) < 1e-3
-    assert result.distinct_codes == len(np.unique(indices)) and 1 <= result.groups_used <= 8
+    assert result.distinct_codes == len(np.unique(indices)) and result.groups_used == len(np.unique(indices // 64))
     assert result.token_map.size == indices.shape[::-1] and result.reconstruction.size == (64, 64)
+    # The token map: one color per code (the same code, the same color; here no two codes share one).
+    colors = np.asarray(result.token_map).reshape(-1, 3)
+    pairs = {(code, tuple(color)) for code, color in zip(indices.reshape(-1).tolist(), colors.tolist())}
+    assert len(pairs) == len(np.unique(indices)) == len({color for _, color in pairs})
     # The same image again at n: its encoder output is reused, the result is still model.encode's.
     np.testing.assert_array_equal(tokenizer.tokenize(image).indices, api_result(tiny_model, image)[0])
     assert tokenizer.resized(2 * n, "extend", 0) is tokenizer.resized(2 * n, "extend", 0)  # cached
@@ -110,6 +114,8 @@ def test_open_image_gives_messages_for_bad_files(tmp_path):
 def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):
     import gradio
 
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        assert MAKE_MODEL_COMMAND in f.read()  # the page shows the README's first command, word for word
     monkeypatch.chdir(tmp_path)  # no outputs/demo/model here
     launched = {}
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
