@@ -114,6 +114,39 @@ def test_demo_validation_gives_256_held_out_crops():
     assert results["num_images"] == 256
 
 
+def test_image_folder_with_bad_files_reports_counts_and_the_split_read(saved_model, tmp_path, capsys):
+    """The issue's case: a folder of images with undecodable files, evaluated with the default split."""
+    import numpy as np
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        image = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+        (image.convert("L") if i == 0 else image).save(folder / f"img_{i}.png")
+    for i in range(2):
+        (folder / f"bad_{i}.jpg").write_bytes(b"not a jpeg")
+    from groupvq_hf.evaluation import evaluate_parser, run_evaluate
+
+    args = evaluate_parser().parse_args([
+        "--model", str(saved_model), "--dataset", str(folder), "--resolution", "16", "--metrics", "psnr",
+        "--batch_size", "3", "--output", str(tmp_path / "results.json"), "--no_progress",
+    ])  # fmt: skip
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    try:
+        record = run_evaluate(args)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+    out = capsys.readouterr().out
+    assert "Note: local dataset" in out and "Evaluated 6 images; skipped 2" in out and "converted 1 to RGB" in out
+    assert record["num_samples"] == 6 and record["skipped_images"] == 2 and record["converted_images"] == 1
+    assert list(record["skipped_reasons"].values()) == [2] and record["converted_modes"] == {"L": 1}
+    assert "single split ('train')" in record["notes"][0]
+    assert json.loads((tmp_path / "results.json").read_text())["skipped_images"] == 2
+
+
 def test_evaluate_model_matches_a_direct_computation():
     torch.manual_seed(0)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
