@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
 from groupvq_hf.app import (  # noqa: E402
-    MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, load_model, main, open_image,
+    MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, load_model, main, off_origin, open_image,
 )
 from groupvq_hf.data import demo_images  # noqa: E402
 from groupvq_hf.metrics import ReconstructionMetrics  # noqa: E402
@@ -212,14 +212,17 @@ def test_demo_page_in_chromium(saved_model, tmp_path):
 
     demo = build_demo(str(saved_model))
     port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            blocked = []  # requests leaving the page's server (e.g. the theme's web fonts): tests stay offline
+            page.route(off_origin(url), lambda route: (blocked.append(route.request.url), route.abort()))
             page.set_default_timeout(90_000)
             expect.set_options(timeout=90_000)  # a shared 2-core machine: generous, never a timed assertion
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(url)
             status, stats, codebook = page.locator("#status"), page.locator("#stats"), page.locator("#codebook")
             expect(status).to_contain_text("Encoded astronaut")  # the first built-in photo, on load
 

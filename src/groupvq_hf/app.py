@@ -17,11 +17,13 @@ import copy
 import hashlib
 import math
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -394,6 +396,12 @@ def demo_parser():
     return parser
 
 
+def off_origin(url: str) -> re.Pattern:
+    """A pattern matching every request URL outside ``url``'s origin (for Playwright's ``page.route``)."""
+    parts = urlsplit(url)
+    return re.compile(rf"^(?!{re.escape(f'{parts.scheme}://{parts.netloc}')}(/|$))")
+
+
 def save_screenshot(url: str, path, chromium: str = "/usr/bin/chromium", size: tuple[int, int] = (1280, 900)) -> None:
     """Open the page at ``url`` in headless Chromium (Playwright), wait for the first image's figures, save a PNG."""
     from playwright.sync_api import expect, sync_playwright
@@ -401,6 +409,8 @@ def save_screenshot(url: str, path, chromium: str = "/usr/bin/chromium", size: t
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        # Only the page's own server: the theme's web fonts and the like are not fetched (local fonts are used).
+        page.route(off_origin(url), lambda route: route.abort())
         page.goto(url)
         if page.locator("#missing-model").count() == 0:
             expect(page.locator("#stats")).to_contain_text("PSNR", timeout=120_000)
@@ -426,5 +436,5 @@ def main(argv=None) -> None:
 
 __all__ = [
     "DEFAULT_MODEL_DIR", "DemoTokenizer", "Tokenized", "build_demo", "demo_parser", "display_image", "load_model", "main",
-    "open_image", "save_screenshot", "token_map_image",
+    "off_origin", "open_image", "save_screenshot", "token_map_image",
 ]
