@@ -62,7 +62,9 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--fraction", type=float, default=0.9, help="Share of the epoch's batches read before the resume.")
+    parser.add_argument(
+        "--fraction", type=float, default=0.9, help="Share of the epoch's batches read before the resume."
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args(argv)

@@ -147,7 +147,8 @@ def test_demo_stream_shapes_range_and_determinism():
     batch = collate_pixels(examples)
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
     assert batch.min() >= -1 and batch.max() <= 1 and batch.min() < -0.5 and batch.max() > 0.5
-    again = collate_pixels(list(build_image_dataset("demo", split="validation", resolution=32, train=False, max_samples=3)))
+    again = build_image_dataset("demo", split="validation", resolution=32, train=False, max_samples=3)
+    again = collate_pixels(list(again))
     assert torch.equal(batch, again)
     collated = collate_examples(examples[:2])
     assert collated["pixel_values"].shape == (2, 3, 32, 32) and collated["num_skipped"] == 0
@@ -201,7 +202,7 @@ def test_demo_training_batches_with_any_batch_size_and_workers(batch_size, num_w
 
 
 def test_demo_crops_differ_across_epochs_with_one_seed():
-    a, b = build_image_dataset("demo", resolution=16, seed=3, max_samples=4), build_image_dataset("demo", resolution=16, seed=3, max_samples=4)
+    a, b = (build_image_dataset("demo", resolution=16, seed=3, max_samples=4) for _ in range(2))
     first = [e["pixel_values"] for e in a]
     assert all(torch.equal(x, e["pixel_values"]) for x, e in zip(first, b))
     a.set_epoch(1)

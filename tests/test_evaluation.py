@@ -102,7 +102,9 @@ def test_eval_dataloader_blocks_cover_consecutive_rows_on_every_rank():
 def test_evaluate_model_uses_exactly_max_samples_with_dataloader_workers():
     torch.manual_seed(0)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
-    loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=2, max_samples=3, num_workers=2)
+    loader = build_eval_dataloader(
+        "demo", split="validation", resolution=32, batch_size=2, max_samples=3, num_workers=2
+    )
     results = evaluate_model(model, loader, metrics="psnr,codebook_usage", progress=False, max_samples=3)
     assert results["num_images"] == 3 and results["skipped_images"] == 0
 

@@ -169,10 +169,12 @@ def _demo_dataset(split: str):
 
     if split == "train":
         regions = [_demo_url(i, demo_regions(p.size)[0]) for i, p in enumerate(_demo_photos())]
-        rows = [(regions[i % len(regions)], f"demo/{DEMO_PHOTOS[i % len(regions)]}/train/{i:05d}") for i in range(DEMO_TRAIN_CROPS)]
+        photos = [i % len(regions) for i in range(DEMO_TRAIN_CROPS)]
+        rows = [(regions[p], f"demo/{DEMO_PHOTOS[p]}/train/{i:05d}") for i, p in enumerate(photos)]
         shards = DEMO_SHARDS
     else:
-        rows = [(_demo_url(i, box), f"demo/{DEMO_PHOTOS[i]}/{split}/{n:04d}") for n, (i, box) in enumerate(demo_eval_boxes(split))]
+        boxes = demo_eval_boxes(split)
+        rows = [(_demo_url(i, box), f"demo/{DEMO_PHOTOS[i]}/{split}/{n:04d}") for n, (i, box) in enumerate(boxes)]
         shards = DEMO_SHARDS // 4
     features = datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
     images = [{"bytes": None, "path": url} for url, _ in rows]
@@ -604,8 +606,8 @@ def collate_examples(batch: list[dict]) -> dict:
     """A batch of [`ImageStream`] examples: ``pixel_values`` (B, 3, R, R) of the decoded ones (an empty tensor
     when there is none), their ``keys`` and stream ``rows``, the ``worker`` that read them and ``rows_read`` (rows
     it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, ``(row, reason)`` pairs)
-    and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""). A batch of resume placeholders is ``{"placeholder":
-    True, "worker", "rows_read"}``."""
+    and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""). A batch of
+    resume placeholders is ``{"placeholder": True, "worker", "rows_read"}``."""
     if not batch:
         raise ValueError("`batch` must hold at least one example.")
     position = {"worker": batch[-1].get("worker", 0), "rows_read": batch[-1].get("row", -1) + 1}

@@ -3,8 +3,9 @@
 Every process streams its own part of the evaluation split (``build_image_dataset(..., train=False)``: resize the
 shortest edge and center-crop), reconstructs it and feeds [`ReconstructionMetrics`] and [`CodebookUsage`]; their
 states are summed across processes at the end. ``max_samples`` evaluates the first N images of the stream whatever
-the number of processes; undecodable (skipped) and converted images are counted in the results. ``scripts/evaluate.py`` and
-``scripts/resize_study.py`` are thin command lines over [`evaluate_model`] and [`resize_study`].
+the number of processes; undecodable (skipped) and converted images are counted in the results.
+``scripts/evaluate.py`` and ``scripts/resize_study.py`` are thin command lines over [`evaluate_model`] and
+[`resize_study`].
 
 The resize study is the paper's Table 2 / Figure 4: from the trained codebook of size n, resample down (n / 2^p),
 resample up and self-extend (n * 2^p) without training (Algorithm 2, Eq. 11), evaluating each.
@@ -57,7 +58,8 @@ def build_eval_dataloader(
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1):
+    bad_count = isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    if max_samples is not None and bad_count:
         raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,

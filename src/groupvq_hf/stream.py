@@ -64,7 +64,9 @@ class ResumableBatches:
                 f"with `--dataloader_num_workers {len(workers) if len(workers) > 1 else 0}`, got {self.num_workers}."
             )
         if sum(int(b) for b, _ in workers) != batches:
-            raise ValueError(f"The data position {state} is inconsistent: worker batches do not sum to batches_in_epoch.")
+            raise ValueError(
+                f"The data position {state} is inconsistent: worker batches do not sum to batches_in_epoch."
+            )
         self.epoch, self.batches_in_epoch = epoch, batches
         self.workers = [[int(b), int(r)] for b, r in workers]
 
