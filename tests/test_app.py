@@ -36,12 +36,13 @@ def saved_model(tmp_path_factory):
     return path
 
 
-def api_result(model, image, size=None, mode="extend", seed=0):
+def api_result(model, image, size=None, mode="extend", seed=0, processor=None):
     """Indices and PSNR through the public API only, for comparison with what the page shows."""
+    processor = processor or model.default_image_processor()
     if size is not None:
         model = copy.deepcopy(model)
         model.resize_codebook(size, mode=mode, seed=seed)
-    pixels = model.default_image_processor()(image, return_tensors="pt").pixel_values
+    pixels = processor(image, return_tensors="pt").pixel_values
     with torch.no_grad():
         out = model(pixels)
     psnr = ReconstructionMetrics(metrics=["psnr"]).compute(
@@ -242,7 +243,7 @@ def test_demo_page_in_chromium(saved_model, tmp_path):
             # Upload a photo: crop, reconstruction, token map, figures, downloads.
             upload(tmp_path / "chelsea.png")
             expect(status).to_contain_text("Encoded chelsea")
-            indices, psnr = api_result(model, photo)
+            indices, psnr = api_result(model, photo, processor=processor)
             shown_psnr = float(re.search(r"PSNR: ([\d.]+) dB", stats.inner_text()).group(1))
             assert abs(shown_psnr - psnr) < 1.0
             _, reconstruction = shown_image("reconstruction")
@@ -259,7 +260,7 @@ def test_demo_page_in_chromium(saved_model, tmp_path):
             expect(stats).to_contain_text(f"codebook: {2 * n:,} codes")
             expect(page.locator("#tokens img")).not_to_have_attribute("src", tokens_src)
             assert not np.array_equal(shown_image("tokens")[1], tokens)
-            indices_2n, _ = api_result(model, photo, 2 * n, "extend", 0)
+            indices_2n, _ = api_result(model, photo, 2 * n, "extend", 0, processor)
             np.testing.assert_array_equal(np.load(download("download-indices", tmp_path / "2n.npy")), indices_2n)
             page.screenshot(path=str(tmp_path / "demo_page.png"), full_page=True)
             assert os.path.getsize(tmp_path / "demo_page.png") > 0
@@ -273,6 +274,13 @@ def test_demo_page_in_chromium(saved_model, tmp_path):
             expect(status).to_contain_text("Encoded chelsea")
             expect(stats).to_contain_text(f"codebook: {2 * n:,} codes")
             np.testing.assert_array_equal(np.load(download("download-indices", tmp_path / "again.npy")), indices_2n)
+            # A built-in photo from the list, at the chosen codebook.
+            page.locator("#photo input").click()
+            page.get_by_role("option", name="coffee").click()
+            expect(status).to_contain_text("Encoded coffee")
+            coffee = demo_images()[2]
+            np.testing.assert_array_equal(np.load(download("download-indices", tmp_path / "coffee.npy")),
+                                          api_result(model, coffee, 2 * n, "extend", 0, processor)[0])
             browser.close()
     finally:
         demo.close()
