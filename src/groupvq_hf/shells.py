@@ -101,12 +101,17 @@ def save_folder(save_directory: str | os.PathLike, write: Callable[[str], object
     A reader then sees the old folder or the new one, never a config of one save and weights of another. Files of
     an existing folder that the save does not write (a README, results) are carried over (hard links, else copies),
     except stale weight files of the same name family, which the libraries' in-place save deletes too. A symlink,
-    a mount point or the working directory (or a folder above it) is written in place.
+    a mount point, the working directory (or a folder above it) and a folder whose parent is read-only are written
+    in place, as the libraries do.
     """
     path = Path(save_directory)
-    if path.exists() and (not path.is_dir() or path.is_symlink() or os.path.ismount(path)):
-        return write(str(path))
-    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+    if path.exists() and (
+        not path.is_dir()
+        or path.is_symlink()
+        or os.path.ismount(path)
+        or Path.cwd().resolve().is_relative_to(path.resolve())
+        or not os.access(path.resolve().parent, os.W_OK)
+    ):
         return write(str(path))
     owned = _weights_family(weights_name)
     with atomic_directory(path) as tmp:
