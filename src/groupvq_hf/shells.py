@@ -126,7 +126,7 @@ def save_folder(save_directory: str | os.PathLike, write: Callable[[str], object
                         shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
                     else:
                         _link_or_copy(entry, target)
-                except FileNotFoundError:  # another writer swapped the folder meanwhile: it is not ours to keep
+                except (FileNotFoundError, shutil.Error):  # another writer swapped the folder meanwhile: not ours
                     continue
     return result
 
