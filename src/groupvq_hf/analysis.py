@@ -211,8 +211,8 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
         for pixels in _pixel_batches(batches):
             if max_samples is not None:
                 pixels = pixels[: max_samples - seen]
-            if pixels.shape[0] == 0:
-                break
+            if pixels.shape[0] == 0:  # a batch of undecodable images only (or max_samples reached: see below)
+                continue
             indices = model.encode(pixels.to(device=device, dtype=dtype)).indices
             counts += torch.bincount(indices.flatten().cpu(), minlength=counts.numel())
             seen += pixels.shape[0]
