@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a Group-VQ tokenizer with the paper's VQGAN recipe.
+"""Train a Group-VQ tokenizer; the defaults are SimVQ's recipe, which the paper follows (section 4.1).
 
     accelerate launch scripts/train.py --output_dir outputs/demo --perceptual_weight 0 ...
 

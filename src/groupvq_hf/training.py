@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_epochs",
         type=int,
         default=None,
-        help="train this many epochs (stop once a process starts epoch num_epochs); learning-rate schedules decay "
-        "over num_epochs x the steps of one epoch (the dataset's size / (batch x processes x accumulation)), so the "
-        "size must be known: the named sources, local files and the demo; otherwise give --max_train_steps",
+        help="train this many epochs (stop once a process starts epoch num_epochs). Without --max_train_steps, "
+        "learning-rate schedules span num_epochs x the steps of one epoch (the dataset's size // (batch x processes "
+        "x accumulation)), so the size must be known (named sources, local files, the demo), else give "
+        "--max_train_steps; with both, schedules span --max_train_steps and training stops at whichever comes first",
     )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
