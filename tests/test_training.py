@@ -462,3 +462,22 @@ def test_demo_trains_with_any_batch_size_and_worker_count(tmp_path, batch_size, 
         "--dataloader_num_workers", str(workers), "--validation_steps", "0",
     )  # fmt: skip
     assert result["global_step"] == 1 and 0 < result["validation_codebook_usage"] <= 1
+
+
+def test_run_argument_differences_compare_the_resolved_model_config():
+    from groupvq_hf.training import run_argument_differences, run_arguments
+
+    args = parse_args(TINY_RUN)
+    saved = run_arguments(args, resolve_model_config("tiny", 32), world_size=2)
+    moved_args = parse_args([*TINY_RUN[2:], "--model_config", "/elsewhere/config.json"])
+    moved = run_arguments(moved_args, resolve_model_config("tiny", 32), world_size=2)
+    assert run_argument_differences(saved, moved) == []  # same config content under another name
+    bigger = resolve_model_config("tiny", 32)
+    bigger.codebook_size = 512
+    other = run_arguments(parse_args([*TINY_RUN, "--max_train_steps", "99", "--train_batch_size", "8"]), bigger, 1)
+    assert run_argument_differences(saved, other) == [
+        "model_config_resolved.codebook_size: checkpoint 256, now 512",
+        "train_batch_size: checkpoint 4, now 8",
+        "world_size: checkpoint 2, now 1",
+    ]
+    assert run_argument_differences(saved, other, "world_size,train_batch_size,model_config_resolved") == []

@@ -32,8 +32,9 @@ STATE_FILE = "training_state_rank{rank}.json"
 RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
 COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
 # Arguments that do not change what a run computes (or that a resume may extend): never compared on resume.
+# (``model_config`` names a preset or a file: what it resolved to is compared, as ``model_config_resolved``.)
 RESUME_CHANGES_ALWAYS_ALLOWED = (
-    "output_dir", "resume_from_checkpoint", "allow_resume_changes", "max_train_steps", "num_epochs",
+    "output_dir", "resume_from_checkpoint", "model_config", "allow_resume_changes", "max_train_steps", "num_epochs",
     "checkpointing_steps", "checkpoints_total_limit", "report_to", "tracker_project_name", "logging_steps",
     "validation_steps", "num_validation_images", "num_validation_usage_images", "log_example_keys",
     "max_nonfinite_steps", "lpips_weights", "torch_compile",
