@@ -348,7 +348,7 @@ def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path
 # ---------------------------------------------------------------------------------------------------- validation usage
 def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, capsys):
     from groupvq_hf import GroupVQModel
-    from groupvq_hf.training import validation_usage
+    from groupvq_hf.training import validation_images, validation_usage
 
     result = _train(tmp_path, "--max_train_steps", "2", "--num_validation_usage_images", "6")
     usage, groups = result["validation_codebook_usage"], result["validation_group_usage"]
@@ -356,7 +356,8 @@ def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, caps
     assert len(groups) == model.config.num_groups and 0 < usage <= 1
     assert f"Codebook usage of the EMA model on 6 held-out images: {usage:.3f}" in capsys.readouterr().out
     # the same figure from the exported EMA model on the same images, counted by hand
-    pixels, _ = __import__("groupvq_hf.training", fromlist=["x"]).validation_images(parse_args(TINY_RUN[:4]), 6)
+    pixels, split = validation_images(parse_args(TINY_RUN[:4]), 6)
+    assert split == "validation"  # the demo's held-out crops
     with torch.no_grad():
         indices = model.encode(pixels).indices
     assert usage == pytest.approx(indices.unique().numel() / model.config.codebook_size)
