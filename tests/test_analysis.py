@@ -14,6 +14,7 @@ from PIL import Image
 from groupvq_hf import GroupVectorQuantizer, GroupVQConfig, GroupVQModel
 from groupvq_hf.analysis import (
     FIGURE_NAMES,
+    USAGE_JSON_ALIASES,
     analyze_codebook,
     cosine_similarity_statistics,
     count_code_usage,
@@ -22,6 +23,7 @@ from groupvq_hf.analysis import (
     new_code_mask,
     norm_statistics,
     pca_projection,
+    plot_group_frequency,
     random_projection_matrix,
     resolve_trained_group_sizes,
     sample_group_codes,
@@ -218,6 +220,24 @@ def test_usage_statistics_from_known_indices():
     assert q.group_frequency() == pytest.approx(stats["frequency"])
 
 
+def test_usage_statistics_share_the_quantizers_names_and_keep_the_saved_ones():
+    sizes = [2, 3, 5]
+    counts = torch.bincount(torch.tensor([0, 0, 1, 2, 9, 9, 9, 5, 5, 0]), minlength=10)
+    mask = new_code_mask(sizes, [1, 2, 3])
+    stats = usage_statistics(counts, sizes, mask)
+    core = GroupVectorQuantizer(10, 4, group_sizes=sizes).eval()
+    with core.counting_usage():
+        core.quantize_tokens(core.codebook().detach()[torch.repeat_interleave(torch.arange(10), counts)])
+    assert {k: stats[k] for k in core.usage_statistics()} == core.usage_statistics()
+    assert stats["trained_group_frequency"] == [3 / 10, 1 / 10, 2 / 10] and stats["new_group_usage"] == [1.0, 0.0, 0.5]
+    for old, new in USAGE_JSON_ALIASES.items():
+        assert stats[old] == stats[new]
+    # The figure reads the shared names only.
+    shared = {k: v for k, v in stats.items() if k not in USAGE_JSON_ALIASES}
+    assert figure_to_png(plot_group_frequency(shared), dpi=30)[:8] == PNG_SIGNATURE
+    assert usage_statistics(torch.zeros(10, dtype=torch.long), sizes)["perplexity"] is None  # JSON has no NaN
+
+
 def test_count_code_usage_matches_encode_and_leaves_quantizer_counters(tiny_model):
     generator = torch.Generator().manual_seed(1)
     batches = [torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1 for _ in range(3)]
@@ -230,8 +250,10 @@ def test_count_code_usage_matches_encode_and_leaves_quantizer_counters(tiny_mode
         indices = tiny_model.encode(torch.cat(batches)[:5]).indices
     assert torch.equal(counts, torch.bincount(indices.flatten(), minlength=256))
     tiny_model.quantizer.reset_usage()
+    tiny_model.train().quantizer.track_usage = True  # even a quantizer told to count every forward is left as it was
     count_code_usage(tiny_model, batches)
-    assert int(tiny_model.quantizer.usage_counts().sum()) == 0 and tiny_model.quantizer.track_usage
+    assert int(tiny_model.quantizer.usage_counts().sum()) == 0 and tiny_model.quantizer.track_usage is True
+    assert tiny_model.training
     with pytest.raises(ValueError, match="max_samples"):
         count_code_usage(tiny_model, batches, max_samples=0)
     with pytest.raises(ValueError, match="batches"):

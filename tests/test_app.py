@@ -84,6 +84,7 @@ def test_resized_copies_are_cached_and_leave_the_loaded_model_unchanged(tiny_mod
     assert tiny_model.config.trained_group_sizes is None
     after = tiny_model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert tiny_model.quantizer.usage_counts().sum() == 0  # serving tokens does not count usage (eval mode)
     # A resized copy shares the encoder and decoder, not the quantizer.
     copied = tokenizer.resized(n // 2, "resample", 3)
     assert copied.encoder is tiny_model.encoder and copied.quantizer is not tiny_model.quantizer

@@ -1,12 +1,14 @@
 """GroupVectorQuantizer: codebook generation (Eq. 7), search (Eq. 1), STE and loss (Eq. 2-3), group
 independence (Eq. 5), usage statistics, and resize without training (Algorithm 2)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from groupvq_hf import GroupVectorQuantizer
-from groupvq_hf.quantizer import nearest_code_indices, split_codebook_size
+from groupvq_hf.quantizer import nearest_code_indices, split_codebook_size, usage_statistics
 
 
 def make(**kwargs):
@@ -236,6 +238,40 @@ def test_usage_counts_reset_and_per_group():
     assert q.usage_counts().sum() == 0
 
 
+def test_usage_is_counted_in_training_mode_or_inside_counting_usage_only():
+    q = make()
+    codes = q.codebook().detach()
+    z = codes[torch.tensor([0, 1, 1, 17, 40, 40, 40, 63])].view(1, 2, 4, 8).permute(0, 3, 1, 2)
+    assert q.track_usage is None and q.counts_usage  # default: training-mode forwards count
+    q.eval()(z)  # inference never moves the counters
+    assert q.usage_counts().sum() == 0 and not q.counts_usage
+    with q.counting_usage() as same:
+        assert same is q and q.track_usage is True
+        q(z)
+    assert q.track_usage is None and q.usage_counts().sum() == 8
+    q.train()
+    with pytest.raises(RuntimeError), q.counting_usage(False):
+        q(z)
+        raise RuntimeError("inside")
+    assert q.track_usage is None and q.usage_counts().sum() == 8  # paused inside, restored after an error
+    stats = q.usage_statistics()
+    assert stats == usage_statistics(q.usage_counts(), q.group_sizes)
+    assert stats["codebook_usage"] == 5 / 64 and stats["num_tokens"] == 8
+    assert stats["group_usage"] == [2 / 16, 1 / 16, 1 / 16, 1 / 16] and stats["group_frequency"] == [3 / 8, 1 / 8, 3 / 8, 1 / 8]
+    assert stats["perplexity"] == pytest.approx(math.exp(-sum(p * math.log(p) for p in (1 / 8, 2 / 8, 1 / 8, 3 / 8, 1 / 8))))
+
+
+def test_usage_statistics_of_parts_and_empty_counts():
+    counts = torch.tensor([2, 0, 0, 1])
+    part = usage_statistics(counts[:1], [1, 0], num_tokens=3)  # group 1 holds no code of this part
+    assert part["group_usage"] == [1.0, None] and part["group_frequency"] == [2 / 3, 0.0] and part["num_tokens"] == 3
+    empty = usage_statistics(torch.zeros(4, dtype=torch.long), [2, 2])
+    assert empty["codebook_usage"] == 0.0 and math.isnan(empty["perplexity"]) and empty["group_frequency"] == [0.0, 0.0]
+    from groupvq_hf import metrics
+
+    assert metrics.usage_statistics is usage_statistics  # one implementation: the CodebookUsage metric uses it
+
+
 def _usage_worker(rank, world_size, port, out):
     import torch.distributed as dist
 
@@ -246,6 +282,9 @@ def _usage_worker(rank, world_size, port, out):
     q(z)
     # Every rank takes part in each all_reduce.
     results = (q.usage_counts(sync=True), q.usage_counts(sync=False), q.group_usage())
+    if rank == 0:  # no collective by default: one rank alone may read its own counters
+        results += (q.usage_counts(), q.usage_statistics()["group_usage"])
+    results += (q.usage_statistics(sync=True)["group_usage"],)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -261,10 +300,12 @@ def test_usage_counts_sum_across_processes(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "counts.pt"
     mp.spawn(_usage_worker, args=(2, port, str(out)), nprocs=2, join=True)
-    synced, local, group_usage = torch.load(out)
+    synced, local, group_usage, default_counts, default_group_usage, synced_group_usage = torch.load(out)
     assert synced[[0, 1, 16, 17]].tolist() == [1, 1, 1, 1] and synced.sum() == 4
     assert local.sum() == 2
     assert group_usage == pytest.approx([2 / 16, 2 / 16, 0, 0])
+    assert torch.equal(default_counts, local) and default_group_usage == [1 / 16, 1 / 16, 0, 0]
+    assert synced_group_usage == group_usage
 
 
 @pytest.mark.parametrize(

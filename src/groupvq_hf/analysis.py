@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .quantizer import split_codebook_size
+from .quantizer import usage_statistics as codebook_usage_statistics
 
 # Paper sample counts: Fig. 6 picks 128 codes per group; Fig. 7/9 (a) 256 per highlighted group, (b) 64 per group.
 HEATMAP_CODES_PER_GROUP = 128
@@ -44,6 +45,17 @@ FIGURE_NAMES = {
     "pca_projection": "Fig. 9: PCA of the standardised codes and group biases",
 }
 JSON_NAME = "codebook_analysis.json"
+# Names the "usage" section of codebook_analysis.json also carries, as files written before the names were shared with
+# `groupvq_hf.quantizer.usage_statistics`: old name -> current name (same value).
+USAGE_JSON_ALIASES = {
+    "total_hits": "num_tokens",
+    "frequency": "group_frequency",
+    "usage": "group_usage",
+    "trained_frequency": "trained_group_frequency",
+    "new_frequency": "new_group_frequency",
+    "trained_usage": "trained_group_usage",
+    "new_usage": "new_group_usage",
+}
 
 
 # ============================================================================================ layout helpers
@@ -151,29 +163,25 @@ def norm_statistics(
 
 @torch.no_grad()
 def usage_statistics(counts: torch.Tensor, group_sizes: Sequence[int], new_mask: torch.Tensor | None = None) -> dict:
-    """Per-group usage from per-code hit counts (n,) (Fig. 5 right).
-
-    ``frequency[j]`` is group j's share of all hits (as ``GroupVectorQuantizer.group_frequency``), ``usage[j]`` the
-    fraction of its codes hit at least once, ``expected_frequency[j] = n_j / n`` the share under uniform code use.
-    With ``new_mask``: ``trained_frequency``/``new_frequency`` (shares of all hits, summing to ``frequency``) and
-    ``trained_usage``/``new_usage``.
+    """Per-group usage from per-code hit counts (n,) (Fig. 5 right): `groupvq_hf.quantizer.usage_statistics`
+    (``codebook_usage``, ``num_tokens``, ``perplexity``, ``group_usage``, ``group_frequency``, as the quantizer's
+    getters and the ``CodebookUsage`` metric return them) plus ``expected_frequency[j] = n_j / n``, the share under
+    uniform code use. With ``new_mask``: ``trained_group_frequency``/``new_group_frequency`` (shares of all hits,
+    summing to ``group_frequency``) and ``trained_group_usage``/``new_group_usage`` (None for a group without such
+    codes). The older names of `USAGE_JSON_ALIASES` are kept beside them for readers of saved JSON files.
     """
     counts = counts.detach().cpu().long().flatten()
     sizes = _check_group_sizes(group_sizes, counts.numel())
-    total = int(counts.sum())
-    denom = max(total, 1)
-    stats = {
-        "total_hits": total,
-        "frequency": [int(c.sum()) / denom for c in counts.split(sizes)],
-        "usage": [(c > 0).float().mean().item() for c in counts.split(sizes)],
-        "expected_frequency": [n / sum(sizes) for n in sizes],
-        "codebook_usage": (counts > 0).float().mean().item(),
-    }
+    stats = codebook_usage_statistics(counts, sizes)
+    if math.isnan(stats["perplexity"]):  # no hit: JSON has no NaN
+        stats["perplexity"] = None
+    stats["expected_frequency"] = [n / sum(sizes) for n in sizes]
     if new_mask is not None:
         for kind, keep in (("trained", ~new_mask.cpu()), ("new", new_mask.cpu())):
-            parts = [(c[sel]) for c, sel in zip(counts.split(sizes), keep.split(sizes))]
-            stats[f"{kind}_frequency"] = [int(p.sum()) / denom for p in parts]
-            stats[f"{kind}_usage"] = [(p > 0).float().mean().item() if p.numel() else None for p in parts]
+            parts = [c[sel] for c, sel in zip(counts.split(sizes), keep.split(sizes))]
+            part = codebook_usage_statistics(torch.cat(parts), [p.numel() for p in parts], stats["num_tokens"])
+            stats[f"{kind}_group_frequency"], stats[f"{kind}_group_usage"] = part["group_frequency"], part["group_usage"]
+    stats.update({old: stats[new] for old, new in USAGE_JSON_ALIASES.items() if new in stats})
     return stats
 
 
@@ -194,7 +202,7 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
 
     ``batches`` yields (B, 3, H, W) tensors or dicts with ``pixel_values`` (a DataLoader over
     ``groupvq_hf.data.build_image_dataset`` with ``collate_pixels``). Stops after ``max_samples`` images. The
-    quantizer's own usage counters are left as they were.
+    quantizer's own usage counters are left as they were (it does not count inside, `counting_usage(False)`).
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
@@ -204,7 +212,6 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
     dtype = next(model.parameters()).dtype
     counts = torch.zeros(quantizer.codebook_size, dtype=torch.long)
     seen = 0
-    tracking, quantizer.track_usage = quantizer.track_usage, False
     was_training = model.training
     model.eval()
     try:
@@ -213,13 +220,13 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
                 pixels = pixels[: max_samples - seen]
             if pixels.shape[0] == 0:  # a batch of undecodable images only (or max_samples reached: see below)
                 continue
-            indices = model.encode(pixels.to(device=device, dtype=dtype)).indices
+            with quantizer.counting_usage(False):
+                indices = model.encode(pixels.to(device=device, dtype=dtype)).indices
             counts += torch.bincount(indices.flatten().cpu(), minlength=counts.numel())
             seen += pixels.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
     finally:
-        quantizer.track_usage = tracking
         model.train(was_training)
     return counts, seen
 
@@ -373,7 +380,7 @@ def select_highlight_groups(norm_stats: dict, usage_stats: dict | None = None) -
         "largest_norm_variance": max(range(len(var)), key=lambda j: var[j]),
     }
     if usage_stats is not None:
-        freq = usage_stats["frequency"]
+        freq = usage_stats["group_frequency"]
         chosen["highest_frequency"] = max(range(len(freq)), key=lambda j: freq[j])
     else:
         mean = norm_stats["mean"]
@@ -439,15 +446,16 @@ def plot_norm_statistics(stats: dict) -> Figure:
 
 def plot_group_frequency(stats: dict) -> Figure:
     """Fig. 5 right: each group's share of all code hits, with the uniform share n_j / n; trained/new stacked."""
-    k = len(stats["frequency"])
+    k = len(stats["group_frequency"])
     fig = _new_figure(max(6.0, 0.25 * k + 2), 3.8)
     ax = fig.subplots()
     x = list(range(k))
-    if "trained_frequency" in stats:
-        ax.bar(x, stats["trained_frequency"], 0.8, color="tab:blue", label="trained codes")
-        ax.bar(x, stats["new_frequency"], 0.8, bottom=stats["trained_frequency"], color="tab:orange", label="new codes")
+    if "trained_group_frequency" in stats:
+        trained = stats["trained_group_frequency"]
+        ax.bar(x, trained, 0.8, color="tab:blue", label="trained codes")
+        ax.bar(x, stats["new_group_frequency"], 0.8, bottom=trained, color="tab:orange", label="new codes")
     else:
-        ax.bar(x, stats["frequency"], 0.8, color="tab:green", label="share of hits")
+        ax.bar(x, stats["group_frequency"], 0.8, color="tab:green", label="share of hits")
     ax.step(
         [j - 0.5 for j in x] + [k - 0.5], stats["expected_frequency"] + stats["expected_frequency"][-1:],
         where="post", color="black", linestyle="--", linewidth=1, label="uniform share $n_j/n$",
@@ -457,7 +465,7 @@ def plot_group_frequency(stats: dict) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     _group_ticks(ax, k)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"Usage frequency per group (Fig. 5 right), {stats['total_hits']:,} tokens")
+    ax.set_title(f"Usage frequency per group (Fig. 5 right), {stats['num_tokens']:,} tokens")
     return fig
 
 
@@ -724,6 +732,7 @@ def save_analysis(analysis: CodebookAnalysis, output_dir: str | os.PathLike, dpi
 __all__ = [
     "CodebookAnalysis",
     "FIGURE_NAMES",
+    "USAGE_JSON_ALIASES",
     "PCAProjection",
     "analyze_codebook",
     "cosine_similarity_statistics",

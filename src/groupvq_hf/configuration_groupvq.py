@@ -91,7 +91,10 @@ class GroupVQConfig(PreTrainedConfig):
         trained_group_sizes (`list[int]`, *optional*): after a resize, how many leading codes of each group were
             trained (self-extension keeps them; resampling leaves none); None for a model as trained.
         projector (`str`): "linear" (paper default), "mlp" or "linear+mlp" (Table 3).
-        commitment_beta (`float`): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
+        commitment_beta (`float`): weight of the commitment (encoder) term of the quantizer loss
+            `commitment_beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`, whose codebook term has weight 1. The paper's Eq. 3
+            writes `beta ||Q - sg[Z]||^2 + gamma ||Z - sg[Q]||^2`: `commitment_beta` is its gamma, with its beta = 1.
+            (The name is kept: saved configs carry it.)
         core_std (`float`, *optional*): the frozen cores' distribution P = N(0, core_std^2 I) (section 3.3), used at
             initialisation and by every resize (Algorithm 2: resampled and self-extended rows come from the same P).
             Defaults to `codebook_dim ** -0.5`, SimVQ's N(0, 1/d), so initial codes have SimVQ's per-coordinate

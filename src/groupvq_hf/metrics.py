@@ -14,7 +14,6 @@ pool3 features of the original and the reconstructed images, both quantised to u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import datasets
@@ -24,6 +23,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .quantizer import usage_statistics  # the one computation of usage statistics (also the quantizer's getters)
 
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfid", "l1")
 DATA_RANGE = 1.0  # PSNR / SSIM are computed on images scaled to [0, 1]
@@ -394,21 +395,4 @@ class CodebookUsage(evaluate.Metric):
         counts = torch.zeros(codebook_size, dtype=torch.int64)
         counts[: len(self.counts)] = self.counts
         counts = _sum_across_processes(counts)
-        return usage_statistics(counts, group_sizes)
-
-
-def usage_statistics(counts: torch.Tensor, group_sizes: Sequence[int] | None = None) -> dict:
-    """Usage, perplexity and per-group statistics of code hit ``counts`` (codebook_size,)."""
-    total = int(counts.sum())
-    results = {"codebook_usage": float((counts > 0).double().mean()), "num_tokens": total}
-    if total:
-        p = counts.double() / total
-        entropy = -(p[p > 0] * p[p > 0].log()).sum()
-        results["perplexity"] = float(entropy.exp())
-    else:
-        results["perplexity"] = math.nan
-    if group_sizes is not None:
-        chunks = counts.split(list(group_sizes))
-        results["group_usage"] = [float((c > 0).double().mean()) for c in chunks]
-        results["group_frequency"] = [int(c.sum()) / max(total, 1) for c in chunks]
-    return results
+        return usage_statistics(counts, group_sizes)  # groupvq_hf.quantizer.usage_statistics

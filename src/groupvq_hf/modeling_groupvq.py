@@ -42,7 +42,8 @@ class GroupVQEncoderOutput(ModelOutput):
         latents (`torch.FloatTensor` of shape `(batch, codebook_dim, h, w)`): encoder output before quantisation.
         quantized (`torch.FloatTensor` of shape `(batch, codebook_dim, h, w)`): straight-through quantised latents.
         indices (`torch.LongTensor` of shape `(batch, h, w)`): code index of every latent position.
-        commitment_loss (`torch.FloatTensor` scalar): `beta*||z - sg(q)||^2 + ||sg(z) - q||^2`.
+        commitment_loss (`torch.FloatTensor` scalar): both quantizer terms, `commitment_beta * ||z - sg(q)||^2`
+            (commitment, trains the encoder) `+ ||sg(z) - q||^2` (codebook, weight 1, trains the projectors).
         perplexity (`torch.FloatTensor` scalar): exp(entropy) of the batch's code distribution.
     """
 
@@ -59,7 +60,8 @@ class GroupVQModelOutput(ModelOutput):
     Args:
         reconstruction (`torch.FloatTensor` of shape `(batch, out_channels, H, W)`): decoded image in [-1, 1] scale.
         indices (`torch.LongTensor` of shape `(batch, h, w)`): code indices.
-        commitment_loss (`torch.FloatTensor` scalar): the quantizer's loss (Eq. 3 without the reconstruction term).
+        commitment_loss (`torch.FloatTensor` scalar): the quantizer's loss, codebook and commitment terms (Eq. 3
+            without the reconstruction term; see [`GroupVQEncoderOutput`]).
         latents, quantized, perplexity: as in [`GroupVQEncoderOutput`].
     """
 

@@ -13,10 +13,11 @@ This file imports nothing but torch: it travels to the Hub as remote code beside
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +200,35 @@ def _block_argmin(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, run * ARGMIN_RUN + inner
 
 
+def usage_statistics(
+    counts: torch.Tensor, group_sizes: Sequence[int] | None = None, num_tokens: int | None = None
+) -> dict:
+    """Usage of a codebook from its per-code hit ``counts`` (n,), in float64: the one implementation behind the
+    quantizer's getters, the ``CodebookUsage`` metric, training's logs and the analysis figures (Fig. 5 right).
+
+    Returns ``codebook_usage`` (fraction of the codes hit at least once), ``num_tokens`` (the hits: ``counts.sum()``
+    unless given), ``perplexity`` (exp of the entropy of the code frequencies; NaN when nothing was hit) and, with
+    ``group_sizes`` (codes per group, in codebook order), ``group_usage`` (per group, the fraction of its codes hit;
+    None for a group of no code) and ``group_frequency`` (per group, its share of the ``num_tokens`` hits). Pass
+    ``num_tokens`` when ``counts`` are part of a codebook (e.g. each group's trained codes) so that the shares are
+    of all hits.
+    """
+    counts = counts.detach().flatten().long().cpu()
+    total = int(counts.sum())
+    num_tokens = total if num_tokens is None else int(num_tokens)
+    stats = {"codebook_usage": float((counts > 0).double().mean()) if counts.numel() else None, "num_tokens": num_tokens}
+    if total:
+        p = counts[counts > 0].double() / total
+        stats["perplexity"] = float((-(p * p.log()).sum()).exp())
+    else:
+        stats["perplexity"] = math.nan
+    if group_sizes is not None:
+        chunks = counts.split(list(group_sizes))
+        stats["group_usage"] = [float((c > 0).double().mean()) if c.numel() else None for c in chunks]
+        stats["group_frequency"] = [int(c.sum()) / max(num_tokens, 1) for c in chunks]
+    return stats
+
+
 class GroupVectorQuantizer(nn.Module):
     """Vector quantizer whose codebook is ``k`` groups ``G_j = core_j @ W_j + b_j`` (paper Eq. 7).
 
@@ -210,6 +240,18 @@ class GroupVectorQuantizer(nn.Module):
     groups keep ``core_{j}`` (n_j, r_j) and ``weight_{j}`` (r_j, d) per group and the same stacked ``bias``.
     Projector "mlp" (one hidden layer of width d, Table 3) adds ``mlp_in_weight`` (k, r, d) / ``mlp_in_weight_{j}``,
     ``mlp_in_bias`` (k, d) and ``mlp_out_weight`` (k, d, d); "linear+mlp" sums both branches.
+
+    Loss weights (``commitment_beta``): the loss is ``commitment_beta * ||z - sg(q)||^2 + ||sg(z) - q||^2``, so
+    ``commitment_beta`` weights the encoder (commitment) term and the codebook term is weighted 1. The paper's Eq. 3
+    writes ``beta ||Q - sg[Z]||^2 + gamma ||Z - sg[Q]||^2``: our ``commitment_beta`` is its gamma, with its beta = 1.
+
+    Usage counting: a forward adds its code hits to the counters when ``track_usage`` is True, never when False,
+    and when None (the default) only in training mode, so inference (an ``eval()`` model: loaded checkpoints, the
+    demo, the analysis) never moves them. ``with quantizer.counting_usage():`` counts inside the block whatever the
+    mode and restores the flag on exit (``counting_usage(False)`` pauses counting). The getters read this process's
+    counters; the all-reduce over processes is opt-in (``sync=True``, which every rank must call). The older
+    ``codebook_usage``/``group_usage``/``group_frequency`` keep ``sync=True`` as their default for callers written
+    before (``training.train``): prefer ``usage_statistics(sync=...)``.
     """
 
     def __init__(
@@ -224,6 +266,8 @@ class GroupVectorQuantizer(nn.Module):
         commitment_beta: float = 0.25,
         core_std: float | None = None,
     ):
+        """``commitment_beta``: weight of the commitment (encoder) term ``||z - sg(q)||^2``; the codebook term
+        ``||sg(z) - q||^2`` has weight 1 (the paper's Eq. 3 gamma, with its beta = 1; see ``quantize_tokens``)."""
         super().__init__()
         if not _is_int(codebook_dim) or codebook_dim < 1:
             raise ValueError(f"`codebook_dim` must be a positive int, got {codebook_dim!r}.")
@@ -237,7 +281,7 @@ class GroupVectorQuantizer(nn.Module):
         self.commitment_beta = float(commitment_beta)
         self.core_std = default_core_std(codebook_dim) if core_std is None else check_core_std(core_std)
         self.check_finite = True  # raise on NaN/inf latents (one reduction per forward); False skips the check
-        self.track_usage = True
+        self.track_usage: bool | None = None  # None: count training-mode forwards only (see the class docstring)
         self._usage_counts: torch.Tensor | None = None  # plain attribute: DDP must not broadcast it
         self._storage: list[str] = []
         k, d = len(sizes), codebook_dim
@@ -389,7 +433,10 @@ class GroupVectorQuantizer(nn.Module):
     def quantize_tokens(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantise token rows ``z`` (N, d). Returns ``(z_q, loss, indices)`` (Eq. 1-3), computed in fp32.
 
-        ``z_q = z + sg(q - z)`` (Eq. 2); ``loss = beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`` (mean squared).
+        ``z_q = z + sg(q - z)`` (Eq. 2); ``loss = commitment_beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`` (each a mean
+        of squares): the commitment (encoder) term weighted ``commitment_beta`` plus the codebook term weighted 1,
+        i.e. Eq. 3 without its reconstruction term, with the paper's (beta, gamma) = (1, ``commitment_beta``).
+        Adds the hits to the usage counters when counting (see ``track_usage``).
         """
         if self.check_finite and z.numel() and not bool(torch.isfinite(z).all()):
             bad = int((~torch.isfinite(z)).any(-1).sum())
@@ -404,7 +451,7 @@ class GroupVectorQuantizer(nn.Module):
             q = F.embedding(indices, codebook)
             loss = self.commitment_beta * F.mse_loss(z32, q.detach()) + F.mse_loss(z32.detach(), q)
             z_q = z32 + (q - z32).detach()
-        if self.track_usage:
+        if self.counts_usage:
             self._update_usage(indices)
         return z_q.to(z.dtype), loss, indices
 
@@ -448,12 +495,28 @@ class GroupVectorQuantizer(nn.Module):
         else:
             self._usage_counts = current.to(counts.device) + counts
 
+    @property
+    def counts_usage(self) -> bool:
+        """Whether a forward now adds its hits to the counters: ``track_usage``, or when None, training mode."""
+        return self.training if self.track_usage is None else bool(self.track_usage)
+
+    @contextlib.contextmanager
+    def counting_usage(self, enabled: bool = True) -> Iterator[GroupVectorQuantizer]:
+        """Count code hits inside the block (``enabled=False``: never count there), in any mode; ``track_usage`` is
+        restored on exit, whatever happens inside."""
+        previous, self.track_usage = self.track_usage, bool(enabled)
+        try:
+            yield self
+        finally:
+            self.track_usage = previous
+
     def reset_usage(self) -> None:
         """Forget all hit counts."""
         self._usage_counts = None
 
-    def usage_counts(self, sync: bool = True) -> torch.Tensor:
-        """Per-code hit counts (n,) since the last reset, summed over processes when ``sync`` and distributed."""
+    def usage_counts(self, sync: bool = False) -> torch.Tensor:
+        """Per-code hit counts (n,) since the last reset: this process's, or with ``sync=True`` summed over the
+        processes of an initialised ``torch.distributed`` group (a collective: every rank must call it)."""
         counts = self._usage_counts
         if counts is None or counts.is_meta or counts.shape[0] != self.codebook_size:
             counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.bias.device)
@@ -462,20 +525,24 @@ class GroupVectorQuantizer(nn.Module):
             torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
         return counts
 
+    def usage_statistics(self, sync: bool = False) -> dict:
+        """[`usage_statistics`] of the counters since the last reset: ``codebook_usage``, ``num_tokens``,
+        ``perplexity``, ``group_usage``, ``group_frequency``; ``sync`` as in ``usage_counts``."""
+        return usage_statistics(self.usage_counts(sync), self.group_sizes)
+
+    # The three getters below keep their former default, summed over processes (a collective: call them on every
+    # rank), for callers written before `usage_statistics` (training.train's window usage).
     def codebook_usage(self, sync: bool = True) -> float:
-        """Fraction of codes hit at least once since the last reset."""
-        return (self.usage_counts(sync) > 0).float().mean().item()
+        """Fraction of codes hit at least once since the last reset (``usage_statistics`` with ``sync=True``)."""
+        return self.usage_statistics(sync)["codebook_usage"]
 
     def group_usage(self, sync: bool = True) -> list[float]:
-        """Per group, the fraction of its codes hit at least once."""
-        used = self.usage_counts(sync) > 0
-        return [chunk.float().mean().item() for chunk in used.split(self.group_sizes)]
+        """Per group, the fraction of its codes hit at least once (``usage_statistics`` with ``sync=True``)."""
+        return self.usage_statistics(sync)["group_usage"]
 
     def group_frequency(self, sync: bool = True) -> list[float]:
-        """Per group, its share of all hits (Fig. 5 right)."""
-        counts = self.usage_counts(sync)
-        total = max(int(counts.sum()), 1)
-        return [int(chunk.sum()) / total for chunk in counts.split(self.group_sizes)]
+        """Per group, its share of all hits (Fig. 5 right; ``usage_statistics`` with ``sync=True``)."""
+        return self.usage_statistics(sync)["group_frequency"]
 
     # ----------------------------------------------------------------------------------------- resize
     @torch.no_grad()

@@ -58,7 +58,9 @@ class GroupVQVAE(VQModel):
             `num_vq_embeddings`.
         group_ranks (`list[int]`, *optional*): heterogeneous ranks r_j, one per group.
         projector (`str`, defaults to `"linear"`): `"linear"`, `"mlp"` or `"linear+mlp"` (Table 3).
-        commitment_beta (`float`, defaults to 0.25): beta of `beta*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3).
+        commitment_beta (`float`, defaults to 0.25): weight of the commitment (encoder) term of
+            `commitment_beta * ||z - sg(q)||^2 + ||sg(z) - q||^2`; the codebook term has weight 1 (the paper's Eq. 3
+            gamma, with its beta = 1).
         trained_group_sizes (`list[int]`, *optional*): after `resize_codebook`, how many leading codes of each group
             were trained (self-extension keeps them, resampling leaves none); None for a model as trained.
 
