@@ -361,6 +361,11 @@ def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, caps
     with torch.no_grad():
         indices = model.encode(pixels).indices
     assert usage == pytest.approx(indices.unique().numel() / model.config.codebook_size)
+    from groupvq_hf.training import usage_stats
+
+    assert usage_stats({"codebook_usage": 0.5, "group_usage": [1.0, 0.25], "num_images": 3}) == {
+        "val/codebook_usage": 0.5, "val/group_usage/group_000": 1.0, "val/group_usage/group_001": 0.25,
+    }  # fmt: skip
     again = validation_usage(model, pixels, batch_size=4)
     assert again["codebook_usage"] == usage and again["num_images"] == 6
     assert model.quantizer.usage_counts(sync=False).sum() == 0  # counters left reset
