@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
 from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics, _check_metrics
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
@@ -195,7 +196,7 @@ def evaluate_model(
 
 def results_record(metrics: dict, **context) -> dict:
     """The JSON written by ``scripts/evaluate.py``: ``context`` (model, dataset, split, resolution, ...) plus
-    ``"metrics"`` (scalars, the keys `groupvq_hf.hub.normalize_eval_results` reads) and per-group lists."""
+    ``"metrics"`` (scalars, the keys `groupvq_hf.cards.normalize_eval_results` reads) and per-group lists."""
     counts = {k: metrics[k] for k in DATA_COUNTS if k in metrics}
     scalars = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images" and k not in counts
@@ -212,19 +213,10 @@ def write_json(data, path: str | os.PathLike) -> Path:
     return path
 
 
-def model_index_entries(results: dict) -> list:
-    """``results_record`` output as `huggingface_hub.EvalResult`s for a model card's ``model-index``.
-
-    Delegates to [`groupvq_hf.hub.model_index_entries`] so evaluation and publishing write the same entries.
-    """
-    from .hub import model_index_entries as hub_entries  # it drops non-finite values (e.g. PSNR inf) itself
-
-    return hub_entries(results)
-
-
 def update_model_card(card_path: str | os.PathLike, results: dict, model_name: str | None = None) -> Path:
     """Add (or replace, same task/dataset/split/metric) the ``results`` in the ``model-index`` of the model card
-    at ``card_path`` (a ``README.md``; created with just the metadata when missing)."""
+    at ``card_path`` (a ``README.md``; created with just the metadata when missing). The entries are
+    `groupvq_hf.cards.model_index_entries`, as in the card `groupvq_hf.hub.publish` writes."""
     from huggingface_hub import ModelCard, ModelCardData
 
     card_path = Path(card_path)
@@ -320,29 +312,6 @@ def resize_study(
         })  # fmt: skip
         del candidate
     return rows
-
-
-_COLUMNS = (
-    ("method", "Method", "{}"), ("codebook_size", "Codebook Size", "{:,}"), ("groups", "Group", "{}"),
-    ("codebook_usage", "Codebook Usage", "{:.1%}"), ("rfid", "rFID↓", "{:.2f}"), ("lpips", "LPIPS↓", "{:.3f}"),
-    ("psnr", "PSNR↑", "{:.2f}"), ("ssim", "SSIM↑", "{:.3f}"),
-)  # fmt: skip
-
-
-def resize_study_markdown(rows: Sequence[dict]) -> str:
-    """The study as a Markdown table laid out like the paper's Table 2 (columns for the metrics present)."""
-    columns = [c for c in _COLUMNS if any(c[0] in row for row in rows)]
-    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        power = row["power"]
-        factor = f"x{2**power}" if power > 0 else f"/{2**-power}"
-        label = "Group-VQ" if row["method"] == "trained" else f"+ {row['method']} ({factor})"
-        cells = [
-            label if key == "method" else (fmt.format(row[key]) if row.get(key) is not None else "")
-            for key, _, fmt in columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def plot_resize_study(rows: Sequence[dict], path: str | os.PathLike) -> Path:
@@ -546,7 +515,7 @@ def run_resize_study(args, accelerator=None) -> dict:
         }
         paths["json"] = write_json({**context, "rows": rows}, out / "resize_study.json")
         paths["markdown"] = out / "resize_study.md"
-        paths["markdown"].write_text(resize_study_markdown(rows), encoding="utf-8")
+        paths["markdown"].write_text(resize_study_markdown(rows) + "\n", encoding="utf-8")
         if "rfid" in names or "psnr" in names:
             paths["plot"] = plot_resize_study(rows, out / "resize_study.png")
     accelerator.wait_for_everyone()

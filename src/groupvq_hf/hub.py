@@ -1,8 +1,9 @@
 """Publishing a Group-VQ tokenizer on the Hugging Face Hub.
 
 `render_model_card` fills `model_cards/groupvq.md` (metadata, model-index from `scripts/evaluate.py` results, codebook,
-training recipe, loading, resizing, citation); `publish` saves the model (safetensors, `config.json` with `auto_map`,
-the remote-code files, `preprocessor_config.json`) and the card into a folder and uploads it with `HfApi.upload_folder`,
+training recipe, loading, resizing, citation; the results are read and formatted by `groupvq_hf.cards`, as
+`scripts/evaluate.py --model_card` does); `publish` saves the model (safetensors, `config.json` with `auto_map`, the
+remote-code files, `preprocessor_config.json`) and the card into a folder and uploads it with `HfApi.upload_folder`,
 after checking the token can write to the repo. Only files matching `ALLOW_PATTERNS` and none of `IGNORE_PATTERNS`
 are uploaded: never optimizer states, pickles or tokens.
 
@@ -21,13 +22,22 @@ import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
+from .cards import (  # noqa: F401  (re-exported: the card's results formatting lives in .cards)
+    DATASET_IDS,
+    DATASET_NAMES,
+    METRICS,
+    dataset_id,
+    model_index_entries,
+    normalize_eval_results,
+    resize_study_markdown,
+)
 from .configuration_groupvq import GroupVQConfig
+from .data import parse_dataset_spec
 from .fileio import atomic_directory
-from .data import SOURCES, parse_dataset_spec
 from .image_processing_groupvq import GroupVQImageProcessor
 from .modeling_groupvq import GroupVQModel
 from .training import describe_recipe
@@ -40,18 +50,7 @@ IGNORE_PATTERNS = [
     "*training_state*",
     "*token*", ".git*", "*/.git*", ".cache/*", "*/__pycache__/*", "__pycache__/*", "checkpoint*",  # secrets, caches
 ]
-DATASET_IDS = {name: source.repo_id for name, source in SOURCES.items()} | {"imagenet-1k": "ILSVRC/imagenet-1k"}
-DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
 BASE_TAGS = ["groupvq", "vector-quantization", "image-tokenizer", "vqgan"]
-# `scripts/evaluate.py` key -> (model-index metric type, display name, lower is better)
-METRICS = {
-    "rfid": ("fid", "rFID", True),
-    "lpips": ("lpips", "LPIPS", True),
-    "psnr": ("psnr", "PSNR", False),
-    "ssim": ("ssim", "SSIM", False),
-    "codebook_usage": ("codebook_usage", "Codebook usage", False),
-    "perplexity": ("perplexity", "Perplexity", False),
-}
 
 PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # second byte of a pickle after the PROTO opcode 0x80
 
@@ -127,69 +126,6 @@ def hub_network_errors(endpoint: str, timeout: float):
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-def _read_json(value, name: str):
-    if value is None or isinstance(value, (dict, list)):
-        return value
-    path = Path(value)
-    if not path.is_file():
-        raise ValueError(f"`{name}` must be a dict/list or the path of a JSON file, got {value!r} (no such file).")
-    if path.suffix == ".md":
-        return path.read_text(encoding="utf-8")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def normalize_eval_results(results) -> dict | None:
-    """The results of `scripts/evaluate.py` (a dict or its JSON file) as ``{"metrics": {...}, "dataset": ...}``.
-
-    Metrics may sit at the top level or under ``"metrics"``/``"results"``; known names are `METRICS`' keys
-    (``rfid``, ``lpips``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``; ``fid`` is read as ``rfid``).
-    Context keys read when present: ``dataset``, ``split``, ``resolution``, ``max_samples``/``num_samples``.
-    """
-    results = _read_json(results, "eval_results")
-    if results is None:
-        return None
-    if not isinstance(results, dict):
-        raise ValueError(f"`eval_results` must be a JSON object of metric values, got {type(results).__name__}.")
-    source = results.get("metrics", results.get("results", results))
-    metrics = {}
-    for key, value in (source or {}).items():
-        key = "rfid" if key.lower() == "fid" else key.lower()
-        if key in METRICS and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            metrics[key] = float(value)
-    if not metrics:
-        raise ValueError(f"`eval_results` holds none of the metrics {sorted(METRICS)}; got keys {sorted(source)}.")
-    return {
-        "metrics": metrics,
-        "dataset": results.get("dataset", "imagenet"),
-        "split": results.get("split"),
-        "resolution": results.get("resolution"),
-        "num_samples": results.get("num_samples", results.get("max_samples")),
-    }
-
-
-def resize_study_markdown(study) -> str | None:
-    """The resize study (`scripts/resize_study.py`) as a Markdown table: a ``.md`` file is used as is; its JSON
-    (``{"rows": [...]}``) in the paper's Table 2 layout; other row lists become a table with one column per key."""
-    study = _read_json(study, "resize_study")
-    if study is None or isinstance(study, str):
-        return study
-    rows = study.get("rows", study.get("results")) if isinstance(study, dict) else study
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ValueError("`resize_study` must be a Markdown file, a list of row objects or {'rows': [...]}.")
-    if all("method" in row and "power" in row for row in rows):  # scripts/resize_study.py rows: the paper's layout
-        from .evaluation import resize_study_markdown as paper_table
-
-        return paper_table(rows).rstrip("\n")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value):
-        return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _groupvq_config(config) -> GroupVQConfig:
     if isinstance(config, GroupVQConfig):
         return config
@@ -199,27 +135,6 @@ def _groupvq_config(config) -> GroupVQConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------- card
-def model_index_entries(eval_results) -> list[EvalResult]:
-    """`scripts/evaluate.py` results as `huggingface_hub.EvalResult`s for a card's `model-index` (empty if None)."""
-    evals = normalize_eval_results(eval_results)
-    if evals is None:
-        return []
-    dataset = DATASET_IDS.get(str(evals["dataset"]).lower(), evals["dataset"])
-    return [
-        EvalResult(
-            task_type="image-to-image",
-            task_name="Image reconstruction",
-            dataset_type=dataset,
-            dataset_name=DATASET_NAMES.get(dataset, dataset),
-            dataset_split=evals["split"],
-            metric_type=METRICS[key][0],
-            metric_name=METRICS[key][1],
-            metric_value=value,
-        )
-        for key, value in evals["metrics"].items()
-    ]
-
-
 def render_model_card(
     config,
     repo_id: str,
@@ -255,12 +170,12 @@ def render_model_card(
     if not template.is_file():
         raise FileNotFoundError(f"Model card template not found at {template}; pass `template_path`.")
 
-    eval_dataset = DATASET_IDS.get(str(evals["dataset"]).lower(), evals["dataset"]) if evals else None
+    eval_dataset = dataset_id(evals["dataset"]) if evals else None
     # Training data as given, else as the training arguments name it (`--dataset imagenet:0.7+coco:0.3`); never the
     # evaluation set, and never the built-in demo photos, which are no Hub dataset.
     if datasets is None and (training or {}).get("dataset"):
         datasets = [name for name, _ in parse_dataset_spec(str(training["dataset"]))]
-    datasets = [DATASET_IDS.get(d.lower(), d) for d in (datasets or []) if d.lower() != "demo"]
+    datasets = [dataset_id(d) for d in (datasets or []) if d.lower() != "demo"]
     model_name = repo_id.split("/")[-1]
     eval_cards = model_index_entries(evals)
     library = "diffusers" if diffusers else "transformers"

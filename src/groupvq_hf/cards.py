@@ -1,0 +1,163 @@
+"""Evaluation results formatted for model cards: the one place `evaluation` (``--model_card``) and `hub` (the card of
+`publish`) read them from, so both write the same model-index entries and the same resize-study table.
+
+- `normalize_eval_results`: the JSON of ``scripts/evaluate.py`` (or a dict) -> the metrics a card shows (`METRICS`).
+- `model_index_entries`: those as `huggingface_hub.EvalResult`s for the card's ``model-index``.
+- `resize_study_markdown`: the resize study (rows, its JSON or a ``.md`` file) as a Markdown table, the paper's
+  Table 2 layout for the rows of ``scripts/resize_study.py``.
+
+Imports no other module of the package but `data` (dataset ids), so neither of its users imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import EvalResult
+
+from .data import SOURCES
+
+DATASET_IDS = {name: source.repo_id for name, source in SOURCES.items()} | {"imagenet-1k": "ILSVRC/imagenet-1k"}
+DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
+# `scripts/evaluate.py` key -> (model-index metric type, display name, lower is better)
+METRICS = {
+    "rfid": ("fid", "rFID", True),
+    "lpips": ("lpips", "LPIPS", True),
+    "psnr": ("psnr", "PSNR", False),
+    "ssim": ("ssim", "SSIM", False),
+    "codebook_usage": ("codebook_usage", "Codebook usage", False),
+    "perplexity": ("perplexity", "Perplexity", False),
+}
+# Columns of the resize study table (the paper's Table 2): row key, header, format.
+RESIZE_STUDY_COLUMNS = (
+    ("method", "Method", "{}"), ("codebook_size", "Codebook Size", "{:,}"), ("groups", "Group", "{}"),
+    ("codebook_usage", "Codebook Usage", "{:.1%}"), ("rfid", "rFID↓", "{:.2f}"), ("lpips", "LPIPS↓", "{:.3f}"),
+    ("psnr", "PSNR↑", "{:.2f}"), ("ssim", "SSIM↑", "{:.3f}"),
+)  # fmt: skip
+
+
+def read_json(value, name: str):
+    """`value` as is when None, a dict or a list; else the path of a JSON file (read) or of a ``.md`` file (its text)."""
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"`{name}` must be a dict/list or the path of a JSON file, got {value!r} (no such file).")
+    if path.suffix == ".md":
+        return path.read_text(encoding="utf-8")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def normalize_eval_results(results) -> dict | None:
+    """The results of `scripts/evaluate.py` (a dict or its JSON file) as ``{"metrics": {...}, "dataset": ...}``.
+
+    Metrics may sit at the top level or under ``"metrics"``/``"results"``; known names are `METRICS`' keys
+    (``rfid``, ``lpips``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``; ``fid`` is read as ``rfid``);
+    non-finite values (PSNR of identical images) are left out. Context keys read when present: ``dataset``,
+    ``split``, ``resolution``, ``max_samples``/``num_samples``.
+    """
+    results = read_json(results, "eval_results")
+    if results is None:
+        return None
+    if not isinstance(results, dict):
+        raise ValueError(f"`eval_results` must be a JSON object of metric values, got {type(results).__name__}.")
+    source = results.get("metrics", results.get("results", results))
+    metrics = {}
+    for key, value in (source or {}).items():
+        key = "rfid" if key.lower() == "fid" else key.lower()
+        if key in METRICS and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[key] = float(value)
+    if not metrics:
+        raise ValueError(f"`eval_results` holds none of the metrics {sorted(METRICS)}; got keys {sorted(source)}.")
+    return {
+        "metrics": metrics,
+        "dataset": results.get("dataset", "imagenet"),
+        "split": results.get("split"),
+        "resolution": results.get("resolution"),
+        "num_samples": results.get("num_samples", results.get("max_samples")),
+    }
+
+
+def dataset_id(name: str) -> str:
+    """The Hub id of a dataset named as `groupvq_hf.data` names it (``imagenet``, ``coco``, ...); else `name`."""
+    return DATASET_IDS.get(str(name).lower(), name)
+
+
+def model_index_entries(eval_results) -> list[EvalResult]:
+    """`scripts/evaluate.py` results as `huggingface_hub.EvalResult`s for a card's `model-index` (empty if None)."""
+    evals = normalize_eval_results(eval_results)
+    if evals is None:
+        return []
+    dataset = dataset_id(evals["dataset"])
+    return [
+        EvalResult(
+            task_type="image-to-image",
+            task_name="Image reconstruction",
+            dataset_type=dataset,
+            dataset_name=DATASET_NAMES.get(dataset, dataset),
+            dataset_split=evals["split"],
+            metric_type=METRICS[key][0],
+            metric_name=METRICS[key][1],
+            metric_value=value,
+        )
+        for key, value in evals["metrics"].items()
+    ]
+
+
+def _paper_table(rows: Sequence[dict]) -> list[str]:
+    """Rows of `groupvq_hf.evaluation.resize_study` in Table 2's layout (columns for the metrics present)."""
+    columns = [c for c in RESIZE_STUDY_COLUMNS if any(c[0] in row for row in rows)]
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        power = row["power"]
+        factor = f"x{2**power}" if power > 0 else f"/{2**-power}"
+        label = "Group-VQ" if row["method"] == "trained" else f"+ {row['method']} ({factor})"
+        cells = [
+            label if key == "method" else (fmt.format(row[key]) if row.get(key) is not None else "")
+            for key, _, fmt in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plain_table(rows: Sequence[dict]) -> list[str]:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+
+
+def resize_study_markdown(study) -> str | None:
+    """The resize study as a Markdown table (no trailing newline); None stays None.
+
+    ``study``: the rows of `groupvq_hf.evaluation.resize_study` (or ``{"rows": [...]}``, or the path of
+    ``resize_study.json``), laid out like the paper's Table 2; a ``.md`` file, used as is; other row lists, one
+    column per key.
+    """
+    study = read_json(study, "resize_study")
+    if study is None or isinstance(study, str):
+        return study
+    rows = study.get("rows", study.get("results")) if isinstance(study, dict) else study
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("`resize_study` must be a Markdown file, a list of row objects or {'rows': [...]}.")
+    paper_layout = all("method" in row and "power" in row for row in rows)
+    return "\n".join(_paper_table(rows) if paper_layout else _plain_table(rows))
+
+
+__all__ = [
+    "DATASET_IDS",
+    "DATASET_NAMES",
+    "METRICS",
+    "RESIZE_STUDY_COLUMNS",
+    "dataset_id",
+    "model_index_entries",
+    "normalize_eval_results",
+    "read_json",
+    "resize_study_markdown",
+]
