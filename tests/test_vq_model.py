@@ -149,6 +149,32 @@ def test_bad_inputs_raise_value_error(call, match):
 
 
 @pytest.mark.parametrize(
+    "pixels",
+    [torch.randn(1, 4, 32, 32), torch.randn(1, 3, 31, 32), torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+     torch.randn(3, 32, 32), torch.empty(0, 3, 32, 32), torch.full((1, 3, 32, 32), float("nan"))],
+)
+def test_both_shells_check_pixels_by_one_rule(pixels):
+    """GroupVQModel's `pixel_values` and GroupVQVAE's `x` meet the same checks, in the same words."""
+    vae, model = tiny_vae(), tiny_groupvq_model()
+    with pytest.raises(ValueError) as from_vae:
+        vae.encode(pixels)
+    with pytest.raises(ValueError) as from_model:
+        model.encode(pixels)
+    assert str(from_vae.value).replace("`x`", "`pixel_values`") == str(from_model.value)
+
+
+def test_both_shells_build_the_quantizer_from_the_same_arguments():
+    from groupvq_hf.shells import quantizer_arguments
+
+    model = tiny_groupvq_model(codebook_size=64, group_sizes=[32, 32], group_ranks=[4, 8], num_groups=2)
+    vae = GroupVQVAE.from_groupvq(model)
+    assert set(quantizer_arguments(model.config)) == set(QUANTIZER_CONFIG_KEYS)
+    assert quantizer_arguments(vae.config) == {k: (list(v) if isinstance(v, tuple) else v) for k, v in quantizer_arguments(model.config).items()}
+    assert vae.quantize.group_sizes == model.quantizer.group_sizes == [32, 32]
+    assert vae.quantize.group_ranks == model.quantizer.group_ranks == [4, 8]
+
+
+@pytest.mark.parametrize(
     "tokens, shape, match",
     [
         (torch.zeros(1, 8, 8), None, "integer tensor"),

@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .quantizer import LEGACY_CORE_STD, PROJECTORS, check_core_std, default_core_std, resolve_groups
+from .shells import check_trained_group_sizes
 from .vit import check_vit_settings
 
 BACKBONES = ("vqgan", "vit", "simvq")
@@ -160,15 +161,8 @@ class GroupVQConfig(PreTrainedConfig):
         sizes, _ = resolve_groups(
             self.codebook_size, self.num_groups, self.codebook_rank, self.group_sizes, self.group_ranks, self.codebook_dim
         )
-        if self.trained_group_sizes is not None:
-            self.trained_group_sizes = [int(t) for t in self.trained_group_sizes]
-            if len(self.trained_group_sizes) != len(sizes) or any(
-                not 0 <= t <= n for t, n in zip(self.trained_group_sizes, sizes)
-            ):
-                raise ValueError(
-                    f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {sizes}, "
-                    f"got {self.trained_group_sizes}."
-                )
+        if self.trained_group_sizes is not None:  # the rule GroupVQVAE applies too
+            self.trained_group_sizes = check_trained_group_sizes([int(t) for t in self.trained_group_sizes], sizes)
         if self.group_ranks is not None:
             self.group_ranks = [int(r) for r in self.group_ranks]
         if self.projector not in PROJECTORS:

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
 from .quantizer import GroupVectorQuantizer
-from .shells import CARRIED_CONFIG_KEYS, check_input, save_folder
+from .shells import CARRIED_CONFIG_KEYS, check_input, check_pixels, quantizer_arguments, quantizer_config, save_folder
 from .shells import resize_codebook as resize_quantizer
 from .simvq_backbone import SimVQDecoder, SimVQEncoder
 from .vit import L2NormalizedGroupVectorQuantizer, ViTDecoder, ViTEncoder
@@ -122,17 +122,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
         has_quant_conv = config.backbone != "simvq"
         self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1) if has_quant_conv else nn.Identity()
         quantizer_class = L2NormalizedGroupVectorQuantizer if config.l2_normalize_codes else GroupVectorQuantizer
-        self.quantizer = quantizer_class(
-            codebook_size=config.codebook_size,
-            codebook_dim=config.codebook_dim,
-            num_groups=config.num_groups,
-            codebook_rank=config.codebook_rank,
-            group_sizes=config.group_sizes,
-            group_ranks=config.group_ranks,
-            projector=config.projector,
-            commitment_beta=config.commitment_beta,
-            core_std=config.core_std,
-        )
+        self.quantizer = quantizer_class(config.codebook_size, config.codebook_dim, **quantizer_arguments(config))
         self.post_quant_conv = (
             nn.Conv2d(config.codebook_dim, config.latent_channels, 1) if has_quant_conv else nn.Identity()
         )
@@ -156,26 +146,9 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_pixels(self, pixel_values) -> None:
-        f = self.config.downsample_factor
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"`pixel_values` must be a 4-D tensor (batch, {self.config.in_channels}, H, W), got {got}.")
-        if pixel_values.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`pixel_values` must have {self.config.in_channels} channels (config.in_channels), "
-                f"got {pixel_values.shape[1]} (shape {tuple(pixel_values.shape)})."
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(
-                f"`pixel_values` must be a floating-point tensor in [-1, 1], got {pixel_values.dtype} "
-                "(use GroupVQImageProcessor to convert uint8 images)."
-            )
-        h, w = pixel_values.shape[-2:]
-        if h % f or w % f:
-            raise ValueError(
-                f"`pixel_values` height and width must be divisible by the downsampling factor {f}, got {h}x{w}."
-            )
-        check_input(pixel_values, "pixel_values", self.check_finite)  # batch size 0, NaN/inf: ValueError
+        """The rule GroupVQVAE applies too (`groupvq_hf.shells.check_pixels`): shape, dtype, size, batch, NaN/inf."""
+        config = self.config
+        check_pixels(pixel_values, "pixel_values", config.in_channels, config.downsample_factor, self.check_finite)
 
     @property
     def check_finite(self) -> bool:
@@ -288,12 +261,9 @@ class GroupVQModel(GroupVQPreTrainedModel):
         """Lossless conversion from a diffusers `GroupVQVAE`: same weights, same codebook, identical outputs."""
         if not hasattr(getattr(vae, "quantize", None), "resize_codebook"):
             raise ValueError("`vae` must be a GroupVQVAE (its `quantize` must be a GroupVectorQuantizer).")
-        config = cls.config_from_diffusers(vae.config)
-        config.codebook_size = vae.quantize.codebook_size
-        config.group_sizes = None if vae.quantize.uniform else vae.quantize.group_sizes
-        if not vae.quantize.uniform:
-            config.num_groups = len(vae.quantize.group_sizes)
-        model = cls(config)
+        # the group layout as the quantizer holds it (as GroupVQVAE.from_groupvq: `groupvq_hf.shells.quantizer_config`)
+        layout = {**quantizer_config(vae.config, vae.quantize), "num_vq_embeddings": vae.quantize.codebook_size}
+        model = cls(cls.config_from_diffusers({**vae.config, **layout}))
         state = {
             ("quantizer." + k[len("quantize.") :] if k.startswith("quantize.") else k): v
             for k, v in vae.state_dict().items()

@@ -1,6 +1,7 @@
 """Rules both model shells share: the transformers `GroupVQModel` and the diffusers `GroupVQVAE`.
 
-- input checks: a non-empty batch, finite values (`check_input`);
+- input checks: pixel batches (`check_pixels`), a non-empty batch, finite values (`check_input`);
+- the quantizer's arguments from a config (`quantizer_arguments`);
 - one resize path: resize the quantizer and compute the config update, `trained_group_sizes` included
   (`resize_codebook`);
 - the quantizer part of a config, carried generically by the conversions between the shells (`quantizer_config`);
@@ -27,6 +28,30 @@ CARRIED_CONFIG_KEYS = (*QUANTIZER_CONFIG_KEYS, "trained_group_sizes")
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
+def check_pixels(pixels, name: str, in_channels: int, downsample_factor: int, check_finite: bool = True) -> None:
+    """Raise ValueError naming `name` unless `pixels` is a float (batch, `in_channels`, H, W) tensor with H and W
+    multiples of `downsample_factor`, holding at least one sample (and, if `check_finite`, no NaN/inf)."""
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+        got = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"`{name}` must be a 4-D tensor (batch, {in_channels}, H, W), got {got}.")
+    if pixels.shape[1] != in_channels:
+        raise ValueError(
+            f"`{name}` must have {in_channels} channels (config.in_channels), "
+            f"got {pixels.shape[1]} (shape {tuple(pixels.shape)})."
+        )
+    if not pixels.is_floating_point():
+        raise ValueError(
+            f"`{name}` must be a floating-point tensor in [-1, 1], got {pixels.dtype} "
+            "(use GroupVQImageProcessor to convert uint8 images)."
+        )
+    h, w = pixels.shape[-2:]
+    if h % downsample_factor or w % downsample_factor:
+        raise ValueError(
+            f"`{name}` height and width must be divisible by the downsampling factor {downsample_factor}, got {h}x{w}."
+        )
+    check_input(pixels, name, check_finite)
+
+
 def check_input(tensor: torch.Tensor, name: str, check_finite: bool = True) -> None:
     """Raise ValueError naming `name` when `tensor` holds no sample (batch size 0) or, if `check_finite`, NaN/inf.
 
@@ -78,12 +103,20 @@ def resize_codebook(quantizer, trained_group_sizes, new_size, mode: str = "exten
 
 
 # ---------------------------------------------------------------------------------------------------------- convert
+def _setting(config, key: str):
+    """`config[key]` of a mapping, `config.key` of a config object; None when absent."""
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def quantizer_arguments(config) -> dict:
+    """The Group-VQ keyword arguments of `GroupVectorQuantizer` (`QUANTIZER_CONFIG_KEYS`: all but the codebook size
+    and dimension, whose names differ between the shells) from `config` (attributes or a mapping)."""
+    return {key: _setting(config, key) for key in QUANTIZER_CONFIG_KEYS}
+
+
 def quantizer_config(config, quantizer) -> dict:
     """Every key of `CARRIED_CONFIG_KEYS` from `config` (attributes or a mapping), the group layout from `quantizer`."""
-    def get(key):
-        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-
-    carried = {key: get(key) for key in CARRIED_CONFIG_KEYS}
+    carried = {key: _setting(config, key) for key in CARRIED_CONFIG_KEYS}
     carried.update(num_groups=quantizer.num_groups, group_sizes=None if quantizer.uniform else quantizer.group_sizes)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in carried.items()}
 
@@ -142,7 +175,9 @@ def _link_or_copy(src, dst):
 __all__ = [
     "CARRIED_CONFIG_KEYS",
     "check_input",
+    "check_pixels",
     "check_trained_group_sizes",
+    "quantizer_arguments",
     "quantizer_config",
     "resize_codebook",
     "save_folder",

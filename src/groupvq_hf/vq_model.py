@@ -22,7 +22,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .fileio import atomic_directory  # noqa: F401  (used by .shells; imported here so diffusers copies it)
 from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
-from .shells import check_input, check_trained_group_sizes, quantizer_config, save_folder
+from .shells import check_input, check_pixels, check_trained_group_sizes, quantizer_arguments, quantizer_config, save_folder
 from .shells import resize_codebook as resize_quantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
@@ -116,17 +116,10 @@ class GroupVQVAE(VQModel):
             raise ValueError(f"`norm_type` must be 'group' or 'spatial', got {norm_type!r}.")
         code_dim = latent_channels if vq_embed_dim is None else vq_embed_dim
         try:
-            quantize = GroupVectorQuantizer(
-                codebook_size=num_vq_embeddings,
-                codebook_dim=code_dim,
-                num_groups=len(group_sizes) if group_sizes is not None else num_groups,
-                codebook_rank=codebook_rank,
-                group_sizes=group_sizes,
-                group_ranks=group_ranks,
-                projector=projector,
-                commitment_beta=commitment_beta,
-                core_std=core_std,
-            )
+            arguments = quantizer_arguments(locals())  # QUANTIZER_CONFIG_KEYS, as GroupVQModel passes them
+            if group_sizes is not None:
+                arguments["num_groups"] = len(group_sizes)  # heterogeneous groups: the list decides
+            quantize = GroupVectorQuantizer(num_vq_embeddings, code_dim, **arguments)
         except ValueError as err:
             raise ValueError(
                 f"{err} (in GroupVQVAE `num_vq_embeddings` is the codebook size and `vq_embed_dim` the code dimension)"
@@ -183,23 +176,8 @@ class GroupVQVAE(VQModel):
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_sample(self, x, name: str = "x") -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(
-                f"`{name}` must be a float tensor of shape (batch, {self.config.in_channels}, height, width), "
-                f"got {_shape_of(x)}."
-            )
-        if x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"`{name}` must have {self.config.in_channels} channels (config.in_channels), "
-                f"got shape {tuple(x.shape)}."
-            )
-        f = self.downsample_factor
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(
-                f"`{name}` height and width must be divisible by the downsampling factor {f}, "
-                f"got {x.shape[-2]}x{x.shape[-1]}."
-            )
-        check_input(x, name, self.check_finite)  # batch size 0, NaN/inf: ValueError
+        """The rule GroupVQModel applies too (`groupvq_hf.shells.check_pixels`): shape, dtype, size, batch, NaN/inf."""
+        check_pixels(x, name, self.config.in_channels, self.downsample_factor, self.check_finite)
 
     def _check_latents(self, h, check_finite: bool = True) -> None:
         d = self.codebook_dim
