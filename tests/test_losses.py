@@ -13,7 +13,7 @@ from groupvq_hf.losses import (
     hinge_g_loss,
     non_saturating_g_loss,
 )
-from groupvq_hf.training import build_ema, build_loss_fn, parse_args
+from groupvq_hf.training import build_ema, build_generator_optimizer, build_loss_fn, describe_recipe, parse_args
 
 
 def test_non_saturating_loss_is_softplus_of_minus_the_per_image_mean_logit():
@@ -25,10 +25,15 @@ def test_non_saturating_loss_is_softplus_of_minus_the_per_image_mean_logit():
 
 
 def test_default_recipe_is_simvq_non_saturating_with_fixed_weight():
-    args = parse_args([])
+    args = parse_args(["--dataset", "imagenet", "--max_train_steps", "10"])
     assert (args.generator_loss, args.disc_weight, args.adaptive_disc_weight) == ("non_saturating", 0.1, False)
     assert (args.disc_start, args.commitment_weight, args.max_grad_norm, args.ema_warmup) == (0, 1.0, 0.0, False)
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.lr_scheduler) == (1e-4, 0.5, 0.9, "constant")
+    assert args.quantizer_learning_rate == 1e-4  # one learning rate for everything, as SimVQ
+    demo = parse_args([])  # the CPU-scale recipe: only the projectors' rate and the EMA warm-up differ
+    assert (demo.quantizer_learning_rate, demo.ema_warmup, demo.learning_rate) == (1e-2, True, 1e-4)
+    explicit = parse_args(["--quantizer_learning_rate", "1e-4", "--ema_warmup", "false"])
+    assert (explicit.quantizer_learning_rate, explicit.ema_warmup) == (1e-4, False)
     loss_fn = build_loss_fn(parse_args(["--perceptual_weight", "0"]))
     torch.manual_seed(0)
     disc = PatchGANDiscriminator(3, 8, 2)
@@ -90,11 +95,24 @@ def test_model_card_says_which_recipe_trained_the_model(tiny_config):
     from groupvq_hf.hub import render_model_card
     from groupvq_hf.training import SIMVQ_RECIPE
 
-    default = vars(parse_args([]))
+    named = ["--dataset", "imagenet", "--max_train_steps", "1"]
+    default = vars(parse_args(named))
     text = render_model_card(tiny_config, "org/x", training=default).text
     assert "Trained with " + SIMVQ_RECIPE in text and "Changed from that recipe" not in text
-    changed = vars(parse_args(["--generator_loss", "hinge", "--adaptive_disc_weight", "--disc_weight", "0.8"]))
+    changed = vars(parse_args([*named, "--generator_loss", "hinge", "--adaptive_disc_weight", "--disc_weight", "0.8"]))
     text = render_model_card(tiny_config, "org/x", training=changed).text
     assert "**Changed from that recipe for this run:** `--generator_loss hinge`, `--disc_weight 0.8`, " in text
     assert "`--adaptive_disc_weight True`" in text and "| `generator_loss` | hinge |" in text
     assert "were not supplied" in render_model_card(tiny_config, "org/x").text
+
+
+def test_projectors_learn_at_the_quantizer_learning_rate(tiny_model):
+    optimizer = build_generator_optimizer(tiny_model, parse_args(["--quantizer_learning_rate", "0.02"]))
+    backbone, projectors = optimizer.param_groups
+    assert projectors["lr"] == 0.02 and backbone["lr"] == 1e-4 and optimizer.defaults["betas"] == (0.5, 0.9)
+    assert {id(p) for p in projectors["params"]} == {id(p) for p in tiny_model.quantizer.parameters()}
+    assert len(backbone["params"]) + len(projectors["params"]) == len(list(tiny_model.parameters()))
+    assert "quantizer_learning_rate 0.01" in describe_recipe(vars(parse_args([])))  # the demo's change is named
+    assert "Changed" not in describe_recipe(vars(parse_args(["--dataset", "imagenet", "--max_train_steps", "1"])))
+    with pytest.raises(ValueError, match="quantizer_learning_rate"):
+        parse_args(["--quantizer_learning_rate", "-1"])

@@ -29,6 +29,7 @@ from .stream import ResumableBatches  # noqa: F401  (re-exported: moved next to 
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state_rank{rank}.json"
+VALIDATION_LOG_FILE = "validation_log.jsonl"  # held-out usage at every validation step, in --output_dir
 RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
 COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
 # Arguments that do not change what a run computes (or that a resume may extend): never compared on resume.
@@ -40,6 +41,20 @@ RESUME_CHANGES_ALWAYS_ALLOWED = (
     "max_nonfinite_steps", "lpips_weights", "torch_compile",
 )  # fmt: skip
 DEFAULT_DEMO_STEPS = 300
+# The CPU-scale recipe: what `--dataset demo` changes in SimVQ's recipe when the flag is not given. A few hundred steps
+# are ~1,000x fewer than the paper's, so (measured in benchmarks/trends/RESULTS.md) the projectors need a 100x larger
+# learning rate to travel as far relative to the encoder, and the EMA a warm-up, else the export is mostly the
+# initial weights (0.999^300 = 0.74 of them).
+DEMO_RECIPE = {"quantizer_learning_rate": 1e-2, "ema_warmup": True}
+
+
+def _flag_value(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -114,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument(
+        "--quantizer_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the codebook projectors W_j, b_j; default: --learning_rate (SimVQ's single rate), "
+        f"{DEMO_RECIPE['quantizer_learning_rate']:g} with --dataset demo (see DEMO_RECIPE)",
+    )
     g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     g.add_argument("--adam_beta1", type=float, default=0.5)
     g.add_argument("--adam_beta2", type=float, default=0.9)
@@ -130,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay, fixed from the first step (SimVQ)")
     g.add_argument(
         "--ema_warmup",
-        action="store_true",
-        help="ramp the EMA decay as diffusers' EMAModel does by default: min(ema_decay, (1 + t) / (10 + t))",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_flag_value,
+        help="ramp the EMA decay as diffusers' EMAModel does by default: min(ema_decay, (1 + t) / (10 + t)); "
+        "'--ema_warmup false' keeps it fixed; default: fixed (SimVQ), ramped with --dataset demo (see DEMO_RECIPE)",
     )
     g.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
     g.add_argument("--max_nonfinite_steps", type=int, default=20, help="consecutive NaN/inf steps before the run stops")
@@ -184,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The loss and optimiser settings that make up the recipe, and how the model card names them.
 RECIPE_ARGUMENTS = (
     "perceptual_weight", "generator_loss", "disc_weight", "adaptive_disc_weight", "disc_start", "commitment_weight",
-    "learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "lr_scheduler",
+    "learning_rate", "quantizer_learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "lr_scheduler",
     "lr_warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "no_ema",
 )  # fmt: skip
 SIMVQ_RECIPE = (
@@ -207,8 +233,10 @@ def describe_recipe(training: dict | None) -> str:
     changed = []
     for name in RECIPE_ARGUMENTS:
         default = parser.get_default(name)
-        if name == "disc_learning_rate" and default is None:
+        if name in ("disc_learning_rate", "quantizer_learning_rate"):
             default = training.get("learning_rate", parser.get_default("learning_rate"))
+        elif name == "ema_warmup":
+            default = False
         if name in training and training[name] != default:
             changed.append(f"`--{name} {training[name]}`")
     if not changed:
@@ -251,6 +279,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_config is None:
         first = args.dataset.split("+")[0].split(":")[0]
         args.model_config = {"demo": "tiny", "coco": "coco"}.get(first, "imagenet")
+    if args.dataset == "demo":
+        for name, value in DEMO_RECIPE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if args.quantizer_learning_rate is None:
+        args.quantizer_learning_rate = args.learning_rate
+    if args.quantizer_learning_rate < 0:
+        raise ValueError(f"`--quantizer_learning_rate` must be >= 0, got {args.quantizer_learning_rate}.")
+    args.ema_warmup = bool(args.ema_warmup)
     if args.disc_learning_rate is None:
         args.disc_learning_rate = args.learning_rate
     allowed = [name.strip().lstrip("-") for name in args.allow_resume_changes.split(",") if name.strip()]
@@ -701,9 +738,7 @@ def train(args: argparse.Namespace) -> dict:
         model.encoder.compile()
         model.decoder.compile()
     betas = (args.adam_beta1, args.adam_beta2)
-    opt_g = torch.optim.Adam(
-        model.parameters(), lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay
-    )
+    opt_g = build_generator_optimizer(model, args)
     opt_d = torch.optim.Adam(
         discriminator.parameters(), lr=args.disc_learning_rate, betas=betas, weight_decay=args.adam_weight_decay
     )
@@ -765,7 +800,9 @@ def train(args: argparse.Namespace) -> dict:
 
     # The held-out images for codebook usage, the first of them for the reconstruction grids (main process only).
     eval_pixels, usage_pixels = None, None
+    validation_log = output_dir / VALIDATION_LOG_FILE
     if accelerator.is_main_process:
+        trim_validation_log(validation_log, global_step)
         pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
         eval_pixels = pixels[: args.num_validation_images].to(accelerator.device)
         if args.num_validation_usage_images:
@@ -904,6 +941,7 @@ def train(args: argparse.Namespace) -> dict:
             if usage_pixels is not None:
                 val_usage = validation_usage(ema_model, usage_pixels, args.train_batch_size)
                 accelerator.log(usage_stats(val_usage), step=global_step)
+                append_validation_log(validation_log, global_step, val_usage)
                 postfix["val_usage"] = f"{val_usage['codebook_usage']:.2f}"
                 progress.set_postfix(postfix)
             del ema_model
@@ -1037,6 +1075,35 @@ def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
         quantizer.track_usage = track
         model.train(was_training)
     return result
+
+
+def build_generator_optimizer(model, args: argparse.Namespace) -> torch.optim.Adam:
+    """Adam over the model: encoder, decoder and convs at ``--learning_rate`` (group 0), the quantizer's projectors
+    W_j, b_j at ``--quantizer_learning_rate`` (group 1; the cores are frozen buffers)."""
+    quantizer_params = list(model.quantizer.parameters())
+    quantizer_ids = {id(param) for param in quantizer_params}
+    groups = [
+        {"params": [param for param in model.parameters() if id(param) not in quantizer_ids]},
+        {"params": quantizer_params, "lr": args.quantizer_learning_rate},
+    ]
+    betas = (args.adam_beta1, args.adam_beta2)
+    return torch.optim.Adam(groups, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
+
+
+def trim_validation_log(path: Path, step: int) -> None:
+    """Keep the entries of ``VALIDATION_LOG_FILE`` up to ``step`` (all of a resumed run's, none of a fresh one's)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_validation_log(path: Path, step: int, usage: dict) -> None:
+    """One JSON line per validation step: the EMA model's held-out usage (overall and per group)."""
+    record = {"step": step, "codebook_usage": usage["codebook_usage"], "group_usage": usage["group_usage"]}
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 def usage_stats(usage: dict) -> dict:
