@@ -107,17 +107,15 @@ class GroupVQModel(GroupVQPreTrainedModel):
                 norm_num_groups=config.norm_num_groups,
             )
             self.encoder = SimVQEncoder(config.in_channels, config.latent_channels, **simvq)
-        else:
-            self.encoder = Encoder(
-                in_channels=config.in_channels,
-                out_channels=config.latent_channels,
-                down_block_types=tuple(config.down_block_types),
-                block_out_channels=tuple(config.block_out_channels),
-                layers_per_block=config.layers_per_block,
-                act_fn=config.act_fn,
-                norm_num_groups=config.norm_num_groups,
-                double_z=False,
+        else:  # diffusers' VQModel blocks, with the arguments VQModel gives them
+            vqgan = dict(
+                block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+                act_fn=config.act_fn, norm_num_groups=config.norm_num_groups,
                 mid_block_add_attention=config.mid_block_add_attention,
+            )
+            self.encoder = Encoder(
+                in_channels=config.in_channels, out_channels=config.latent_channels,
+                down_block_types=tuple(config.down_block_types), double_z=False, **vqgan,
             )
         has_quant_conv = config.backbone != "simvq"
         self.quant_conv = nn.Conv2d(config.latent_channels, config.codebook_dim, 1) if has_quant_conv else nn.Identity()
@@ -132,15 +130,8 @@ class GroupVQModel(GroupVQPreTrainedModel):
             self.decoder = SimVQDecoder(config.latent_channels, config.out_channels, **simvq)
         else:
             self.decoder = Decoder(
-                in_channels=config.latent_channels,
-                out_channels=config.out_channels,
-                up_block_types=tuple(config.up_block_types),
-                block_out_channels=tuple(config.block_out_channels),
-                layers_per_block=config.layers_per_block,
-                act_fn=config.act_fn,
-                norm_num_groups=config.norm_num_groups,
-                norm_type=config.norm_type,
-                mid_block_add_attention=config.mid_block_add_attention,
+                in_channels=config.latent_channels, out_channels=config.out_channels,
+                up_block_types=tuple(config.up_block_types), norm_type=config.norm_type, **vqgan,
             )
         self.post_init()
 
