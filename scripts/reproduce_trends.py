@@ -7,7 +7,14 @@ held-out crops, the resize curve of the k = 8 model, and the old initialisation 
 See `groupvq_hf.trends` for what each run does; results land in OUTPUT_DIR/RESULTS.md, results.json and PNG plots.
 """
 
-from groupvq_hf.trends import main
+import os
+import sys
+
+# scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from groupvq_hf.trends import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -58,3 +58,16 @@ def test_reproduce_trends_end_to_end(tmp_path):
     assert "| k8 | 8 | 0.25 |" in text and "## Targets" in text
     for name in ("usage_curves.png", "resize_curve.png"):
         assert (out / name).stat().st_size > 1000
+
+
+
+def test_script_runs_from_the_scripts_folder():
+    # scripts/evaluate.py is named like the `evaluate` library; run as `python scripts/reproduce_trends.py`, the
+    # script's folder comes first on sys.path and must be dropped, or evaluation fails after all the training.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_trends.py"
+    done = subprocess.run([sys.executable, str(script), "--groups", "3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "`--groups` must divide 256, got [3]" in done.stderr, done.stderr[-2000:]

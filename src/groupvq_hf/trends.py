@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from . import evaluation  # noqa: F401  (imported first: a broken import fails now, not after the training)
+
     args = build_parser().parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "validation_steps", "num_usage_images", "num_test_images",
                  "jobs", "threads_per_run"):  # fmt: skip
