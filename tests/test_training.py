@@ -371,6 +371,66 @@ def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, caps
     assert model.quantizer.usage_counts(sync=False).sum() == 0  # counters left reset
 
 
+# ---------------------------------------------------------------------------------------------------- loop steps
+def test_one_optimisation_step_counts_the_generator_forward_and_logs_its_window(tmp_path):
+    """The loop's steps alone: one step (GAN on) counts the codes of the generator's forward only, one hit per
+    latent token of the batch; the window's statistics are the usage of those counts, and reading them resets it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from groupvq_hf.quantizer import usage_statistics
+    from groupvq_hf.training import (
+        end_optimizer_step,
+        optimisation_step,
+        resume_training,
+        setup_training,
+        start_progress,
+        window_statistics,
+    )
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = setup_training(parse_args(["--output_dir", str(tmp_path), *TINY_RUN, "--disc_start", "0"]))
+        loop = resume_training(run)
+        start_progress(run, loop)
+        quantizer = run.plain_model.quantizer
+        batch = next(iter(run.batches))
+        logs, applied = optimisation_step(run, loop, batch)
+        counts = quantizer.usage_counts()
+        latent_side = 32 // run.config.downsample_factor
+        assert int(counts.sum()) == batch["pixel_values"].shape[0] * latent_side**2
+        assert applied and {"loss", "grad_norm", "g_loss", "d_loss"} <= set(logs)
+        loop.add_logs(logs)
+        end_optimizer_step(run, loop, applied)
+        assert loop.global_step == 1
+        stats = window_statistics(run, loop)
+        expected = usage_statistics(counts, quantizer.group_sizes)
+        assert stats["train/window_codebook_usage"] == expected["codebook_usage"]
+        groups = [stats[f"train/window_group_usage/group_{j:03d}"] for j in range(len(quantizer.group_sizes))]
+        assert groups == expected["group_usage"] and stats["train/loss"] == float(logs["loss"])
+        assert int(quantizer.usage_counts().sum()) == 0 and not loop.loss_sums  # the window starts afresh
+        loop.progress.close()
+    finally:
+        torch.set_num_threads(threads)
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+
+def test_reconstruct_counts_no_usage_and_restores_the_mode(tiny_model, pixels):
+    from groupvq_hf.training import reconstruct
+
+    quantizer = tiny_model.quantizer
+    tiny_model.train()
+    with quantizer.counting_usage():
+        reconstruction = reconstruct(tiny_model, pixels)
+        assert quantizer.track_usage is True  # the caller's counting is paused inside only
+    assert tiny_model.training and int(quantizer.usage_counts().sum()) == 0
+    with torch.no_grad():
+        assert torch.equal(reconstruction, tiny_model.eval()(pixels).reconstruction)  # an eval-mode forward
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, caplog):
     first = _train(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")

@@ -20,7 +20,9 @@ import re
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -587,15 +589,14 @@ def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor):
 
 @torch.no_grad()
 def reconstruct(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Reconstruction of ``pixels`` without touching the quantizer's usage counts."""
-    quantizer = model.quantizer
-    track, quantizer.track_usage = quantizer.track_usage, False
+    """Reconstruction of ``pixels`` in eval mode, without touching the quantizer's usage counts; the model's mode is
+    restored."""
     was_training = model.training
     model.eval()
     try:
-        return model(pixels).reconstruction
+        with model.quantizer.counting_usage(False):
+            return model(pixels).reconstruction
     finally:
-        quantizer.track_usage = track
         model.train(was_training)
 
 
@@ -672,6 +673,10 @@ def tracker_config(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+# `train` reads top to bottom as its steps: `setup_training` builds everything into a `TrainingRun`,
+# `resume_training` restores a checkpoint into it and returns the `LoopState` the loop moves, then per batch
+# `optimisation_step` (generator, then discriminator) and, after each optimizer step, `log_window`,
+# `save_training_checkpoint` and `validate`; `finish_training` checks the replicas and exports the model.
 def build_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -690,34 +695,155 @@ def build_accelerator(args: argparse.Namespace):
     )
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run training as described by ``args``; returns paths and counters (main process: model and grid paths)."""
-    from accelerate.logging import get_logger
+@dataclass
+class TrainingRun:
+    """Everything [`train`] builds before its loop ([`setup_training`]).
+
+    ``model``, ``discriminator``, the optimizers and schedulers are as ``accelerator.prepare`` returned them
+    (DDP-wrapped in a distributed run); ``plain_model`` and ``plain_disc`` are the modules inside. ``resume`` is the
+    checkpoint to resume from (None: a fresh run). ``eval_pixels`` (reconstruction grids, on the device) and
+    ``usage_pixels`` (held-out usage, CPU) are set on the main process only ([`load_validation_images`]).
+    """
+
+    args: argparse.Namespace
+    accelerator: Any
+    logger: Any
+    config: GroupVQConfig
+    model: torch.nn.Module
+    discriminator: torch.nn.Module
+    plain_model: torch.nn.Module
+    plain_disc: torch.nn.Module
+    loss_fn: Any
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: Any
+    sched_d: Any
+    ema: Any
+    batches: ResumableBatches
+    run_args: dict
+    resume: Path | None
+    eval_pixels: torch.Tensor | None = None
+    usage_pixels: torch.Tensor | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def validation_log(self) -> Path:
+        return self.output_dir / VALIDATION_LOG_FILE
+
+    @property
+    def images_per_step(self) -> int:
+        """Images of one optimizer step: batch x processes x accumulation."""
+        args = self.args
+        return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+    @property
+    def clip(self) -> float:
+        """The gradient-norm clip (``--max_grad_norm``; 0 means none: infinity)."""
+        return self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+
+    @property
+    def scaled(self) -> bool:
+        """Whether fp16 loss scaling is on (its GradScaler skips an overflowing step itself)."""
+        return self.accelerator.scaler is not None
+
+
+@dataclass
+class LoopState:
+    """What the training loop moves: the step, the image counters, the running sums of the logged terms since the
+    last log (``loss_sums``/``loss_counts``), the non-finite guards and the progress bar."""
+
+    guard_g: NonFiniteGuard  # generator and discriminator gradients (--max_nonfinite_steps)
+    guard_d: NonFiniteGuard
+    global_step: int = 0
+    skipped_images: int = 0
+    converted_images: int = 0
+    local_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.long))  # since last sum
+    loss_sums: dict = field(default_factory=dict)
+    loss_counts: Counter = field(default_factory=Counter)
+    keys_seen: list = field(default_factory=list)
+    postfix: dict = field(default_factory=dict)
+    t_log: float = field(default_factory=time.perf_counter)
+    progress: Any = None
+
+    def add_logs(self, logs: dict) -> None:
+        """Add one accumulation step's logged tensors to the window's sums."""
+        for key, value in logs.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value.detach().float()
+            self.loss_counts[key] += 1
+
+    def sum_image_counts(self, accelerator) -> None:
+        """Add every process's skipped and converted images since the last call (a collective: all ranks call it)."""
+        self.skipped_images, self.converted_images = _add_counts(
+            accelerator, self.local_counts, self.skipped_images, self.converted_images
+        )
+
+
+def setup_training(args: argparse.Namespace) -> TrainingRun:
+    """Build the run: accelerator, models and loss (same seed on every rank: identical initial weights), optimizers,
+    schedules, EMA, this rank's data stream, the run's arguments and the checkpoint to resume from."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
-    from .data import build_image_dataset
-    from .losses import PatchGANDiscriminator
-    from .modeling_groupvq import GroupVQModel
+    accelerator, logger = start_accelerator(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(args.seed)
+    config = resolve_model_config(args.model_config, args.resolution)
+    model, discriminator, loss_fn = build_models(args, config, accelerator.device)
+    opt_g, opt_d = build_optimizers(args, model, discriminator)
+    if args.max_train_steps is None:  # --num_epochs alone: the schedule spans the epochs' real number of steps
+        epoch_steps = steps_per_epoch(args, world)
+        args.max_train_steps = args.num_epochs * epoch_steps
+        logger.info(f"{args.num_epochs} epochs of {epoch_steps} steps: {args.max_train_steps} steps.")
+    sched_g, sched_d = build_schedulers(args, (opt_g, opt_d), world)
+    ema = None if args.no_ema else build_ema(model.parameters(), args.ema_decay, args.ema_warmup)
+    model, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
+        model, discriminator, opt_g, opt_d, sched_g, sched_d
+    )
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    batches = build_batches(args, rank, world)
+    run_args = run_arguments(args, config, world)
+    resume = resolve_resume_path(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints")
+    return TrainingRun(
+        args=args, accelerator=accelerator, logger=logger, config=config, model=model, discriminator=discriminator,
+        plain_model=accelerator.unwrap_model(model), plain_disc=accelerator.unwrap_model(discriminator),
+        loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, ema=ema, batches=batches,
+        run_args=run_args, resume=resume,
+    )  # fmt: skip
 
-    logger = get_logger("groupvq_hf.train", log_level="INFO")
+
+def start_accelerator(args: argparse.Namespace):
+    """The [`build_accelerator`] of the run and its logger; TF32 when asked; the output folder (main process)."""
     import logging
 
+    from accelerate.logging import get_logger
+
+    logger = get_logger("groupvq_hf.train", log_level="INFO")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = build_accelerator(args)
     logger.info(accelerator.state)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    output_dir, checkpoint_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoints"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator, logger
 
-    # ---- models, loss, optimisers (same seed on every rank: identical initial weights)
-    set_seed(args.seed)
-    config = resolve_model_config(args.model_config, args.resolution)
+
+def build_models(args: argparse.Namespace, config: GroupVQConfig, device):
+    """``(model, discriminator, loss_fn)``: the [`GroupVQModel`] of ``config``, the PatchGAN discriminator and the
+    [`build_loss_fn`] loss (LPIPS on ``device`` when ``--perceptual_weight`` > 0). With ``--torch_compile`` the
+    encoder and decoder are compiled in place."""
+    from .losses import PatchGANDiscriminator
+    from .modeling_groupvq import GroupVQModel
+
     model = GroupVQModel(config)
     discriminator = PatchGANDiscriminator(config.out_channels, args.disc_channels, args.disc_layers)
     perceptual = None
@@ -725,7 +851,7 @@ def train(args: argparse.Namespace) -> dict:
         from .pretrained import lpips_network
 
         try:
-            perceptual = lpips_network(args.lpips_weights).to(accelerator.device)
+            perceptual = lpips_network(args.lpips_weights).to(device)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err} Or train without the perceptual loss: --perceptual_weight 0.") from err
     loss_fn = build_loss_fn(args, perceptual)
@@ -737,264 +863,369 @@ def train(args: argparse.Namespace) -> dict:
         # compiled run's checkpoint resumes without --torch_compile and the other way round.
         model.encoder.compile()
         model.decoder.compile()
-    betas = (args.adam_beta1, args.adam_beta2)
+    return model, discriminator, loss_fn
+
+
+def build_optimizers(args: argparse.Namespace, model, discriminator) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """The generator's [`build_generator_optimizer`] and the discriminator's Adam (``--disc_learning_rate``)."""
     opt_g = build_generator_optimizer(model, args)
+    betas = (args.adam_beta1, args.adam_beta2)
     opt_d = torch.optim.Adam(
         discriminator.parameters(), lr=args.disc_learning_rate, betas=betas, weight_decay=args.adam_weight_decay
     )
-    if args.max_train_steps is None:  # --num_epochs alone: the schedule spans the epochs' real number of steps
-        epoch_steps = steps_per_epoch(args, world)
-        args.max_train_steps = args.num_epochs * epoch_steps
-        logger.info(f"{args.num_epochs} epochs of {epoch_steps} steps: {args.max_train_steps} steps.")
-    total_steps = args.max_train_steps
-    sched_g, sched_d = (
+    return opt_g, opt_d
+
+
+def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> list:
+    """One diffusers ``--lr_scheduler`` per optimizer over ``--max_train_steps`` (counted in scheduler calls: a
+    prepared scheduler steps once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return [
         get_scheduler(
             args.lr_scheduler,
             opt,
-            num_warmup_steps=args.lr_warmup_steps * world,
-            num_training_steps=total_steps * world,
+            num_warmup_steps=args.lr_warmup_steps * world_size,
+            num_training_steps=args.max_train_steps * world_size,
         )
-        for opt in (opt_g, opt_d)
-    )
-    ema = None if args.no_ema else build_ema(model.parameters(), args.ema_decay, args.ema_warmup)
-    model, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
-        model, discriminator, opt_g, opt_d, sched_g, sched_d
-    )
-    plain_model, plain_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(discriminator)
-    if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    last_layer = plain_model.decoder.conv_out.weight
+        for opt in optimizers
+    ]
 
-    # ---- data: each rank its own shard of one shuffled stream, a plain DataLoader (not prepared)
+
+def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> ResumableBatches:
+    """This rank's batches: its own shard of one shuffled stream, read through a plain DataLoader (not prepared)."""
+    from .data import build_image_dataset
+
     stream = build_image_dataset(
         args.dataset, args.dataset_split, args.resolution, train=True, image_column=args.image_column,
-        seed=args.seed, rank=rank, world_size=world, max_samples=args.max_train_samples,
+        seed=args.seed, rank=rank, world_size=world_size, max_samples=args.max_train_samples,
         shuffle_buffer_size=args.shuffle_buffer_size,
     )  # fmt: skip
-    batches = ResumableBatches(stream, args.train_batch_size, args.dataloader_num_workers, args.seed, rank)
-    global_step, skipped_images, converted_images = 0, 0, 0
+    return ResumableBatches(stream, args.train_batch_size, args.dataloader_num_workers, args.seed, rank)
 
-    run_args = run_arguments(args, config, world)
-    resume = resolve_resume_path(args.resume_from_checkpoint, checkpoint_dir)
-    if resume is not None:
-        state = load_rank_state(resume, rank)  # first: a clear error for a folder that is no checkpoint of ours
-        for warning in check_resume_arguments(resume, run_args, args.allow_resume_changes):
+
+def resume_training(run: TrainingRun) -> LoopState:
+    """The loop's starting state: step 0, or ``run.resume`` loaded (model, EMA, discriminator, optimizers,
+    schedulers, RNG; this rank's step, image counts and data position) after checking its run arguments. Warns
+    when a fresh run starts in a folder that holds checkpoints."""
+    args, accelerator, logger = run.args, run.accelerator, run.logger
+    state = LoopState(NonFiniteGuard(args.max_nonfinite_steps), NonFiniteGuard(args.max_nonfinite_steps))
+    if run.resume is not None:
+        saved = load_rank_state(run.resume, accelerator.process_index)  # first: a clear error for a foreign folder
+        for warning in check_resume_arguments(run.resume, run.run_args, args.allow_resume_changes):
             logger.warning(warning)
-        accelerator.load_state(str(resume))
-        global_step, skipped_images = int(state["global_step"]), int(state.get("skipped_images", 0))
-        converted_images = int(state.get("converted_images", 0))
-        batches.load_state_dict(state["data"])
-        if ema is not None:
-            ema.to(accelerator.device)
-        logger.info(f"Resumed from {resume} at step {global_step} (data position {state['data']}).")
+        accelerator.load_state(str(run.resume))
+        state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
+        state.converted_images = int(saved.get("converted_images", 0))
+        run.batches.load_state_dict(saved["data"])
+        if run.ema is not None:
+            run.ema.to(accelerator.device)
+        logger.info(f"Resumed from {run.resume} at step {state.global_step} (data position {saved['data']}).")
     elif args.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {checkpoint_dir}; starting from scratch.")
-    if resume is None and list_checkpoints(checkpoint_dir, complete_only=False):
-        found = ", ".join(p.name for p in list_checkpoints(checkpoint_dir, complete_only=False))
+        logger.info(f"No checkpoint in {run.checkpoint_dir}; starting from scratch.")
+    if run.resume is None and list_checkpoints(run.checkpoint_dir, complete_only=False):
+        found = ", ".join(p.name for p in list_checkpoints(run.checkpoint_dir, complete_only=False))
         logger.warning(
-            f"{checkpoint_dir} already holds checkpoints of an earlier run ({found}) and this run starts from "
+            f"{run.checkpoint_dir} already holds checkpoints of an earlier run ({found}) and this run starts from "
             "scratch: its checkpoints replace those of the same steps. To continue that run pass "
             "`--resume_from_checkpoint latest`; to keep the runs apart use another `--output_dir`."
         )
+    return state
 
-    # The held-out images for codebook usage, the first of them for the reconstruction grids (main process only).
-    eval_pixels, usage_pixels = None, None
-    validation_log = output_dir / VALIDATION_LOG_FILE
-    if accelerator.is_main_process:
-        trim_validation_log(validation_log, global_step)
-        pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
-        eval_pixels = pixels[: args.num_validation_images].to(accelerator.device)
-        if args.num_validation_usage_images:
-            usage_pixels = pixels[: args.num_validation_usage_images]
-            logger.info(
-                f"Codebook usage is measured on {len(usage_pixels)} images of split {split!r} "
-                f"({'held out' if split != args.dataset_split else 'the training split: the source has no other'})."
-            )
-    val_usage: dict = {}
 
+def load_validation_images(run: TrainingRun, step: int) -> None:
+    """Main process: keep ``VALIDATION_LOG_FILE`` up to ``step``; load the held-out images for codebook usage
+    (``run.usage_pixels``) and the first of them for the reconstruction grids (``run.eval_pixels``)."""
+    args = run.args
+    if not run.accelerator.is_main_process:
+        return
+    trim_validation_log(run.validation_log, step)
+    pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
+    run.eval_pixels = pixels[: args.num_validation_images].to(run.accelerator.device)
+    if args.num_validation_usage_images:
+        run.usage_pixels = pixels[: args.num_validation_usage_images]
+        run.logger.info(
+            f"Codebook usage is measured on {len(run.usage_pixels)} images of split {split!r} "
+            f"({'held out' if split != args.dataset_split else 'the training split: the source has no other'})."
+        )
+
+
+def start_progress(run: TrainingRun, state: LoopState) -> None:
+    """Start the trackers (main process), log what is trained on what, and open the progress bar."""
+    from tqdm.auto import tqdm
+
+    args, accelerator = run.args, run.accelerator
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    samples_per_step = args.train_batch_size * world * args.gradient_accumulation_steps
-    logger.info(
-        f"Training {args.model_config} ({sum(p.numel() for p in plain_model.parameters() if p.requires_grad):,} "
-        f"trainable parameters) on {args.dataset} at {args.resolution}px; {samples_per_step} images per step "
-        f"({args.train_batch_size} x {world} processes x {args.gradient_accumulation_steps} accumulation), "
-        f"up to {args.max_train_steps or 'unlimited'} steps{'' if args.num_epochs is None else f' / {args.num_epochs} epochs'}."
+    trainable = sum(p.numel() for p in run.plain_model.parameters() if p.requires_grad)
+    run.logger.info(
+        f"Training {args.model_config} ({trainable:,} trainable parameters) on {args.dataset} at {args.resolution}px; "
+        f"{run.images_per_step} images per step ({args.train_batch_size} x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation), up to {args.max_train_steps or 'unlimited'} steps"
+        f"{'' if args.num_epochs is None else f' / {args.num_epochs} epochs'}."
     )
-    progress = tqdm(
-        total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    state.progress = tqdm(
+        total=args.max_train_steps,
+        initial=state.global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
     )
-    guard_g, guard_d = NonFiniteGuard(args.max_nonfinite_steps), NonFiniteGuard(args.max_nonfinite_steps)
-    scaled = accelerator.scaler is not None  # fp16 loss scaling
-    sums: dict[str, torch.Tensor] = {}
-    counts: Counter = Counter()
-    local_counts, t_log = torch.zeros(2, dtype=torch.long), time.perf_counter()  # images skipped, converted
-    postfix: dict[str, str] = {}
-    keys_seen: list[str] = []
-    clip = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-    model.train()
-    discriminator.train()
 
-    done = args.max_train_steps is not None and global_step >= args.max_train_steps
-    for batch in iter(batches) if not done else iter(()):
-        if args.num_epochs is not None and _any_process(accelerator, batches.epoch >= args.num_epochs):
-            break
-        pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-        local_counts += torch.tensor([batch["num_skipped"], batch.get("num_converted", 0)])
+
+def training_batches(run: TrainingRun, state: LoopState):
+    """The run's batches from its position; none once ``--max_train_steps`` is reached, and the end once any process
+    starts epoch ``--num_epochs``. Counts each batch's skipped and converted images (and keys, when logged)."""
+    args = run.args
+    if args.max_train_steps is not None and state.global_step >= args.max_train_steps:
+        return
+    for batch in run.batches:
+        if args.num_epochs is not None and _any_process(run.accelerator, run.batches.epoch >= args.num_epochs):
+            return
+        state.local_counts += torch.tensor([batch["num_skipped"], batch.get("num_converted", 0)])
         if args.log_example_keys:
-            keys_seen.extend(batch["keys"])
-        gan = loss_fn.discriminator_active(global_step)
-        with accelerator.accumulate(model, discriminator):
-            # generator: the discriminator is used frozen and outside DDP, so its gradients stay untouched
-            plain_disc.requires_grad_(False)
-            with accelerator.autocast():
-                out = model(pixels)
-                g_loss, logs = loss_fn.generator_loss(
-                    pixels,
-                    out.reconstruction,
-                    out.commitment_loss,
-                    global_step,
-                    plain_disc if gan else None,
-                    last_layer,
-                )
-            plain_disc.requires_grad_(True)
-            accelerator.backward(g_loss)
-            g_ok = True
-            if accelerator.sync_gradients:
-                g_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                g_ok = guard_g.check(g_norm, global_step, "generator gradient")
-                logs["grad_norm"] = g_norm.detach().float() if torch.is_tensor(g_norm) else torch.tensor(float(g_norm))
-            if g_ok or scaled:  # under fp16 the GradScaler skips an overflowing step itself and lowers its scale
-                opt_g.step()
-                sched_g.step()
-                g_ok = not (scaled and opt_g.step_was_skipped)
-            opt_g.zero_grad(set_to_none=True)
-            if gan:
-                with accelerator.autocast():
-                    d_loss, d_logs = loss_fn.discriminator_loss(discriminator, pixels, out.reconstruction)
-                logs.update(d_logs)
-                accelerator.backward(d_loss)
-                d_ok = True
-                if accelerator.sync_gradients:
-                    d_ok = guard_d.check(
-                        accelerator.clip_grad_norm_(discriminator.parameters(), clip),
-                        global_step,
-                        "discriminator gradient",
-                    )
-                if d_ok or scaled:
-                    opt_d.step()
-                    sched_d.step()
-                opt_d.zero_grad(set_to_none=True)
-        for key, value in logs.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-            counts[key] += 1
-        if not accelerator.sync_gradients:
-            continue
+            state.keys_seen.extend(batch["keys"])
+        yield batch
 
-        if ema is not None and g_ok:
-            ema.step(plain_model.parameters())
-        global_step += 1
-        progress.update(1)
-        if global_step % args.logging_steps == 0:
-            means = accelerator.reduce(torch.stack([sums[k].to(accelerator.device) / counts[k] for k in sums]), "mean")
-            stats = {f"train/{k}": float(v) for k, v in zip(sums, means)}
-            skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
-            # Usage of the codes the training batches hit since the last log (not held-out usage; all-reduced over
-            # processes: called on every rank).
-            usage = plain_model.quantizer.codebook_usage()
-            groups = plain_model.quantizer.group_usage()
-            plain_model.quantizer.reset_usage()
-            elapsed = time.perf_counter() - t_log
-            stats.update(
-                {
-                    "train/lr": sched_g.get_last_lr()[0],
-                    "train/window_codebook_usage": usage,
-                    "train/samples_per_second": samples_per_step * args.logging_steps / max(elapsed, 1e-9),
-                    "data/skipped_images": skipped_images,
-                    "data/converted_images": converted_images,
-                    "data/epoch": batches.epoch,
-                    "train/nonfinite_steps": guard_g.total + guard_d.total,
-                }
-            )
-            stats.update({f"train/window_group_usage/group_{j:03d}": u for j, u in enumerate(groups)})
-            accelerator.log(stats, step=global_step)
-            postfix.update(loss=f"{stats.get('train/loss', float('nan')):.4f}", window_usage=f"{usage:.2f}")
-            progress.set_postfix(postfix)
-            sums.clear()
-            counts.clear()
-            t_log = time.perf_counter()
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
-            rank_state = {
-                "global_step": global_step, "data": batches.state_dict(), "skipped_images": skipped_images,
-                "converted_images": converted_images,
-                "world_size": world,
-            }  # fmt: skip
-            path = save_checkpoint(
-                accelerator, checkpoint_dir, global_step, rank_state, args.checkpoints_total_limit, run_args
-            )
-            logger.info(f"Saved checkpoint {path}")
-        if accelerator.is_main_process and args.validation_steps and global_step % args.validation_steps == 0:
-            ema_model = export_model(plain_model, ema)
-            log_reconstructions(accelerator, ema_model, eval_pixels, global_step)
-            if usage_pixels is not None:
-                val_usage = validation_usage(ema_model, usage_pixels, args.train_batch_size)
-                accelerator.log(usage_stats(val_usage), step=global_step)
-                append_validation_log(validation_log, global_step, val_usage)
-                postfix["val_usage"] = f"{val_usage['codebook_usage']:.2f}"
-                progress.set_postfix(postfix)
-            del ema_model
-        if args.max_train_steps is not None and global_step >= args.max_train_steps:
-            break
-    progress.close()
 
-    # ---- end: replicas must agree; export the EMA weights and a reconstruction grid
+def optimisation_step(run: TrainingRun, state: LoopState, batch: dict) -> tuple[dict, bool]:
+    """One accumulation step on ``batch``: [`generator_step`], then [`discriminator_step`] once the GAN is active
+    (``--disc_start``); the optimizers step when gradients sync. Returns the step's logged tensors and whether the
+    generator's update was applied with finite gradients (the EMA follows only those)."""
+    accelerator = run.accelerator
+    pixels = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+    gan = run.loss_fn.discriminator_active(state.global_step)
+    with accelerator.accumulate(run.model, run.discriminator):
+        reconstruction, logs, g_ok = generator_step(run, state, pixels, gan)
+        if gan:
+            logs.update(discriminator_step(run, state, pixels, reconstruction))
+    return logs, g_ok
+
+
+def generator_step(run: TrainingRun, state: LoopState, pixels: torch.Tensor, gan: bool):
+    """Generator loss (the quantizer counts this forward's code hits for the window usage), backward and, when
+    gradients sync, clip, guard and step. Returns ``(reconstruction, logs, applied)``."""
+    accelerator, plain_disc = run.accelerator, run.plain_disc
+    # the discriminator is used frozen and outside DDP, so its gradients stay untouched
+    plain_disc.requires_grad_(False)
+    with accelerator.autocast():
+        with run.plain_model.quantizer.counting_usage():
+            out = run.model(pixels)
+        g_loss, logs = run.loss_fn.generator_loss(
+            pixels,
+            out.reconstruction,
+            out.commitment_loss,
+            state.global_step,
+            plain_disc if gan else None,
+            run.plain_model.decoder.conv_out.weight,
+        )
+    plain_disc.requires_grad_(True)
+    accelerator.backward(g_loss)
+    applied = True
+    if accelerator.sync_gradients:
+        g_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.clip)
+        applied = state.guard_g.check(g_norm, state.global_step, "generator gradient")
+        logs["grad_norm"] = g_norm.detach().float() if torch.is_tensor(g_norm) else torch.tensor(float(g_norm))
+    if applied or run.scaled:  # under fp16 the GradScaler skips an overflowing step itself and lowers its scale
+        run.opt_g.step()
+        run.sched_g.step()
+        applied = not (run.scaled and run.opt_g.step_was_skipped)
+    run.opt_g.zero_grad(set_to_none=True)
+    return out.reconstruction, logs, applied
+
+
+def discriminator_step(run: TrainingRun, state: LoopState, pixels: torch.Tensor, reconstruction: torch.Tensor) -> dict:
+    """Discriminator hinge loss on real ``pixels`` and the (detached) ``reconstruction``, backward and, when
+    gradients sync, clip, guard and step. Returns its logs."""
+    accelerator = run.accelerator
+    with accelerator.autocast():
+        d_loss, d_logs = run.loss_fn.discriminator_loss(run.discriminator, pixels, reconstruction)
+    accelerator.backward(d_loss)
+    applied = True
+    if accelerator.sync_gradients:
+        d_norm = accelerator.clip_grad_norm_(run.discriminator.parameters(), run.clip)
+        applied = state.guard_d.check(d_norm, state.global_step, "discriminator gradient")
+    if applied or run.scaled:
+        run.opt_d.step()
+        run.sched_d.step()
+    run.opt_d.zero_grad(set_to_none=True)
+    return d_logs
+
+
+def end_optimizer_step(run: TrainingRun, state: LoopState, applied: bool) -> None:
+    """After an optimizer step: the EMA follows an applied generator update; the step counter advances."""
+    if run.ema is not None and applied:
+        run.ema.step(run.plain_model.parameters())
+    state.global_step += 1
+    state.progress.update(1)
+
+
+def window_statistics(run: TrainingRun, state: LoopState) -> dict:
+    """The tracker entries since the last log, and the window reset (a collective: every rank calls it).
+
+    ``train/<term>``: each logged term's mean over the window's accumulation steps and the processes;
+    ``train/window_codebook_usage`` and ``train/window_group_usage/group_<j>``: usage of the codes the training
+    batches hit since the last log, summed over processes (not held-out usage); the learning rate, throughput,
+    image counts, epoch and non-finite steps.
+    """
+    accelerator, args, quantizer = run.accelerator, run.args, run.plain_model.quantizer
+    sums, counts = state.loss_sums, state.loss_counts
+    means = accelerator.reduce(torch.stack([sums[k].to(accelerator.device) / counts[k] for k in sums]), "mean")
+    stats = {f"train/{k}": float(v) for k, v in zip(sums, means)}
+    state.sum_image_counts(accelerator)
+    window = quantizer.usage_statistics(sync=True)
+    usage, groups = window["codebook_usage"], window["group_usage"]
+    quantizer.reset_usage()
+    elapsed = time.perf_counter() - state.t_log
+    stats.update(
+        {
+            "train/lr": run.sched_g.get_last_lr()[0],
+            "train/window_codebook_usage": usage,
+            "train/samples_per_second": run.images_per_step * args.logging_steps / max(elapsed, 1e-9),
+            "data/skipped_images": state.skipped_images,
+            "data/converted_images": state.converted_images,
+            "data/epoch": run.batches.epoch,
+            "train/nonfinite_steps": state.guard_g.total + state.guard_d.total,
+        }
+    )
+    stats.update({f"train/window_group_usage/group_{j:03d}": u for j, u in enumerate(groups)})
+    sums.clear()
+    counts.clear()
+    return stats
+
+
+def log_window(run: TrainingRun, state: LoopState) -> dict:
+    """Log [`window_statistics`] to the trackers and the progress bar (every rank calls it); returns them."""
+    stats = window_statistics(run, state)
+    run.accelerator.log(stats, step=state.global_step)
+    state.postfix.update(
+        loss=f"{stats.get('train/loss', float('nan')):.4f}", window_usage=f"{stats['train/window_codebook_usage']:.2f}"
+    )
+    state.progress.set_postfix(state.postfix)
+    state.t_log = time.perf_counter()
+    return stats
+
+
+def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
+    """[`save_checkpoint`] of the run at its step, with this rank's step, data position and image counts (every
+    rank calls it)."""
+    state.sum_image_counts(run.accelerator)
+    rank_state = {
+        "global_step": state.global_step, "data": run.batches.state_dict(), "skipped_images": state.skipped_images,
+        "converted_images": state.converted_images,
+        "world_size": run.accelerator.num_processes,
+    }  # fmt: skip
+    path = save_checkpoint(
+        run.accelerator, run.checkpoint_dir, state.global_step, rank_state, run.args.checkpoints_total_limit,
+        run.run_args,
+    )  # fmt: skip
+    run.logger.info(f"Saved checkpoint {path}")
+    return path
+
+
+def validate(run: TrainingRun, state: LoopState) -> dict | None:
+    """Main process: the EMA model's reconstruction grid to the trackers and, with usage images, its held-out
+    [`validation_usage`] to the trackers, ``VALIDATION_LOG_FILE`` and the progress bar (returned)."""
+    ema_model = export_model(run.plain_model, run.ema)
+    log_reconstructions(run.accelerator, ema_model, run.eval_pixels, state.global_step)
+    val_usage = None
+    if run.usage_pixels is not None:
+        val_usage = validation_usage(ema_model, run.usage_pixels, run.args.train_batch_size)
+        run.accelerator.log(usage_stats(val_usage), step=state.global_step)
+        append_validation_log(run.validation_log, state.global_step, val_usage)
+        state.postfix["val_usage"] = f"{val_usage['codebook_usage']:.2f}"
+        state.progress.set_postfix(state.postfix)
+    del ema_model
+    return val_usage
+
+
+def finish_training(run: TrainingRun, state: LoopState) -> dict:
+    """The end: replicas must agree (RuntimeError otherwise); example keys when logged; the main process exports the
+    EMA weights and a reconstruction grid ([`export_final_model`]). Returns the run's counters and paths."""
+    accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
-    digest = weights_digest(plain_model)
+    digest = weights_digest(run.plain_model)
     digests = _gather_strings(accelerator, digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"Model replicas diverged across processes: {digests}")
-    logger.info(f"Weights in sync across {world} processes (sha256 {digest[:16]}).")
-    skipped_images, converted_images = _add_counts(accelerator, local_counts, skipped_images, converted_images)
+    run.logger.info(f"Weights in sync across {accelerator.num_processes} processes (sha256 {digest[:16]}).")
+    state.sum_image_counts(accelerator)
     if args.log_example_keys:
-        keys_dir = output_dir / "example_keys"
+        keys_dir = run.output_dir / "example_keys"
         keys_dir.mkdir(parents=True, exist_ok=True)
-        (keys_dir / f"rank{rank}.json").write_text(json.dumps({"keys": keys_seen, "weights_sha256": digest}))
+        record = {"keys": state.keys_seen, "weights_sha256": digest}
+        (keys_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
     result = {
-        "global_step": global_step, "skipped_images": skipped_images, "converted_images": converted_images,
-        "weights_sha256": digest, "resumed_from": None if resume is None else str(resume),
-        "learning_rate": sched_g.get_last_lr()[0],
+        "global_step": state.global_step, "skipped_images": state.skipped_images,
+        "converted_images": state.converted_images, "weights_sha256": digest,
+        "resumed_from": None if run.resume is None else str(run.resume), "learning_rate": run.sched_g.get_last_lr()[0],
     }  # fmt: skip
     if accelerator.is_main_process:
-        final = export_model(plain_model, ema)
-        model_dir = save_export(final, output_dir / "model", run_args)
-        grid_path = output_dir / "reconstructions.png"
-        grid = reconstruction_grid(eval_pixels, reconstruct(final, eval_pixels))
-        grid.save(grid_path)
-        log_reconstructions(accelerator, final, eval_pixels, global_step, grid)
-        print(f"Model saved to {model_dir.resolve()} (training arguments in {RUN_ARGS_FILE})")
-        print(f"Reconstruction grid (top: originals, bottom: reconstructions) saved to {grid_path.resolve()}")
-        if usage_pixels is not None:
-            val_usage = validation_usage(final, usage_pixels, args.train_batch_size)
-            accelerator.log(usage_stats(val_usage), step=global_step)
-            groups = val_usage["group_usage"]
-            print(
-                f"Codebook usage of the EMA model on {val_usage['num_images']} held-out images: "
-                f"{val_usage['codebook_usage']:.3f} (per group: min {min(groups):.3f}, max {max(groups):.3f})"
-            )
-            result.update(
-                validation_codebook_usage=val_usage["codebook_usage"], validation_group_usage=groups
-            )
-        result.update(model_dir=str(model_dir), grid_path=str(grid_path))
-    # Printed also without trackers (--report_to none): every process has the totals.
-    if accelerator.is_main_process:
+        result.update(export_final_model(run, state))
+        # Printed also without trackers (--report_to none): every process has the totals.
         print(
-            f"Training images skipped (undecodable or too small): {skipped_images}; converted to RGB: "
-            f"{converted_images}."
+            f"Training images skipped (undecodable or too small): {state.skipped_images}; converted to RGB: "
+            f"{state.converted_images}."
         )
     accelerator.end_training()
     return result
+
+
+def export_final_model(run: TrainingRun, state: LoopState) -> dict:
+    """Main process: [`save_export`] of the EMA model to ``<output_dir>/model``, its reconstruction grid
+    (``reconstructions.png`` and the trackers) and its held-out usage. Returns ``model_dir``, ``grid_path`` and,
+    with usage images, ``validation_codebook_usage`` and ``validation_group_usage``."""
+    final = export_model(run.plain_model, run.ema)
+    model_dir = save_export(final, run.output_dir / "model", run.run_args)
+    grid_path = run.output_dir / "reconstructions.png"
+    grid = reconstruction_grid(run.eval_pixels, reconstruct(final, run.eval_pixels))
+    grid.save(grid_path)
+    log_reconstructions(run.accelerator, final, run.eval_pixels, state.global_step, grid)
+    print(f"Model saved to {model_dir.resolve()} (training arguments in {RUN_ARGS_FILE})")
+    print(f"Reconstruction grid (top: originals, bottom: reconstructions) saved to {grid_path.resolve()}")
+    result = {}
+    if run.usage_pixels is not None:
+        val_usage = validation_usage(final, run.usage_pixels, run.args.train_batch_size)
+        run.accelerator.log(usage_stats(val_usage), step=state.global_step)
+        groups = val_usage["group_usage"]
+        print(
+            f"Codebook usage of the EMA model on {val_usage['num_images']} held-out images: "
+            f"{val_usage['codebook_usage']:.3f} (per group: min {min(groups):.3f}, max {max(groups):.3f})"
+        )
+        result.update(validation_codebook_usage=val_usage["codebook_usage"], validation_group_usage=groups)
+    result.update(model_dir=str(model_dir), grid_path=str(grid_path))
+    return result
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as described by ``args``; returns paths and counters (main process: model and grid paths).
+
+    Build ([`setup_training`]), resume ([`resume_training`]), then per batch one [`optimisation_step`] and, after
+    each optimizer step, the log, checkpoint and validation steps their ``--*_steps`` ask for; the end checks the
+    replicas and exports ([`finish_training`]).
+    """
+    run = setup_training(args)
+    state = resume_training(run)
+    load_validation_images(run, state.global_step)
+    start_progress(run, state)
+    run.model.train()
+    run.discriminator.train()
+    for batch in training_batches(run, state):
+        logs, applied = optimisation_step(run, state, batch)
+        state.add_logs(logs)
+        if not run.accelerator.sync_gradients:
+            continue  # accumulating: no optimizer step yet
+        end_optimizer_step(run, state, applied)
+        step = state.global_step
+        if step % args.logging_steps == 0:
+            log_window(run, state)  # a collective: every rank logs
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            save_training_checkpoint(run, state)
+        if run.accelerator.is_main_process and args.validation_steps and step % args.validation_steps == 0:
+            validate(run, state)
+        if args.max_train_steps is not None and step >= args.max_train_steps:
+            break
+    state.progress.close()
+    return finish_training(run, state)
 
 
 def _add_counts(accelerator, local_counts: torch.Tensor, skipped: int, converted: int) -> tuple[int, int]:
@@ -1053,26 +1284,27 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
 def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
     """Codebook usage (overall and per group) of ``model`` on ``pixels``, counted in this process only.
 
-    Uses the quantizer's own counters with ``sync=False`` (no collective: safe on the main process of a
-    distributed run) and leaves them reset. Returns ``codebook_usage``, ``group_usage`` and ``num_images``.
+    Counts the eval-mode encodes with the quantizer's own counters (``counting_usage``) and reads them without a
+    collective (safe on the main process of a distributed run); leaves them reset and the model's mode restored.
+    Returns ``codebook_usage``, ``group_usage`` and ``num_images``.
     """
     quantizer = model.quantizer
     device = next(model.parameters()).device
-    track, was_training = quantizer.track_usage, model.training
+    was_training = model.training
     quantizer.reset_usage()
-    quantizer.track_usage = True
     model.eval()
     try:
-        for chunk in pixels.split(batch_size):
-            model.encode(chunk.to(device))
+        with quantizer.counting_usage():
+            for chunk in pixels.split(batch_size):
+                model.encode(chunk.to(device))
+        stats = quantizer.usage_statistics()
         result = {
-            "codebook_usage": quantizer.codebook_usage(sync=False),
-            "group_usage": quantizer.group_usage(sync=False),
+            "codebook_usage": stats["codebook_usage"],
+            "group_usage": stats["group_usage"],
             "num_images": len(pixels),
         }
     finally:
         quantizer.reset_usage()
-        quantizer.track_usage = track
         model.train(was_training)
     return result
 
