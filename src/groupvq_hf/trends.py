@@ -209,7 +209,7 @@ def plot_usage(results: dict, path: Path) -> Path:
     ax.set_ylabel("codebook usage (held-out crops)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="lower right", bbox_to_anchor=(1.0, 0.12))
     ax.set_title("Usage over training (cf. appendix C, Fig. 8)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
