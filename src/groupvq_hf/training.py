@@ -61,8 +61,17 @@ def _flag_value(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``scripts/train.py``, in four groups: data, model and loss, optimisation, checkpoints
+    and logging."""
     p = argparse.ArgumentParser(description="Train a Group-VQ tokenizer (VQGAN recipe of the paper) with accelerate.")
-    g = p.add_argument_group("data")
+    _add_data_arguments(p.add_argument_group("data"))
+    _add_model_arguments(p.add_argument_group("model and loss"))
+    _add_optimisation_arguments(p.add_argument_group("optimisation"))
+    _add_checkpoint_arguments(p.add_argument_group("checkpoints and logging"))
+    return p
+
+
+def _add_data_arguments(g) -> None:
     g.add_argument(
         "--dataset",
         default="demo",
@@ -80,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--shuffle_buffer_size", type=int, default=1000)
     g.add_argument("--dataloader_num_workers", type=int, default=4)
-    g = p.add_argument_group("model and loss")
+
+
+def _add_model_arguments(g) -> None:
     g.add_argument(
         "--model_config",
         default=None,
@@ -117,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disc_layers", type=int, default=3)
     g.add_argument("--disc_channels", type=int, default=64)
     g.add_argument("--commitment_weight", type=float, default=1.0)
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_arguments(g) -> None:
     g.add_argument("--train_batch_size", type=int, default=32, help="per process")
     g.add_argument("--max_train_steps", type=int, default=None)
     g.add_argument(
@@ -167,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the encoder and decoder")
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("checkpoints and logging")
+
+
+def _add_checkpoint_arguments(g) -> None:
     g.add_argument("--output_dir", default="outputs/groupvq")
     g.add_argument("--checkpointing_steps", type=int, default=5000)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -206,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write each process's example keys and weight hash to <output_dir>/example_keys/",
     )
-    return p
 
 
 # The loss and optimiser settings that make up the recipe, and how the model card names them.
