@@ -65,7 +65,8 @@ def correctness():
     )
     q.resize_codebook(2048, mode="resample", seed=0)
     rows.append(["resample: size, device", f"{q.codebook_size}, {q.core.device}"])
-    q(z)
+    with q.counting_usage():
+        q(z)
     rows.append(["usage counts device", str(q.usage_counts().device)])
     print(markdown_table(["check", "result"], rows))
 

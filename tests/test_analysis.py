@@ -216,7 +216,8 @@ def test_usage_statistics_from_known_indices():
     assert split["trained_usage"] == [1.0, 0.5, pytest.approx(1 / 3)]
     # The quantizer's own per-group frequency agrees.
     q = GroupVectorQuantizer(10, 4, group_sizes=sizes)
-    q.quantize_tokens(q.codebook().detach()[indices])
+    with q.counting_usage():
+        q.quantize_tokens(q.codebook().detach()[indices])
     assert q.group_frequency() == pytest.approx(stats["frequency"])
 
 

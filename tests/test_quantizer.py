@@ -226,6 +226,9 @@ def test_usage_counts_reset_and_per_group():
     chosen = torch.tensor([0, 1, 1, 17, 40, 40, 40, 63])
     z = codes[chosen].view(1, 2, 4, 8).permute(0, 3, 1, 2)
     q(z)
+    assert q.usage_counts().sum() == 0  # counting is explicit: none outside counting_usage()
+    with q.counting_usage():
+        q(z)
     counts = q.usage_counts()
     assert counts.sum() == 8 and counts[40] == 3 and counts[1] == 2
     assert q.codebook_usage() == pytest.approx(5 / 64)
@@ -238,18 +241,20 @@ def test_usage_counts_reset_and_per_group():
     assert q.usage_counts().sum() == 0
 
 
-def test_usage_is_counted_in_training_mode_or_inside_counting_usage_only():
+def test_usage_is_counted_inside_counting_usage_or_when_asked_only():
     q = make()
     codes = q.codebook().detach()
     z = codes[torch.tensor([0, 1, 1, 17, 40, 40, 40, 63])].view(1, 2, 4, 8).permute(0, 3, 1, 2)
-    assert q.track_usage is None and q.counts_usage  # default: training-mode forwards count
-    q.eval()(z)  # inference never moves the counters
+    assert q.track_usage is False and not q.counts_usage  # default: no forward counts, training or not
+    q(z)
+    q.eval()(z)
     assert q.usage_counts().sum() == 0 and not q.counts_usage
     with q.counting_usage() as same:
         assert same is q and q.track_usage is True
         q(z)
-    assert q.track_usage is None and q.usage_counts().sum() == 8
-    q.train()
+    assert q.track_usage is False and q.usage_counts().sum() == 8
+    q.track_usage = None  # None: training-mode forwards count, inference never
+    assert not q.counts_usage and q.train().counts_usage
     with pytest.raises(RuntimeError), q.counting_usage(False):
         q(z)
         raise RuntimeError("inside")
@@ -279,9 +284,10 @@ def _usage_worker(rank, world_size, port, out):
     q = make()
     codes = q.codebook().detach()
     z = codes[torch.tensor([rank, 16 + rank])].view(1, 1, 2, 8).permute(0, 3, 1, 2)
-    q(z)
+    with q.counting_usage():
+        q(z)
     # Every rank takes part in each all_reduce.
-    results = (q.usage_counts(sync=True), q.usage_counts(sync=False), q.group_usage())
+    results = (q.usage_counts(sync=True), q.usage_counts(sync=False), q.group_usage(sync=True))
     if rank == 0:  # no collective by default: one rank alone may read its own counters
         results += (q.usage_counts(), q.usage_statistics()["group_usage"])
     results += (q.usage_statistics(sync=True)["group_usage"],)

@@ -245,13 +245,11 @@ class GroupVectorQuantizer(nn.Module):
     ``commitment_beta`` weights the encoder (commitment) term and the codebook term is weighted 1. The paper's Eq. 3
     writes ``beta ||Q - sg[Z]||^2 + gamma ||Z - sg[Q]||^2``: our ``commitment_beta`` is its gamma, with its beta = 1.
 
-    Usage counting: a forward adds its code hits to the counters when ``track_usage`` is True, never when False,
-    and when None (the default) only in training mode, so inference (an ``eval()`` model: loaded checkpoints, the
-    demo, the analysis) never moves them. ``with quantizer.counting_usage():`` counts inside the block whatever the
-    mode and restores the flag on exit (``counting_usage(False)`` pauses counting). The getters read this process's
-    counters; the all-reduce over processes is opt-in (``sync=True``, which every rank must call). The older
-    ``codebook_usage``/``group_usage``/``group_frequency`` keep ``sync=True`` as their default for callers written
-    before (``training.train``): prefer ``usage_statistics(sync=...)``.
+    Usage counting is explicit: a forward adds its code hits to the counters only inside
+    ``with quantizer.counting_usage():`` (whatever the mode; the flag is restored on exit, ``counting_usage(False)``
+    pauses counting) or while ``track_usage`` is True; ``track_usage`` is False by default, and None counts
+    training-mode forwards only. The getters read this process's counters; the all-reduce over processes is opt-in
+    (``sync=True``, which every rank must call).
     """
 
     def __init__(
@@ -281,7 +279,7 @@ class GroupVectorQuantizer(nn.Module):
         self.commitment_beta = float(commitment_beta)
         self.core_std = default_core_std(codebook_dim) if core_std is None else check_core_std(core_std)
         self.check_finite = True  # raise on NaN/inf latents (one reduction per forward); False skips the check
-        self.track_usage: bool | None = None  # None: count training-mode forwards only (see the class docstring)
+        self.track_usage: bool | None = False  # count only inside counting_usage() (see the class docstring)
         self._usage_counts: torch.Tensor | None = None  # plain attribute: DDP must not broadcast it
         self._storage: list[str] = []
         k, d = len(sizes), codebook_dim
@@ -497,7 +495,8 @@ class GroupVectorQuantizer(nn.Module):
 
     @property
     def counts_usage(self) -> bool:
-        """Whether a forward now adds its hits to the counters: ``track_usage``, or when None, training mode."""
+        """Whether a forward now adds its hits to the counters: ``track_usage`` (False by default, True inside
+        ``counting_usage()``), or when None, training mode."""
         return self.training if self.track_usage is None else bool(self.track_usage)
 
     @contextlib.contextmanager
@@ -530,18 +529,16 @@ class GroupVectorQuantizer(nn.Module):
         ``perplexity``, ``group_usage``, ``group_frequency``; ``sync`` as in ``usage_counts``."""
         return usage_statistics(self.usage_counts(sync), self.group_sizes)
 
-    # The three getters below keep their former default, summed over processes (a collective: call them on every
-    # rank), for callers written before `usage_statistics` (training.train's window usage).
-    def codebook_usage(self, sync: bool = True) -> float:
-        """Fraction of codes hit at least once since the last reset (``usage_statistics`` with ``sync=True``)."""
+    def codebook_usage(self, sync: bool = False) -> float:
+        """Fraction of codes hit at least once since the last reset (``usage_statistics``; ``sync`` as there)."""
         return self.usage_statistics(sync)["codebook_usage"]
 
-    def group_usage(self, sync: bool = True) -> list[float]:
-        """Per group, the fraction of its codes hit at least once (``usage_statistics`` with ``sync=True``)."""
+    def group_usage(self, sync: bool = False) -> list[float]:
+        """Per group, the fraction of its codes hit at least once (``usage_statistics``; ``sync`` as there)."""
         return self.usage_statistics(sync)["group_usage"]
 
-    def group_frequency(self, sync: bool = True) -> list[float]:
-        """Per group, its share of all hits (Fig. 5 right; ``usage_statistics`` with ``sync=True``)."""
+    def group_frequency(self, sync: bool = False) -> list[float]:
+        """Per group, its share of all hits (Fig. 5 right; ``usage_statistics``; ``sync`` as there)."""
         return self.usage_statistics(sync)["group_frequency"]
 
     # ----------------------------------------------------------------------------------------- resize
