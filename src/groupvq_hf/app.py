@@ -38,8 +38,8 @@ DEFAULT_MODEL_DIR = "outputs/demo/model"
 # The README's first command, shown in the page when there is no model to load.
 MAKE_MODEL_COMMAND = """bash scripts/setup.sh && .venv/bin/accelerate launch --config_file configs/accelerate/cpu.yaml \\
   --num_cpu_threads_per_process 2 scripts/train.py --output_dir outputs/demo --perceptual_weight 0 \\
-  --resolution 64 --train_batch_size 8 --max_train_steps 250 --learning_rate 5e-4 --disc_start 150 \\
-  --disc_channels 32 --disc_layers 2 --dataloader_num_workers 0 --logging_steps 25"""
+  --resolution 64 --train_batch_size 8 --max_train_steps 300 --disc_channels 32 --disc_layers 2 \\
+  --dataloader_num_workers 0 --logging_steps 25 --validation_steps 100"""
 MIN_IMAGE_SIDE = 8  # as the training data stream's `min_image_size`
 MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before they are decoded
 MAX_CACHED_MODELS = 4  # resized quantizer copies kept (LRU)
