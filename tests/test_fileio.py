@@ -41,3 +41,15 @@ def test_kill_between_renames_is_recovered(tmp_path):
     assert recover_directory(target) == target
     assert (target / "config.json").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_recovery_restores_the_newest_set_aside_folder(tmp_path):
+    target = tmp_path / "model"
+    for i, name in enumerate((".old-model.aaaa0001", ".old-model.bbbb0002")):
+        old = tmp_path / name
+        old.mkdir()
+        (old / "version").write_text(str(i))
+        os.utime(old, (1000 + i, 1000 + i))
+    assert recover_directory(target) == target
+    assert (target / "version").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -497,6 +497,17 @@ def test_interrupted_checkpoint_replacement_leaves_latest_on_the_newest_complete
         assert resolve_resume_path("latest", root).name == "checkpoint-2"
         with pytest.raises(ValueError, match="incomplete"):
             resolve_resume_path(str(half), root)
+        # a whole checkpoint of the first release (no marker, no run_args.json): resumable by path, never `latest`
+        legacy = root / "checkpoint-8"
+        legacy.mkdir()
+        for name in ("training_state_rank0.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                     "model.safetensors"):  # fmt: skip
+            (legacy / name).write_text("{}")
+        assert resolve_resume_path(str(legacy), root) == legacy
+        assert resolve_resume_path("latest", root).name == "checkpoint-2"
+        (legacy / "optimizer.bin").unlink()  # a half-deleted one of that version is refused
+        with pytest.raises(ValueError, match="incomplete"):
+            resolve_resume_path(str(legacy), root)
     finally:
         for state in (AcceleratorState, GradientState, PartialState):
             state._reset_state()
@@ -547,3 +558,16 @@ def test_run_argument_differences_compare_the_resolved_model_config():
         "world_size: checkpoint 2, now 1",
     ]
     assert run_argument_differences(saved, other, "world_size,train_batch_size,model_config_resolved") == []
+
+
+def test_single_split_folder_validation_is_named_as_the_training_split(tmp_path):
+    from groupvq_hf import GroupVQConfig, GroupVQModel
+    from groupvq_hf.training import export_model, validation_images
+
+    folder = _image_folder(tmp_path / "images", 4)
+    pixels, split = validation_images(parse_args(["--dataset", str(folder), "--max_train_steps", "1"]), 3)
+    assert pixels.shape[0] == 3 and split == "train"  # read for "validation", but it is the training split
+    # training turns the finite check off (the NonFiniteGuard skips such steps on every rank); the export has it on
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny"))
+    model.check_finite = False
+    assert export_model(model, None).check_finite and not model.check_finite

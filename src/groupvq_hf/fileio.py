@@ -64,7 +64,7 @@ def recover_directory(path: str | os.PathLike) -> Path | None:
         if not pid.isdigit() or not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     restored = None
-    for old in sorted(_siblings(path, OLD_PREFIX), key=lambda p: p.stat().st_mtime):
+    for old in sorted(_siblings(path, OLD_PREFIX), key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
         if not path.exists():
             os.replace(old, path)
             restored = path

@@ -435,6 +435,21 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / COMPLETE_FILE).is_file()
 
 
+# What every checkpoint of the first release held (accelerate's files and ours), before COMPLETE_FILE existed.
+LEGACY_CHECKPOINT_FILES = (STATE_FILE.format(rank=0), "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+
+
+def is_legacy_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint written before ``COMPLETE_FILE`` and ``RUN_ARGS_FILE`` existed that holds every file such a
+    checkpoint had (weights included). `latest` never picks one (a half-deleted folder of that version can look
+    whole); named explicitly with ``--resume_from_checkpoint PATH`` it resumes."""
+    path = Path(path)
+    if (path / COMPLETE_FILE).exists() or (path / RUN_ARGS_FILE).exists():
+        return False
+    weights = (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
+    return weights and all((path / name).is_file() for name in LEGACY_CHECKPOINT_FILES)
+
+
 def list_checkpoints(checkpoint_dir: str | os.PathLike, complete_only: bool = True) -> list[Path]:
     """Checkpoints (``checkpoint-<step>``) in ``checkpoint_dir``, oldest step first; only complete ones by default."""
     root = Path(checkpoint_dir)
@@ -470,7 +485,8 @@ def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: str 
         raise ValueError(
             f"`--resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {str(path)!r}."
         )
-    if (path / STATE_FILE.format(rank=0)).is_file() and not is_complete_checkpoint(path):
+    legacy = is_legacy_checkpoint(path)
+    if (path / STATE_FILE.format(rank=0)).is_file() and not is_complete_checkpoint(path) and not legacy:
         raise ValueError(
             f"`--resume_from_checkpoint` {str(path)!r} is incomplete (no {COMPLETE_FILE}: its save was interrupted); "
             "resume from an earlier checkpoint or 'latest' (the newest complete one)."
@@ -859,6 +875,9 @@ def build_models(args: argparse.Namespace, config: GroupVQConfig, device):
     from .modeling_groupvq import GroupVQModel
 
     model = GroupVQModel(config)
+    # A NaN/inf step is the NonFiniteGuard's to skip (and fp16's GradScaler's), on every rank alike: no ValueError
+    # on one rank while the others wait in the all-reduce. The export turns the check back on.
+    model.check_finite = False
     discriminator = PatchGANDiscriminator(config.out_channels, args.disc_channels, args.disc_layers)
     perceptual = None
     if args.perceptual_weight > 0:
@@ -1274,6 +1293,7 @@ def export_model(plain_model, ema):
     if ema is not None:
         ema.copy_to(final.parameters())
     final.quantizer.reset_usage()
+    final.check_finite = True
     return final.eval()
 
 
@@ -1283,15 +1303,21 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
     from .data import build_image_dataset, collate_pixels
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
+    error = None
     for split in (args.validation_split, args.dataset_split):
         try:
-            examples = list(build_image_dataset(args.dataset, split, **kwargs))
-        except Exception:  # no such split in this source (the error type depends on the source's format)
-            examples = []
+            stream = build_image_dataset(args.dataset, split, **kwargs)
+            examples = list(stream)
+        except Exception as err:  # no such split in this source (the error type depends on the source's format)
+            examples, error = [], err
+            continue
         examples = [example for example in examples if example.get("pixel_values") is not None]  # no bad images
         if examples:
-            return collate_pixels(examples), split
-    raise ValueError(f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r}).")
+            # a local source with a single split reads it for any split (with a note): that is the training split
+            return collate_pixels(examples), (args.dataset_split if getattr(stream, "notes", None) else split)
+    raise ValueError(
+        f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r})."
+    ) from error
 
 
 @torch.no_grad()
