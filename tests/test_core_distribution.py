@@ -124,3 +124,10 @@ def test_non_finite_latents_raise_instead_of_code_zero(tiny_model, pixels):
         tiny_model.encode(broken)
     with pytest.raises(ValueError, match="NaN or inf"):
         tiny_model(broken)
+
+
+def test_config_from_an_old_diffusers_dict_keeps_n01():
+    vae_config = dict(GroupVQVAE(num_vq_embeddings=64, latent_channels=8, norm_num_groups=8, num_groups=4).config)
+    assert GroupVQModel.config_from_diffusers(vae_config).core_std == pytest.approx(8**-0.5)
+    del vae_config["core_std"]  # saved before the field existed
+    assert GroupVQModel.config_from_diffusers(vae_config).core_std == 1.0

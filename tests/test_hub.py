@@ -465,3 +465,43 @@ def test_script_reports_an_http_error_in_one_line(monkeypatch, saved_model):
         script.main(["--model", str(saved_model), "--repo_id", "tester/x"])
     assert exit.value.code.startswith("push_to_hub: error: the Hub at ")
     assert exit.value.code.endswith(" answered: 503 Server Error: Service Unavailable Request ID: abc")
+
+
+def test_publish_refuses_to_replace_a_folder_holding_other_files(tmp_path):
+    from groupvq_hf.hub import check_replaceable
+
+    check_replaceable(tmp_path / "new")  # absent: fine
+    earlier = tmp_path / "earlier"  # what an earlier publish wrote: replaceable
+    earlier.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (earlier / name).write_text("{}")
+    check_replaceable(earlier)
+    training = tmp_path / "outputs"
+    (training / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (training / "checkpoints" / "checkpoint-2" / "optimizer.bin").write_text("x")
+    (training / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"save_directory.*checkpoints/checkpoint-2/optimizer.bin"):
+        check_replaceable(training)
+    assert (training / "checkpoints" / "checkpoint-2" / "optimizer.bin").is_file()
+
+
+def test_hub_timeout_keeps_and_restores_the_clients_factory():
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    from groupvq_hf.hub import hub_timeout
+
+    made = []
+
+    def users_factory():  # a proxy or certificate setup, say
+        made.append(1)
+        return _http.default_client_factory()
+
+    set_client_factory(users_factory)
+    try:
+        with hub_timeout(5):
+            client = _http._GLOBAL_CLIENT_FACTORY()
+            assert made and client.timeout.read == 5
+        assert _http._GLOBAL_CLIENT_FACTORY is users_factory
+    finally:
+        set_client_factory(_http.default_client_factory)

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 import torch
 
 from .configuration_groupvq import GroupVQConfig
-from .fileio import atomic_directory
 from .modeling_groupvq import GroupVQModel
 
 EMA_PREFIX = "model_ema."
@@ -221,8 +220,7 @@ def convert_simvq(
     "codebook_dim": d}`.
     """
     model, used_ema = _from_simvq(checkpoint, config, ema)
-    with atomic_directory(output_dir) as tmp:
-        model.save_pretrained(tmp)
+    model.save_pretrained(output_dir)  # written beside and swapped in (shells.save_folder); other files are kept
     return {"saved": str(output_dir), "ema": used_ema, "codebook_size": model.config.codebook_size,
             "codebook_dim": model.config.codebook_dim}
 

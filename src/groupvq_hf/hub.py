@@ -79,15 +79,18 @@ def check_timeout(timeout) -> float:
 def hub_timeout(timeout: float = DEFAULT_TIMEOUT):
     """Inside the block every request huggingface_hub sends through its shared client (`get_session`) waits at most
     `timeout` seconds to connect, to send, and between reads of the answer (huggingface_hub's own client has no
-    timeout). Uses `huggingface_hub.set_client_factory`; the default client is restored on exit. (Downloads take
+    timeout). Uses `huggingface_hub.set_client_factory` over the factory in place (a user's proxy or certificate
+    setup is kept); that factory is restored on exit. (Downloads take
     HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT.)"""
     from huggingface_hub import set_client_factory
     from huggingface_hub.utils import _http
 
     timeout = check_timeout(timeout)
 
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # a user's proxy setup, say
+
     def client_with_timeout():
-        client = _http.default_client_factory()
+        client = previous()
         client.timeout = timeout  # httpx: connect, read, write and pool timeouts
         return client
 
@@ -95,7 +98,7 @@ def hub_timeout(timeout: float = DEFAULT_TIMEOUT):
     try:
         yield
     finally:
-        set_client_factory(_http.default_client_factory)
+        set_client_factory(previous)
 
 
 def network_failure(err: BaseException, endpoint: str, timeout: float) -> str | None:
@@ -271,6 +274,22 @@ def check_write_access(api: HfApi, repo_id: str, token: str) -> str:
     return name
 
 
+def check_replaceable(folder: str | os.PathLike) -> None:
+    """`publish` replaces `save_directory` whole: refuse a folder holding files it would not upload (a training
+    output folder with checkpoints, say), which the swap would delete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    foreign = sorted(set(files) - set(upload_file_list(folder)))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"`save_directory` {str(folder)!r} holds files that are not part of an upload ({shown}); publishing "
+            "replaces the folder whole, so give an empty or new folder (or one an earlier publish wrote)."
+        )
+
+
 def upload_file_list(folder: str | os.PathLike) -> list[str]:
     """The files of `folder` that `publish` uploads (`ALLOW_PATTERNS` minus `IGNORE_PATTERNS`), sorted."""
     folder = Path(folder)
@@ -381,6 +400,7 @@ def publish(
         )
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(save_directory) if save_directory is not None else Path(tmp) / "upload"
+            check_replaceable(folder)
             with atomic_directory(folder) as staging:  # weights, processor and card appear at once
                 model.save_pretrained(staging)  # safetensors, config with auto_map, code files (+ image processor)
                 if diffusers and not (staging / "preprocessor_config.json").exists():

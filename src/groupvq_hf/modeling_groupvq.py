@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
-from .quantizer import GroupVectorQuantizer
+from .quantizer import LEGACY_CORE_STD, GroupVectorQuantizer
 from .shells import CARRIED_CONFIG_KEYS, check_input, check_pixels, quantizer_arguments, quantizer_config, save_folder
 from .shells import resize_codebook as resize_quantizer
 from .simvq_backbone import SimVQDecoder, SimVQEncoder
@@ -243,6 +243,8 @@ class GroupVQModel(GroupVQPreTrainedModel):
             if cfg.get(src) is not None:
                 kwargs[dst] = cfg[src]
         kwargs.setdefault("codebook_dim", cfg.get("latent_channels", 3))
+        if "num_groups" in cfg and "core_std" not in cfg:  # a GroupVQVAE config saved before `core_std`: N(0, I)
+            kwargs["core_std"] = LEGACY_CORE_STD
         kwargs.setdefault("num_groups", 1)
         kwargs.setdefault("codebook_rank", None)
         return GroupVQConfig(**kwargs)
