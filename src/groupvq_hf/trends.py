@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     for run in trained:
         config = GroupVQConfig.from_pretrained(run["model_dir"])
         run["core_std_used"] = config.core_std
-        run["quantizer_lr_used"] = _quantizer_lr(run)
+        run["quantizer_lr_used"] = json.loads((Path(run["model_dir"]) / "run_args.json").read_text())[
+            "quantizer_learning_rate"
+        ]  # what the run trained with, as its export records it
         run["final"] = evaluate_run(run["model_dir"], args)
     results = {
         "command": "python scripts/reproduce_trends.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -278,16 +280,6 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "RESULTS.md").write_text(markdown(results))
     print((out / "RESULTS.md").read_text())
     return results
-
-
-def _quantizer_lr(run: dict) -> float:
-    """The projectors' learning rate the run trained with (its own flag, else the training default for demo)."""
-    from .training import parse_args
-
-    argv = ["--dataset", "demo"]
-    if run["quantizer_learning_rate"] is not None:
-        argv += ["--quantizer_learning_rate", str(run["quantizer_learning_rate"])]
-    return parse_args(argv).quantizer_learning_rate
 
 
 __all__ = ["GROUPS", "checks", "main", "markdown", "model_config", "plan_runs", "resize_plan"]
