@@ -318,6 +318,7 @@ def test_epoch_lengths_from_dataset_sizes(tmp_path):
         steps_per_epoch(parse_args(["--dataset", "imagenet+coco", "--num_epochs", "1"]), world_size=1)
     folder = _image_folder(tmp_path / "folder", 5, num_corrupt=1)
     assert dataset_num_examples(str(folder)) == 6  # counted by name: a bad file is only found when decoded
+    assert dataset_num_examples(str(folder), "validation") == 6  # a single split is what the stream reads for any
     blobs = [{"bytes": (folder / f"img{i:02d}.png").read_bytes(), "path": None} for i in range(5)]
     features = datasets.Features({"image": datasets.Image()})
     datasets.Dataset.from_dict({"image": blobs}, features=features).to_parquet(str(tmp_path / "rows.parquet"))

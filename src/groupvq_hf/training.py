@@ -373,7 +373,7 @@ def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
     the demo: the rows of its source (cheap, nothing is decoded); Hub repo ids: the split sizes of the dataset's
     info when it has them (needs the network). Mixed specs (``a+b``) have a random epoch length: None.
     """
-    from .data import SOURCES, _local_loader, load_image_source, parse_dataset_spec
+    from .data import SOURCES, SPLIT_ALIASES, _local_loader, load_image_source, parse_dataset_spec
 
     parts = parse_dataset_spec(dataset)
     if len(parts) != 1:
@@ -390,7 +390,9 @@ def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
         builder = datasets.load_dataset_builder(kind, **kwargs)
         files = builder.config.data_files or {}
         wanted = "train" if path.is_file() else (source.split(split) if source is not None else split)
-        for candidate in (wanted, {"validation": "val", "val": "validation"}.get(wanted)):
+        # the split the stream reads (data._local_split): itself, an alias, or the only split there is
+        candidates = [wanted, *SPLIT_ALIASES.get(wanted, ()), *(files if len(files) == 1 else ())]
+        for candidate in candidates:
             if candidate in files:
                 return _count_local_rows(kind, [str(f) for f in files[candidate]])
         return None
@@ -1324,29 +1326,16 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
 def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
     """Codebook usage (overall and per group) of ``model`` on ``pixels``, counted in this process only.
 
-    Counts the eval-mode encodes with the quantizer's own counters (``counting_usage``) and reads them without a
-    collective (safe on the main process of a distributed run); leaves them reset and the model's mode restored.
+    ``analysis.count_code_usage`` encodes in eval mode (the quantizer's own counters untouched, the mode restored)
+    and ``usage_statistics`` reads the counts: no collective, safe on the main process of a distributed run.
     Returns ``codebook_usage``, ``group_usage`` and ``num_images``.
     """
-    quantizer = model.quantizer
-    device = next(model.parameters()).device
-    was_training = model.training
-    quantizer.reset_usage()
-    model.eval()
-    try:
-        with quantizer.counting_usage():
-            for chunk in pixels.split(batch_size):
-                model.encode(chunk.to(device))
-        stats = quantizer.usage_statistics()
-        result = {
-            "codebook_usage": stats["codebook_usage"],
-            "group_usage": stats["group_usage"],
-            "num_images": len(pixels),
-        }
-    finally:
-        quantizer.reset_usage()
-        model.train(was_training)
-    return result
+    from .analysis import count_code_usage
+    from .quantizer import usage_statistics
+
+    counts, num_images = count_code_usage(model, pixels.split(batch_size))
+    stats = usage_statistics(counts, model.quantizer.group_sizes)
+    return {"codebook_usage": stats["codebook_usage"], "group_usage": stats["group_usage"], "num_images": num_images}
 
 
 def build_generator_optimizer(model, args: argparse.Namespace) -> torch.optim.Adam:
