@@ -53,3 +53,14 @@ def test_recovery_restores_the_newest_set_aside_folder(tmp_path):
     assert recover_directory(target) == target
     assert (target / "version").read_text() == "1"
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_replace_with_a_missing_folder_fails_at_once(tmp_path):
+    from groupvq_hf.fileio import replace_directory
+
+    target = tmp_path / "model"
+    target.mkdir()
+    with pytest.raises(OSError):
+        replace_directory(tmp_path / ".tmp-model.gone", target)
+    assert recover_directory(target) == target  # the one folder set aside comes back
+    assert sorted(os.listdir(tmp_path)) == ["model"]

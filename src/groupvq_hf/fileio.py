@@ -36,7 +36,7 @@ def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
             os.replace(tmp, path)
             break
         except OSError:
-            if attempt == 9:
+            if attempt == 9 or not tmp.is_dir():  # only a folder put in by another writer is worth another try
                 raise
     for old in set_aside:
         shutil.rmtree(old, ignore_errors=True)
