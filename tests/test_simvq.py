@@ -21,15 +21,15 @@ from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
 from groupvq_hf.convert_simvq import from_simvq, simvq_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Made by running SimVQ's own code (see its README.md); read-only. GROUPVQ_SIMVQ_FIXTURE overrides the location.
-FIXTURE = Path(os.environ.get("GROUPVQ_SIMVQ_FIXTURE", REPO_ROOT.parent / "shared" / "fixtures" / "simvq-tiny"))
+# Made by running SimVQ's own code (see its README.md), carried in the repository unchanged.
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "simvq-tiny"
 CKPT, YAML = FIXTURE / "simvq-tiny.ckpt", FIXTURE / "simvq-tiny.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def fixture_folder():
     missing = [p.name for p in (CKPT, YAML, FIXTURE / "reference_outputs.safetensors") if not p.is_file()]
-    assert not missing, f"SimVQ fixture files {missing} not found in {FIXTURE} (set GROUPVQ_SIMVQ_FIXTURE)."
+    assert not missing, f"SimVQ fixture files {missing} not found in {FIXTURE}."
 
 
 @pytest.fixture(scope="module")
