@@ -1,4 +1,4 @@
-"""Resuming late in an epoch: `groupvq_hf.stream.ResumableBatches` skips consumed rows without decoding them.
+"""Resuming late in an epoch: `groupvq_hf.data.stream.ResumableBatches` skips consumed rows without decoding them.
 
 A local ImageNet-1k-style parquet set (JPEGs of ~500 x 375 px cut from the demo photographs, `bench_data.py`'s
 shards) is read as one training epoch of ``--images`` images in batches of ``--batch_size`` (one process,
@@ -32,7 +32,7 @@ from common import interleaved_times, markdown_table, paired_ratio, print_header
 
 def make_batches(folder: Path, args, state: dict | None = None):
     from groupvq_hf.data import build_image_dataset
-    from groupvq_hf.stream import ResumableBatches
+    from groupvq_hf.data.stream import ResumableBatches
 
     stream = build_image_dataset(str(folder), resolution=args.resolution, seed=0)
     batches = ResumableBatches(stream, args.batch_size, args.num_workers, seed=0)

@@ -6,14 +6,20 @@
 
 Writes norm_statistics.png (Fig. 5 left), group_frequency.png (Fig. 5 right, with --dataset),
 cosine_similarity.png (Fig. 6), random_projection.png (Fig. 7), pca_projection.png (Fig. 9) and
-codebook_analysis.json. All logic lives in `groupvq_hf.analysis`.
+codebook_analysis.json. All logic lives in `groupvq_hf.evaluation`.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import argparse
 import json
-import sys
 
 import torch
 
@@ -51,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, str]:
     args = parse_args(argv)
     from groupvq_hf import GroupVQModel
-    from groupvq_hf.analysis import analyze_codebook, dataset_code_usage, save_analysis
+    from groupvq_hf.evaluation import analyze_codebook, dataset_code_usage, save_analysis
 
     model = GroupVQModel.from_pretrained(args.model, revision=args.revision).to(args.device).eval()
     counts = None

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Convert Group-VQ checkpoints between transformers and diffusers, import a diffusers VQModel, or switch a saved
-pipeline's GroupVQVAE components between library and remote-code form. Logic: `groupvq_hf.conversion`.
+pipeline's GroupVQVAE components between library and remote-code form. Logic: `groupvq_hf.hub.conversion`.
 
     # transformers GroupVQModel <-> diffusers GroupVQVAE (lossless; direction read from config.json)
     python scripts/convert_checkpoint.py groupvq-tiny groupvq-tiny-diffusers
@@ -10,17 +10,24 @@ pipeline's GroupVQVAE components between library and remote-code form. Logic: `g
     # a saved pipeline whose GroupVQVAE loads with trust_remote_code=True and no groupvq_hf
     python scripts/convert_checkpoint.py my-pipeline my-pipeline-remote --pipeline_components remote_code
     # a SimVQ Lightning checkpoint (youngsheen/SimVQ) -> a k = 1 GroupVQModel with the "simvq" backbone
-    # (EMA weights by default when the checkpoint has them; --no_ema for the raw ones). Logic: groupvq_hf.convert_simvq
+    # (EMA weights by default when the checkpoint has them; --no_ema for the raw ones). Logic: groupvq_hf.hub.simvq_conversion
     python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import argparse
 import json
 
-from groupvq_hf.conversion import convert_checkpoint, copy_pipeline
-from groupvq_hf.convert_simvq import convert_simvq
+from groupvq_hf.hub import convert_checkpoint, copy_pipeline
+from groupvq_hf.hub import convert_simvq
 
 
 def parse_args(argv=None) -> argparse.Namespace:

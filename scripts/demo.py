@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Serve the interactive Group-VQ demo page (Gradio); see `groupvq_hf.app`.
+"""Serve the interactive Group-VQ demo page (Gradio); see `groupvq_hf.app.page`.
 
     .venv/bin/python scripts/demo.py [--model PATH_OR_REPO] [--trust_remote_code] [--host 127.0.0.1] [--port 7860]
     .venv/bin/python scripts/demo.py --model PATH_OR_REPO --screenshot docs/demo.png   # save the page as PNG, exit

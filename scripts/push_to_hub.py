@@ -8,15 +8,21 @@
 Uses HF_TOKEN or the saved login (`hf auth login`) and HF_ENDPOINT. Every failure (no or read-only token, an endpoint
 that refuses, drops or never answers a request within --timeout seconds, an HTTP error) ends in one line on stderr
 naming it, with exit code 1; a failed upload changes nothing on the Hub, so running the command again completes it.
-The logic lives in `groupvq_hf.hub.publish`.
+The logic lives in `groupvq_hf.hub.publishing`.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 import argparse
 import json
 import math
-import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:

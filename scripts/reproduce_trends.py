@@ -4,17 +4,17 @@ held-out crops, the resize curve of the k = 8 model, and the old initialisation 
 
     python scripts/reproduce_trends.py --output_dir outputs/trends      # about 12 minutes on 2 CPU cores
 
-See `groupvq_hf.trends` for what each run does; results land in OUTPUT_DIR/RESULTS.md, results.json and PNG plots.
+The driver is an experiment and lives beside its results: `benchmarks/trends/reproduce_trends.py` (see it for what
+each run does); results land in OUTPUT_DIR/RESULTS.md, results.json and PNG plots.
 """
 
 import os
+import runpy
 import sys
 
 # scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from groupvq_hf.trends import main  # noqa: E402
-
 if __name__ == "__main__":
-    main()
+    runpy.run_path(os.path.join(_HERE, os.pardir, "benchmarks", "trends", "reproduce_trends.py"), run_name="__main__")

@@ -6,6 +6,14 @@
 All logic lives in ``groupvq_hf.training`` (see ``--help``).
 """
 
+import os
+import sys
+
+# scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+
 from groupvq_hf.training import main
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from groupvq_hf import GroupVectorQuantizer, GroupVQConfig, GroupVQModel
-from groupvq_hf.analysis import (
+from groupvq_hf.evaluation.analysis import (
     FIGURE_NAMES,
     USAGE_JSON_ALIASES,
     analyze_codebook,

@@ -1,4 +1,4 @@
-"""The Gradio demo page (groupvq_hf.app): the model side in Python, the page in headless Chromium (Playwright)."""
+"""The Gradio demo page (groupvq_hf.app.page): the model side in Python, the page in headless Chromium (Playwright)."""
 
 import copy
 import io
@@ -18,11 +18,11 @@ from PIL import Image  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
-from groupvq_hf.app import (  # noqa: E402
+from groupvq_hf.app.page import (  # noqa: E402
     MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, load_model, main, off_origin, open_image,
 )
 from groupvq_hf.data import demo_images  # noqa: E402
-from groupvq_hf.metrics import ReconstructionMetrics  # noqa: E402
+from groupvq_hf.evaluation.metrics import ReconstructionMetrics  # noqa: E402
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from groupvq_hf import data
-from groupvq_hf.data import (
+from groupvq_hf.data import sources as data
+from groupvq_hf.data.sources import (
     DEMO_EVAL_CROPS,
     DEMO_TRAIN_CROPS,
     SOURCES,
@@ -192,7 +192,7 @@ def test_demo_validation_crops_never_appear_in_training(monkeypatch):
 @pytest.mark.parametrize("batch_size", [1, 32])
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_demo_training_batches_with_any_batch_size_and_workers(batch_size, num_workers):
-    from groupvq_hf.stream import ResumableBatches
+    from groupvq_hf.data.stream import ResumableBatches
 
     stream = build_image_dataset("demo", resolution=16, seed=0)
     batches = iter(ResumableBatches(stream, batch_size, num_workers=num_workers))

@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from groupvq_hf import GroupVQVAE
-from groupvq_hf.conversion import LIBRARY_ENTRY, REMOTE_CODE_ENTRY, copy_pipeline, set_pipeline_component_source
+from groupvq_hf.hub.conversion import LIBRARY_ENTRY, REMOTE_CODE_ENTRY, copy_pipeline, set_pipeline_component_source
 
 
 def tiny_vae(seed=0, **overrides):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from groupvq_hf import GroupVQConfig, GroupVQModel, pretrained
-from groupvq_hf.evaluation import (
+from groupvq_hf import GroupVQConfig, GroupVQModel
+from groupvq_hf.evaluation import pretrained
+from groupvq_hf.evaluation.evaluator import (
     build_eval_dataloader,
     evaluate_model,
     model_index_entries,
@@ -21,7 +22,7 @@ from groupvq_hf.evaluation import (
     resize_study_markdown,
     update_model_card,
 )
-from groupvq_hf.metrics import ReconstructionMetrics
+from groupvq_hf.evaluation.metrics import ReconstructionMetrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +129,7 @@ def test_image_folder_with_bad_files_reports_counts_and_the_split_read(saved_mod
         (image.convert("L") if i == 0 else image).save(folder / f"img_{i}.png")
     for i in range(2):
         (folder / f"bad_{i}.jpg").write_bytes(b"not a jpeg")
-    from groupvq_hf.evaluation import evaluate_parser, run_evaluate
+    from groupvq_hf.evaluation.evaluator import evaluate_parser, run_evaluate
 
     args = evaluate_parser().parse_args([
         "--model", str(saved_model), "--dataset", str(folder), "--resolution", "16", "--metrics", "psnr",
@@ -309,6 +310,6 @@ def test_resize_study_script_on_demo(saved_model, tmp_path):
     assert all(r["num_images"] == 2 for r in study["rows"])
     assert (tmp_path / "resize_study.md").read_text().startswith("| Method |")
     assert Image.open(tmp_path / "resize_study.png").format == "PNG"
-    from groupvq_hf.hub import resize_study_markdown as card_table  # the model card reads the same JSON
+    from groupvq_hf.hub.publishing import resize_study_markdown as card_table  # the model card reads the same JSON
 
     assert "self-extension" in card_table(tmp_path / "resize_study.json")

@@ -17,7 +17,7 @@ from huggingface_hub.errors import LocalTokenNotFoundError
 from hub_server import HubServer, HubUser
 
 from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
-from groupvq_hf.hub import (
+from groupvq_hf.hub.publishing import (
     check_no_secrets,
     normalize_eval_results,
     publish,
@@ -351,7 +351,7 @@ def test_eval_results_and_resize_study_inputs():
 
 
 def test_load_for_publishing_converts_between_formats(tmp_path, local_model):
-    from groupvq_hf.hub import load_for_publishing
+    from groupvq_hf.hub.publishing import load_for_publishing
 
     GroupVQVAE.from_groupvq(local_model).save_pretrained(tmp_path / "vae")
     local_model.save_pretrained(tmp_path / "model")
@@ -431,7 +431,7 @@ def test_an_upload_that_fails_midway_is_completed_by_a_rerun(hub, saved_model, t
 def test_network_failures_read_as_one_line_naming_the_endpoint(local_model):
     import httpx2
 
-    from groupvq_hf.hub import network_failure
+    from groupvq_hf.hub.publishing import network_failure
 
     request = httpx2.Request("GET", "http://hub.test/api/whoami-v2")
     refused = httpx2.ConnectError("[Errno 111] Connection\n   refused", request=request)
@@ -468,7 +468,7 @@ def test_script_reports_an_http_error_in_one_line(monkeypatch, saved_model):
 
 
 def test_publish_refuses_to_replace_a_folder_holding_other_files(tmp_path):
-    from groupvq_hf.hub import check_replaceable
+    from groupvq_hf.hub.publishing import check_replaceable
 
     check_replaceable(tmp_path / "new")  # absent: fine
     earlier = tmp_path / "earlier"  # what an earlier publish wrote: replaceable
@@ -489,7 +489,7 @@ def test_hub_timeout_keeps_and_restores_the_clients_factory():
     from huggingface_hub import set_client_factory
     from huggingface_hub.utils import _http
 
-    from groupvq_hf.hub import hub_timeout
+    from groupvq_hf.hub.publishing import hub_timeout
 
     made = []
 

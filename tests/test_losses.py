@@ -6,14 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from groupvq_hf.losses import (
+from groupvq_hf.training.losses import (
     PatchGANDiscriminator,
     VQGANLoss,
     adaptive_generator_weight,
     hinge_g_loss,
     non_saturating_g_loss,
 )
-from groupvq_hf.training import build_ema, build_generator_optimizer, build_loss_fn, describe_recipe, parse_args
+from groupvq_hf.hub import describe_recipe
+from groupvq_hf.training import build_ema, build_generator_optimizer, build_loss_fn, parse_args
 
 
 def test_non_saturating_loss_is_softplus_of_minus_the_per_image_mean_logit():
@@ -92,8 +93,8 @@ def test_ema_decay_is_fixed_by_default_and_ramps_with_ema_warmup():
 
 
 def test_model_card_says_which_recipe_trained_the_model(tiny_config):
-    from groupvq_hf.hub import render_model_card
-    from groupvq_hf.training import SIMVQ_RECIPE
+    from groupvq_hf.hub.publishing import render_model_card
+    from groupvq_hf.hub import SIMVQ_RECIPE
 
     named = ["--dataset", "imagenet", "--max_train_steps", "1"]
     default = vars(parse_args(named))

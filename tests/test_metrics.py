@@ -1,4 +1,4 @@
-"""Metrics (`groupvq_hf.metrics`) and feature networks (`groupvq_hf.pretrained`): known answers, offline loading."""
+"""Metrics (`groupvq_hf.evaluation.metrics`) and feature networks (`groupvq_hf.evaluation.pretrained`): known answers, offline loading."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from groupvq_hf import pretrained
-from groupvq_hf.metrics import (
+from groupvq_hf.evaluation import pretrained
+from groupvq_hf.evaluation.metrics import (
     CodebookUsage,
     FrechetDistance,
     ReconstructionMetrics,
@@ -321,7 +321,7 @@ def test_codebook_usage_errors():
 
 
 def test_codebook_usage_takes_plain_lists_of_indices():
-    from groupvq_hf.metrics import CodebookUsage
+    from groupvq_hf.evaluation.metrics import CodebookUsage
 
     assert CodebookUsage().compute(predictions=[0, 1, 2], codebook_size=8)["codebook_usage"] == 3 / 8
     assert CodebookUsage().compute(predictions=[[0, 1], [2, 2]], codebook_size=8)["codebook_usage"] == 3 / 8
@@ -330,7 +330,7 @@ def test_codebook_usage_takes_plain_lists_of_indices():
 
 
 def test_l1_is_the_mean_absolute_error_on_the_training_scale():
-    from groupvq_hf.metrics import ReconstructionMetrics
+    from groupvq_hf.evaluation.metrics import ReconstructionMetrics
 
     generator = torch.Generator().manual_seed(0)
     refs = torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1

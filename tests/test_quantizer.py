@@ -272,7 +272,7 @@ def test_usage_statistics_of_parts_and_empty_counts():
     assert part["group_usage"] == [1.0, None] and part["group_frequency"] == [2 / 3, 0.0] and part["num_tokens"] == 3
     empty = usage_statistics(torch.zeros(4, dtype=torch.long), [2, 2])
     assert empty["codebook_usage"] == 0.0 and math.isnan(empty["perplexity"]) and empty["group_frequency"] == [0.0, 0.0]
-    from groupvq_hf import metrics
+    from groupvq_hf.evaluation import metrics
 
     assert metrics.usage_statistics is usage_statistics  # one implementation: the CodebookUsage metric uses it
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
-from groupvq_hf.convert_simvq import from_simvq, simvq_config
+from groupvq_hf.hub.simvq_conversion import from_simvq, simvq_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Made by running SimVQ's own code (see its README.md), carried in the repository unchanged.
@@ -293,7 +293,7 @@ def test_a_few_training_steps_of_the_tiny_simvq_preset_on_the_demo_photos(tmp_pa
 
 
 def test_evaluation_and_resize_study_run_on_the_simvq_backbone(reference):
-    from groupvq_hf.evaluation import resize_study
+    from groupvq_hf.evaluation.evaluator import resize_study
 
     model = from_simvq(CKPT, YAML)
     pixels = reference["pixel_values"]

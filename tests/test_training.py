@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from groupvq_hf.data import build_image_dataset
-from groupvq_hf.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
+from groupvq_hf.data.sources import build_image_dataset
+from groupvq_hf.training.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
+from groupvq_hf.data import ResumableBatches
 from groupvq_hf.training import (
     COMPLETE_FILE,
     NonFiniteGuard,
-    ResumableBatches,
     list_checkpoints,
     parse_args,
     resolve_model_config,
@@ -124,7 +124,7 @@ def test_vqgan_loss_terms_and_disc_start():
 
 
 def test_perceptual_term_uses_lpips_network(tmp_path):
-    from groupvq_hf.pretrained import lpips_network, save_lpips_weights
+    from groupvq_hf.evaluation.pretrained import lpips_network, save_lpips_weights
 
     net = lpips_network(save_lpips_weights(tmp_path / "vgg.pth", dtype=torch.float16))
     loss_fn = VQGANLoss(net, perceptual_weight=1.0, disc_weight=0.0)
@@ -308,7 +308,8 @@ def _image_folder(path: Path, num_images: int, num_corrupt: int = 0) -> Path:
 def test_epoch_lengths_from_dataset_sizes(tmp_path):
     import datasets
 
-    from groupvq_hf.training import dataset_num_examples, steps_per_epoch
+    from groupvq_hf.data import dataset_num_examples
+    from groupvq_hf.training import steps_per_epoch
 
     args = parse_args(["--dataset", "imagenet", "--num_epochs", "50", "--train_batch_size", "32"])
     assert steps_per_epoch(args, world_size=8) == 1_281_167 // 8 // 32

@@ -18,7 +18,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.training_utils import EMAModel
 
 from groupvq_hf import GroupVectorQuantizer, GroupVQConfig, GroupVQModel, GroupVQVAE
-from groupvq_hf.conversion import checkpoint_kind, convert_checkpoint
+from groupvq_hf.hub.conversion import checkpoint_kind, convert_checkpoint
 from groupvq_hf.quantizer import QUANTIZER_CONFIG_KEYS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,9 +5,14 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .quantizer import LEGACY_CORE_STD, PROJECTORS, check_core_std, default_core_std, resolve_groups
-from .shells import check_trained_group_sizes
-from .vit import check_vit_settings
+from .quantizer import (
+    LEGACY_CORE_STD,
+    PROJECTORS,
+    check_core_std,
+    check_trained_group_sizes,
+    default_core_std,
+    resolve_groups,
+)
 
 BACKBONES = ("vqgan", "vit", "simvq")
 
@@ -73,6 +78,32 @@ PRESETS: dict[str, dict] = {
         codebook_size=256, num_groups=8, codebook_rank=16, codebook_dim=32,
     ),
 }
+
+
+def check_vit_settings(
+    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, mlp_ratio: float
+) -> None:
+    """Raise a ValueError naming the bad ViT setting."""
+    for name, value in (
+        ("patch_size", patch_size),
+        ("hidden_size", hidden_size),
+        ("num_hidden_layers", num_layers),
+        ("num_attention_heads", num_heads),
+        ("sample_size", image_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"`hidden_size`={hidden_size} must be divisible by `num_attention_heads`={num_heads}."
+        )
+    if image_size % patch_size:
+        raise ValueError(
+            f"`sample_size`={image_size} must be divisible by `patch_size`={patch_size} "
+            "(the position embeddings cover the sample_size / patch_size grid)."
+        )
+    if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
+        raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
 
 
 @strict

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -89,4 +90,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     replace_directory(tmp, path)
 
 
-__all__ = ["atomic_directory", "recover_directory", "replace_directory"]
+def relative_import_files(module_file: str | os.PathLike) -> list[str]:
+    """File names of ``module_file`` and, transitively, of every module it imports relatively (``from .x import``):
+    the code a saved model folder must carry for ``trust_remote_code`` (the model files import only each other)."""
+    folder, todo, found = Path(module_file).resolve().parent, [Path(module_file).name], []
+    while todo:
+        name = todo.pop(0)
+        if name in found:
+            continue
+        found.append(name)
+        text = (folder / name).read_text(encoding="utf-8")
+        todo += [f"{module}.py" for module in re.findall(r"^\s*from \.(\w+) import", text, flags=re.M)]
+    return found
+
+
+__all__ = ["atomic_directory", "recover_directory", "relative_import_files", "replace_directory"]

@@ -229,6 +229,34 @@ def usage_statistics(
     return stats
 
 
+
+def check_trained_group_sizes(trained: Sequence[int] | None, group_sizes: Sequence[int]) -> list[int] | None:
+    """`trained_group_sizes` as a list: one count per group with 0 <= count <= group size, else ValueError."""
+    if trained is None:
+        return None
+    counts = list(trained)
+    valid = all(isinstance(t, int) and not isinstance(t, bool) for t in counts)
+    if not valid or len(counts) != len(group_sizes) or any(not 0 <= t <= n for t, n in zip(counts, group_sizes)):
+        raise ValueError(
+            f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {list(group_sizes)}, "
+            f"got {trained!r}."
+        )
+    return counts
+
+
+
+def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes when torch.distributed is initialised (NCCL needs CUDA tensors)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buffer = tensor.to(device).clone()
+    dist.all_reduce(buffer)
+    return buffer.to(tensor.device)
+
+
 class GroupVectorQuantizer(nn.Module):
     """Vector quantizer whose codebook is ``k`` groups ``G_j = core_j @ W_j + b_j`` (paper Eq. 7).
 
@@ -520,9 +548,7 @@ class GroupVectorQuantizer(nn.Module):
         if counts is None or counts.is_meta or counts.shape[0] != self.codebook_size:
             counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.bias.device)
         counts = counts.clone()
-        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        return counts
+        return sum_across_processes(counts) if sync else counts
 
     def usage_statistics(self, sync: bool = False) -> dict:
         """[`usage_statistics`] of the counters since the last reset: ``codebook_usage``, ``num_tokens``,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -66,20 +66,6 @@ def check_input(tensor: torch.Tensor, name: str, check_finite: bool = True) -> N
             f"`{name}` holds NaN or inf ({bad} of {tensor.numel()} values, in sample(s) {samples[:8]}); "
             "such an input has no nearest code. Set `model.check_finite = False` to skip this check."
         )
-
-
-def check_trained_group_sizes(trained: Sequence[int] | None, group_sizes: Sequence[int]) -> list[int] | None:
-    """`trained_group_sizes` as a list: one count per group with 0 <= count <= group size, else ValueError."""
-    if trained is None:
-        return None
-    counts = list(trained)
-    valid = all(isinstance(t, int) and not isinstance(t, bool) for t in counts)
-    if not valid or len(counts) != len(group_sizes) or any(not 0 <= t <= n for t, n in zip(counts, group_sizes)):
-        raise ValueError(
-            f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {list(group_sizes)}, "
-            f"got {trained!r}."
-        )
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------- resize
@@ -176,7 +162,6 @@ __all__ = [
     "CARRIED_CONFIG_KEYS",
     "check_input",
     "check_pixels",
-    "check_trained_group_sizes",
     "quantizer_arguments",
     "quantizer_config",
     "resize_codebook",

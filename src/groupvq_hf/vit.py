@@ -26,35 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .configuration_groupvq import check_vit_settings
 from .quantizer import GroupVectorQuantizer
 
 LAYER_NORM_EPS = 1e-6
-
-
-def check_vit_settings(
-    image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int, mlp_ratio: float
-) -> None:
-    """Raise a ValueError naming the bad ViT setting."""
-    for name, value in (
-        ("patch_size", patch_size),
-        ("hidden_size", hidden_size),
-        ("num_hidden_layers", num_layers),
-        ("num_attention_heads", num_heads),
-        ("sample_size", image_size),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if hidden_size % num_heads:
-        raise ValueError(
-            f"`hidden_size`={hidden_size} must be divisible by `num_attention_heads`={num_heads}."
-        )
-    if image_size % patch_size:
-        raise ValueError(
-            f"`sample_size`={image_size} must be divisible by `patch_size`={patch_size} "
-            "(the position embeddings cover the sample_size / patch_size grid)."
-        )
-    if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
-        raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
 
 
 class _ViTBackbone(nn.Module):
@@ -186,4 +161,4 @@ class L2NormalizedGroupVectorQuantizer(GroupVectorQuantizer):
         return super().extra_repr() + ", l2_normalized=True"
 
 
-__all__ = ["L2NormalizedGroupVectorQuantizer", "ViTDecoder", "ViTEncoder", "check_vit_settings"]
+__all__ = ["L2NormalizedGroupVectorQuantizer", "ViTDecoder", "ViTEncoder"]

@@ -5,8 +5,9 @@
 pipelines that take a ``VQModel`` (LDM, LDM super-resolution, Kandinsky 2.2's ``movq``, aMUSEd, VQ-Diffusion) take it
 unchanged. State dicts map 1:1 to ``GroupVQModel``'s (``quantize.*`` <-> ``quantizer.*``).
 
-This file travels to the Hub as remote code next to ``quantizer.py``, ``shells.py`` and ``fileio.py``: it imports torch,
-diffusers and those three directly (diffusers copies just the direct relative imports of the file named in ``auto_map``).
+This file travels to the Hub as remote code next to the model files it imports (``REMOTE_CODE_FILES``, computed from
+its relative imports): it imports each of them directly, since diffusers copies just the direct relative imports of the
+file named in ``auto_map``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from .fileio import atomic_directory  # noqa: F401  (used by .shells; imported here so diffusers copies it)
-from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer
-from .shells import check_input, check_pixels, check_trained_group_sizes, quantizer_arguments, quantizer_config, save_folder
+from .fileio import relative_import_files
+from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer, check_trained_group_sizes
+from .shells import check_input, check_pixels, quantizer_arguments, quantizer_config, save_folder
 from .shells import resize_codebook as resize_quantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
 # pipeline custom component load without groupvq_hf: this file and its relative imports.
-REMOTE_CODE_FILES = (os.path.basename(__file__), "quantizer.py", "shells.py", "fileio.py")
+REMOTE_CODE_FILES = tuple(relative_import_files(__file__))
 # diffusers shell config name -> GroupVQConfig name of what `groupvq_hf.shells.resize_codebook` updates.
 RESIZE_CONFIG_NAMES = {"codebook_size": "num_vq_embeddings"}
 # Config keys that change nothing in the weights: the only ones `from_groupvq`/`from_vqmodel` let a caller override.

@@ -150,7 +150,7 @@ def lpips_network(weights: str | os.PathLike | None = None) -> LPIPSNetwork:
             VGG16_WEIGHTS_URL,
             "LPIPS(VGG16) backbone (torchvision VGG16 ImageNet)",
             "`lpips_network(weights=PATH)` / `--lpips_weights PATH` with a VGG16 state dict such as "
-            "vgg16-397923af.pth (see `groupvq_hf.pretrained.save_lpips_weights`)",
+            "vgg16-397923af.pth (see `groupvq_hf.evaluation.save_lpips_weights`)",
         )
     else:
         state = _load_file(weights, "weights")
@@ -301,3 +301,17 @@ def save_inception_weights(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+__all__ = [
+    "INCEPTION_FEATURE",
+    "INCEPTION_NAME",
+    "InceptionFeatures",
+    "LPIPSNetwork",
+    "VGG16_WEIGHTS_URL",
+    "inception_network",
+    "lpips_network",
+    "save_inception_weights",
+    "save_lpips_weights",
+    "vgg16_features",
+]

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
-from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics, _check_metrics
+from ..hub.cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
+from ..quantizer import sum_across_processes
+from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics, check_metric_names
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
 RESIZE_STUDY_MODES = ("resample", "extend")
@@ -32,7 +33,7 @@ DATA_COUNTS = ("skipped_images", "skipped_reasons", "converted_images", "convert
 
 def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of `ALL_METRICS`)."""
-    return _check_metrics(metrics, ALL_METRICS)
+    return check_metric_names(metrics, ALL_METRICS)
 
 
 def build_eval_dataloader(
@@ -55,7 +56,7 @@ def build_eval_dataloader(
     ``max_samples``) evaluates exactly the first ``max_samples`` images whatever the number of processes. Without
     it the ranks read disjoint shards. ``loader.dataset.notes`` holds notes on the split read.
     """
-    from .data import build_image_dataset, collate_examples
+    from ..data.sources import build_image_dataset, collate_examples
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
@@ -83,7 +84,7 @@ def _gather_lists(accelerator, values: list) -> list[list]:
 
 def load_model(model: str | os.PathLike, device: torch.device | str = "cpu"):
     """A `GroupVQModel` from a local folder or a Hub repo id, in eval mode on ``device``."""
-    from .modeling_groupvq import GroupVQModel
+    from ..modeling_groupvq import GroupVQModel
 
     return GroupVQModel.from_pretrained(str(model)).to(device).eval()
 
@@ -179,9 +180,8 @@ def evaluate_model(
         results.update(usage_results)
     results.pop("num_tokens", None)
     if "num_images" not in results:
-        from .metrics import _sum_across_processes
 
-        results["num_images"] = int(_sum_across_processes(torch.tensor(float(num_images))))
+        results["num_images"] = int(sum_across_processes(torch.tensor(float(num_images))))
     for name, counts in (("skipped", skipped), ("converted", converted)):
         total_counts = Counter()
         for part in _gather_lists(accelerator, sorted(counts.items())):
@@ -196,7 +196,7 @@ def evaluate_model(
 
 def results_record(metrics: dict, **context) -> dict:
     """The JSON written by ``scripts/evaluate.py``: ``context`` (model, dataset, split, resolution, ...) plus
-    ``"metrics"`` (scalars, the keys `groupvq_hf.cards.normalize_eval_results` reads) and per-group lists."""
+    ``"metrics"`` (scalars, the keys `groupvq_hf.hub.normalize_eval_results` reads) and per-group lists."""
     counts = {k: metrics[k] for k in DATA_COUNTS if k in metrics}
     scalars = {
         k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images" and k not in counts
@@ -216,7 +216,7 @@ def write_json(data, path: str | os.PathLike) -> Path:
 def update_model_card(card_path: str | os.PathLike, results: dict, model_name: str | None = None) -> Path:
     """Add (or replace, same task/dataset/split/metric) the ``results`` in the ``model-index`` of the model card
     at ``card_path`` (a ``README.md``; created with just the metadata when missing). The entries are
-    `groupvq_hf.cards.model_index_entries`, as in the card `groupvq_hf.hub.publish` writes."""
+    `groupvq_hf.hub.model_index_entries`, as in the card `groupvq_hf.hub.publish` writes."""
     from huggingface_hub import ModelCard, ModelCardData
 
     card_path = Path(card_path)
@@ -355,7 +355,7 @@ def _common_arguments(parser) -> None:
     parser.add_argument(
         "--dataset",
         default="imagenet",
-        help="Dataset spec of `groupvq_hf.data` (imagenet, coco, demo, a path, a repo id).",
+        help="Dataset spec of `groupvq_hf.data.sources` (imagenet, coco, demo, a path, a repo id).",
     )
     parser.add_argument("--split", default="validation")
     parser.add_argument("--image_column", default=None)
@@ -371,7 +371,7 @@ def _common_arguments(parser) -> None:
         "--metrics", default=",".join(ALL_METRICS), help=f"Comma-separated subset of {','.join(ALL_METRICS)}."
     )
     parser.add_argument(
-        "--lpips_weights", default=None, help="Local VGG16/LPIPS weights file (offline; see groupvq_hf.pretrained)."
+        "--lpips_weights", default=None, help="Local VGG16/LPIPS weights file (offline; see groupvq_hf.evaluation.pretrained)."
     )
     parser.add_argument(
         "--inception_weights", default=None, help="Local torch-fidelity Inception weights file (offline)."
@@ -520,3 +520,25 @@ def run_resize_study(args, accelerator=None) -> dict:
             paths["plot"] = plot_resize_study(rows, out / "resize_study.png")
     accelerator.wait_for_everyone()
     return {"rows": rows, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+__all__ = [
+    "ALL_METRICS",
+    "DATA_COUNTS",
+    "RESIZE_STUDY_MODES",
+    "build_accelerator",
+    "build_eval_dataloader",
+    "evaluate_model",
+    "evaluate_parser",
+    "load_model",
+    "parse_metrics",
+    "plot_resize_study",
+    "resize_plan",
+    "resize_study",
+    "resize_study_parser",
+    "results_record",
+    "run_evaluate",
+    "run_resize_study",
+    "update_model_card",
+    "write_json",
+]

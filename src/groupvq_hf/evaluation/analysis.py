@@ -29,8 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .quantizer import split_codebook_size
-from .quantizer import usage_statistics as codebook_usage_statistics
+from ..quantizer import split_codebook_size
+from ..quantizer import usage_statistics as codebook_usage_statistics
 
 # Paper sample counts: Fig. 6 picks 128 codes per group; Fig. 7/9 (a) 256 per highlighted group, (b) 64 per group.
 HEATMAP_CODES_PER_GROUP = 128
@@ -244,7 +244,7 @@ def dataset_code_usage(
 ) -> tuple[torch.Tensor, int]:
     """`count_code_usage` over the evaluation loader (`groupvq_hf.evaluation.build_eval_dataloader`: center
     crops; ``resolution`` defaults to ``model.config.sample_size``)."""
-    from .evaluation import build_eval_dataloader
+    from .evaluator import build_eval_dataloader
 
     loader = build_eval_dataloader(
         dataset, split, resolution or model.config.sample_size, batch_size, max_samples,

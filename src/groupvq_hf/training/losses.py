@@ -94,7 +94,7 @@ def adaptive_generator_weight(
 
 class VQGANLoss(nn.Module):
     """The objective above. ``perceptual`` is a frozen network ``net(x, y) -> (N,)`` on [-1, 1] images (LPIPS,
-    see ``groupvq_hf.pretrained.lpips_network``); it is required when ``perceptual_weight > 0``.
+    see ``groupvq_hf.evaluation.lpips_network``); it is required when ``perceptual_weight > 0``.
 
     Defaults are SimVQ's recipe: ``generator_loss="non_saturating"`` with the fixed ``disc_weight=0.1``.
     ``generator_loss="hinge"`` and ``adaptive_weight=True`` (``disc_weight`` then multiplies the adaptive weight,

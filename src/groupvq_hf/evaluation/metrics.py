@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from .quantizer import usage_statistics  # the one computation of usage statistics (also the quantizer's getters)
+from ..quantizer import sum_across_processes, usage_statistics  # the one computation of usage statistics (also the quantizer's getters)
 
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfid", "l1")
 DATA_RANGE = 1.0  # PSNR / SSIM are computed on images scaled to [0, 1]
@@ -97,7 +97,7 @@ def to_uint8_images(unit_images: torch.Tensor) -> torch.Tensor:
     return (unit_images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _check_metrics(metrics, allowed: Sequence[str] = RECONSTRUCTION_METRICS) -> tuple[str, ...]:
+def check_metric_names(metrics, allowed: Sequence[str] = RECONSTRUCTION_METRICS) -> tuple[str, ...]:
     if metrics is None:
         return tuple(allowed)
     if isinstance(metrics, str):
@@ -145,7 +145,7 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 class FrechetDistance(FrechetInceptionDistance):
     """torchmetrics' FID state (float64 feature sums and outer-product sums, summed across processes) with the
     trace term of [`trace_sqrt_product`]. ``feature`` is any module mapping a batch to (N, D) features and
-    exposing ``num_features`` (e.g. [`groupvq_hf.pretrained.InceptionFeatures`])."""
+    exposing ``num_features`` (e.g. [`groupvq_hf.evaluation.InceptionFeatures`])."""
 
     def compute(self) -> torch.Tensor:
         n_real, n_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
@@ -171,7 +171,7 @@ class ReconstructionMetrics(evaluate.Metric):
 
     ``metrics`` picks what ``add_batch`` accumulates (default all); LPIPS and Inception networks load lazily
     from ``lpips_weights`` / ``inception_weights`` (local files) or the standard way (see
-    [`groupvq_hf.pretrained`]), or are passed in built (``lpips_net``, ``inception_net``) to share them.
+    [`groupvq_hf.evaluation.pretrained`]), or are passed in built (``lpips_net``, ``inception_net``) to share them.
     ``device`` is where the networks run (default: the device of the first batch).
     """
 
@@ -186,7 +186,7 @@ class ReconstructionMetrics(evaluate.Metric):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.metrics = _check_metrics(metrics)
+        self.metrics = check_metric_names(metrics)
         self.lpips_weights, self.inception_weights = lpips_weights, inception_weights
         self._lpips_net, self._inception_net = lpips_net, inception_net
         self.device = torch.device(device) if device is not None else None
@@ -290,7 +290,7 @@ class ReconstructionMetrics(evaluate.Metric):
         if kwargs:
             raise ValueError(f"Unexpected arguments {sorted(kwargs)} for ReconstructionMetrics.compute.")
         if metrics is not None:
-            metrics = _check_metrics(metrics)
+            metrics = check_metric_names(metrics)
             if self.num_images == 0:
                 self.metrics = metrics  # nothing accumulated yet: accumulate only what is asked for
             elif set(metrics) - set(self.metrics):
@@ -301,7 +301,7 @@ class ReconstructionMetrics(evaluate.Metric):
         if predictions is not None or references is not None:
             self.add_batch(predictions=predictions, references=references)
         names = metrics or self.metrics
-        num_images = int(_sum_across_processes(torch.tensor(self.num_images, dtype=torch.float64)))
+        num_images = int(sum_across_processes(torch.tensor(self.num_images, dtype=torch.float64)))
         if num_images == 0:
             raise ValueError("No images were added: call add_batch(predictions=..., references=...) first.")
         device = self.device or self._batch_device
@@ -315,18 +315,6 @@ class ReconstructionMetrics(evaluate.Metric):
 
 
 # -------------------------------------------------------------------------------------------- CodebookUsage
-
-
-def _sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes when torch.distributed is initialised (NCCL needs CUDA tensors)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buffer = tensor.to(device).clone()
-    dist.all_reduce(buffer)
-    return buffer.to(tensor.device)
 
 
 class CodebookUsage(evaluate.Metric):
@@ -394,5 +382,18 @@ class CodebookUsage(evaluate.Metric):
             raise ValueError(f"Indices up to {len(self.counts) - 1} were added but `codebook_size`={codebook_size}.")
         counts = torch.zeros(codebook_size, dtype=torch.int64)
         counts[: len(self.counts)] = self.counts
-        counts = _sum_across_processes(counts)
+        counts = sum_across_processes(counts)
         return usage_statistics(counts, group_sizes)  # groupvq_hf.quantizer.usage_statistics
+
+
+__all__ = [
+    "CodebookUsage",
+    "DATA_RANGE",
+    "FrechetDistance",
+    "RECONSTRUCTION_METRICS",
+    "ReconstructionMetrics",
+    "frechet_distance",
+    "to_uint8_images",
+    "to_unit_images",
+    "trace_sqrt_product",
+]

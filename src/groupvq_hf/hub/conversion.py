@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 
-from .modeling_groupvq import GroupVQModel
-from .vq_model import REMOTE_CODE_FILES, GroupVQVAE
+from ..modeling_groupvq import GroupVQModel
+from ..vq_model import REMOTE_CODE_FILES, GroupVQVAE
 
 # What a folder holds, as `checkpoint_kind` names it.
 KINDS = ("groupvq_model", "groupvq_vae", "vqmodel")

@@ -1,4 +1,5 @@
-"""A CPU-scale reproduction of the paper's trends on the demo photos (``scripts/reproduce_trends.py``).
+"""A CPU-scale reproduction of the paper's trends on the demo photos: an experiment, kept beside its results and out of
+the library (run it as ``python scripts/reproduce_trends.py`` or ``python benchmarks/trends/reproduce_trends.py``).
 
 Real training (``groupvq_hf.training``: encoder, decoder and quantizer, the default recipe with the GAN and LPIPS
 off) of a 256-code, d = 16 model at 32 px for k = 1, 8, 32 and n groups, then evaluation on held-out crops:
@@ -25,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .quantizer import LEGACY_CORE_STD
+from groupvq_hf.quantizer import LEGACY_CORE_STD
 
 CODEBOOK_SIZE, CODEBOOK_DIM, RESOLUTION = 256, 16, 32
 GROUPS = (1, 8, 32, CODEBOOK_SIZE)
@@ -47,7 +48,7 @@ def plan_runs(groups=GROUPS, before: bool = True, encoder_lr_projectors: bool = 
 
 def model_config(num_groups: int, core_std: float | None) -> dict:
     """The tiny preset with 256 codes of dimension 16 (rank 16) in ``num_groups`` groups, at 32 px."""
-    from .configuration_groupvq import GroupVQConfig
+    from groupvq_hf.configuration_groupvq import GroupVQConfig
 
     overrides = dict(codebook_size=CODEBOOK_SIZE, num_groups=num_groups, codebook_rank=CODEBOOK_DIM,
                      codebook_dim=CODEBOOK_DIM, latent_channels=CODEBOOK_DIM, sample_size=RESOLUTION)  # fmt: skip
@@ -91,14 +92,14 @@ def train_run(run: dict, args: argparse.Namespace) -> dict:
 
 def test_loader(args: argparse.Namespace):
     """The held-out demo test crops (a band of every photo that training never reads)."""
-    from .evaluation import build_eval_dataloader
+    from groupvq_hf.evaluation import build_eval_dataloader
 
     return build_eval_dataloader("demo", "test", RESOLUTION, batch_size=64, max_samples=args.num_test_images)
 
 
 def evaluate_run(model_dir: str, args: argparse.Namespace) -> dict:
     """Final metrics of a trained model on the held-out test crops, with per-group usage."""
-    from .evaluation import evaluate_model, load_model
+    from groupvq_hf.evaluation import evaluate_model, load_model
 
     results = evaluate_model(load_model(model_dir), test_loader(args), metrics=EVAL_METRICS, progress=False)
     final = {key: results[key] for key in ("psnr", "ssim", "l1", "codebook_usage")}
@@ -107,7 +108,7 @@ def evaluate_run(model_dir: str, args: argparse.Namespace) -> dict:
 
 def resize_curve(model_dir: str, args: argparse.Namespace) -> list[dict]:
     """The trained model and its resized copies (Algorithm 2) on the held-out test crops."""
-    from .evaluation import load_model, resize_study
+    from groupvq_hf.evaluation import load_model, resize_study
 
     model = load_model(model_dir)
     return resize_study(model, lambda: test_loader(args), plan=resize_plan(model.config.codebook_size),
@@ -154,7 +155,7 @@ def checks(results: dict) -> list[dict]:
 
 def markdown(results: dict) -> str:
     """RESULTS.md: the command, the machine, the final table, the resize table and the checks."""
-    from .evaluation import resize_study_markdown
+    from groupvq_hf.hub import resize_study_markdown
 
     lines = [
         "# Group-VQ trends at CPU scale (demo photos, 32 px, 256 codes, d = 16)", "",
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from . import evaluation  # noqa: F401  (imported first: a broken import fails now, not after the training)
+    import groupvq_hf.evaluation  # noqa: F401  (imported first: a broken import fails now, not after the training)
 
     args = build_parser().parse_args(argv)
     for name in ("max_train_steps", "train_batch_size", "validation_steps", "num_usage_images", "num_test_images",
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = plan_runs(groups, before=not args.no_before)
     with ThreadPoolExecutor(args.jobs) as pool:
         trained = list(pool.map(lambda run: train_run(run, args), runs))
-    from .configuration_groupvq import GroupVQConfig
+    from groupvq_hf.configuration_groupvq import GroupVQConfig
 
     for run in trained:
         config = GroupVQConfig.from_pretrained(run["model_dir"])
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     if f"k{RESIZE_GROUPS}" in {run["name"] for run in trained}:
         model_dir = next(run["model_dir"] for run in trained if run["name"] == f"k{RESIZE_GROUPS}")
         results["resize"] = resize_curve(model_dir, args)
-        from .evaluation import plot_resize_study
+        from groupvq_hf.evaluation import plot_resize_study
 
         plot_resize_study(results["resize"], out / "resize_curve.png")
     results["wall_seconds"] = time.perf_counter() - start
@@ -283,3 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 __all__ = ["GROUPS", "checks", "main", "markdown", "model_config", "plan_runs", "resize_plan"]
+
+
+if __name__ == "__main__":
+    main()

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import DEMO_PHOTOS, demo_images, to_rgb
-from .metrics import DATA_RANGE, to_unit_images
-from .quantizer import RESIZE_MODES, split_codebook_size
+from ..data.sources import DEMO_PHOTOS, demo_images, to_rgb
+from ..evaluation.metrics import DATA_RANGE, to_unit_images
+from ..quantizer import RESIZE_MODES, split_codebook_size
 
 # The README demo run's output folder: the page's model when none is given.
 DEFAULT_MODEL_DIR = "outputs/demo/model"
@@ -78,8 +78,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False):
         model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
         load_processor = lambda: AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=True)  # noqa: E731
     else:
-        from .image_processing_groupvq import GroupVQImageProcessor
-        from .modeling_groupvq import GroupVQModel
+        from ..image_processing_groupvq import GroupVQImageProcessor
+        from ..modeling_groupvq import GroupVQModel
 
         model = GroupVQModel.from_pretrained(name_or_path)
         load_processor = lambda: GroupVQImageProcessor.from_pretrained(name_or_path)  # noqa: E731
@@ -435,6 +435,7 @@ def main(argv=None) -> None:
 
 
 __all__ = [
+    "MAX_FILE_SIZE",
     "DEFAULT_MODEL_DIR", "DemoTokenizer", "Tokenized", "build_demo", "demo_parser", "display_image", "load_model", "main",
     "off_origin", "open_image", "save_screenshot", "token_map_image",
 ]

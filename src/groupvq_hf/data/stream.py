@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-from .data import collate_examples
+from .sources import collate_examples
 
 
 class ResumableBatches:

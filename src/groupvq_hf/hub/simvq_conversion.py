@@ -24,8 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .configuration_groupvq import GroupVQConfig
-from .modeling_groupvq import GroupVQModel
+from ..configuration_groupvq import GroupVQConfig
+from ..modeling_groupvq import GroupVQModel
 
 EMA_PREFIX = "model_ema."
 # LitEma's own counters, stored beside the shadows.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult
 
-from .data import SOURCES
+from ..data.sources import SOURCES
+from ..training.arguments import build_parser
 
 DATASET_IDS = {name: source.repo_id for name, source in SOURCES.items()} | {"imagenet-1k": "ILSVRC/imagenet-1k"}
 DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
@@ -82,7 +83,7 @@ def normalize_eval_results(results) -> dict | None:
 
 
 def dataset_id(name: str) -> str:
-    """The Hub id of a dataset named as `groupvq_hf.data` names it (``imagenet``, ``coco``, ...); else `name`."""
+    """The Hub id of a dataset named as `groupvq_hf.data.sources` names it (``imagenet``, ``coco``, ...); else `name`."""
     return DATASET_IDS.get(str(name).lower(), name)
 
 
@@ -150,7 +151,48 @@ def resize_study_markdown(study) -> str | None:
     return "\n".join(_paper_table(rows) if paper_layout else _plain_table(rows))
 
 
+
+# The loss and optimiser settings that make up the recipe, and how the model card names them.
+RECIPE_ARGUMENTS = (
+    "perceptual_weight", "generator_loss", "disc_weight", "adaptive_disc_weight", "disc_start", "commitment_weight",
+    "learning_rate", "quantizer_learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "lr_scheduler",
+    "lr_warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "no_ema",
+)  # fmt: skip
+SIMVQ_RECIPE = (
+    "SimVQ's released recipe (`configs/imagenet_simvq_128_B.yaml`, which the paper's section 4.1 follows), the "
+    "default of `scripts/train.py` in groupvq-hf: L1 + LPIPS (VGG16, weight 1) reconstruction loss; a PatchGAN "
+    "discriminator from step 0 with the hinge loss; the non-saturating generator loss (softplus of minus each "
+    "image's mean patch logit) with a fixed weight 0.1 (no adaptive weight); the Group-VQ commitment loss "
+    "`0.25*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3) with weight 1; Adam, learning rate 1e-4 constant, betas "
+    "(0.5, 0.9), no gradient clipping; only the projectors W_j, b_j of the codebook train, the cores stay frozen "
+    "(Algorithm 1). The exported weights are an EMA of the trained ones with a fixed decay 0.999."
+)
+
+
+def describe_recipe(training: dict | None) -> str:
+    """The model card's training summary: SimVQ's recipe, and which of its settings ``training`` (the arguments
+    of ``scripts/train.py``, e.g. its ``run_args.json``) changed."""
+    if not training or not any(name in training for name in RECIPE_ARGUMENTS):
+        return SIMVQ_RECIPE + " The training arguments of this checkpoint were not supplied."
+    parser = build_parser()
+    changed = []
+    for name in RECIPE_ARGUMENTS:
+        default = parser.get_default(name)
+        if name in ("disc_learning_rate", "quantizer_learning_rate"):
+            default = training.get("learning_rate", parser.get_default("learning_rate"))
+        elif name == "ema_warmup":
+            default = False
+        if name in training and training[name] != default:
+            changed.append(f"`--{name} {training[name]}`")
+    if not changed:
+        return "Trained with " + SIMVQ_RECIPE
+    return f"Trained with {SIMVQ_RECIPE} **Changed from that recipe for this run:** {', '.join(changed)}."
+
+
 __all__ = [
+    "RECIPE_ARGUMENTS",
+    "SIMVQ_RECIPE",
+    "describe_recipe",
     "DATASET_IDS",
     "DATASET_NAMES",
     "METRICS",

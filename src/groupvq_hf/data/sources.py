@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -235,7 +234,7 @@ def _guess_image_column(features, where: str) -> str:
     raise ValueError(f"No image column found in {where} (columns: {list(features)}); pass `image_column`.")
 
 
-def _local_loader(path: Path) -> tuple[str, dict]:
+def local_loader(path: Path) -> tuple[str, dict]:
     """``load_dataset`` arguments for a local file or folder (parquet, webdataset tar shards or image files)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     suffixes = Counter(p.suffix.lower() for p in files)
@@ -319,7 +318,7 @@ def load_image_source(
         ds = _load_split(source.location(), source.split(split), streaming, source.config)
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
-        kind, kwargs = _local_loader(path)
+        kind, kwargs = local_loader(path)
         ds = _load_split(kind, _local_split(kind, kwargs, split, f"local dataset {name!r}", notes), streaming, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
@@ -423,7 +422,7 @@ class ImageStream(torch.utils.data.IterableDataset):
     loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
     batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
 
-    ``resume_at`` (set by `groupvq_hf.stream.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
+    ``resume_at`` (set by `groupvq_hf.data.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
     worker first yields ``placeholders`` empty examples (``{"placeholder": True}``) standing for batches already
     consumed, then skips its first ``rows`` raw rows without decoding them.
     ``skipped`` / ``converted`` count reasons and original modes in the iterating process.

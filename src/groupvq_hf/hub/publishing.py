@@ -1,7 +1,7 @@
 """Publishing a Group-VQ tokenizer on the Hugging Face Hub.
 
 `render_model_card` fills `model_cards/groupvq.md` (metadata, model-index from `scripts/evaluate.py` results, codebook,
-training recipe, loading, resizing, citation; the results are read and formatted by `groupvq_hf.cards`, as
+training recipe, loading, resizing, citation; the results are read and formatted by `groupvq_hf.hub.cards`, as
 `scripts/evaluate.py --model_card` does); `publish` saves the model (safetensors, `config.json` with `auto_map`, the
 remote-code files, `preprocessor_config.json`) and the card into a folder and uploads it with `HfApi.upload_folder`,
 after checking the token can write to the repo. Only files matching `ALLOW_PATTERNS` and none of `IGNORE_PATTERNS`
@@ -23,24 +23,27 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+)
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .cards import (  # noqa: F401  (re-exported: the card's results formatting lives in .cards)
-    DATASET_IDS,
+from ..configuration_groupvq import GroupVQConfig
+from ..data.sources import parse_dataset_spec
+from ..fileio import atomic_directory
+from ..image_processing_groupvq import GroupVQImageProcessor
+from ..modeling_groupvq import GroupVQModel
+from .cards import (
     DATASET_NAMES,
     METRICS,
     dataset_id,
+    describe_recipe,
     model_index_entries,
     normalize_eval_results,
     resize_study_markdown,
 )
-from .configuration_groupvq import GroupVQConfig
-from .data import parse_dataset_spec
-from .fileio import atomic_directory
-from .image_processing_groupvq import GroupVQImageProcessor
-from .modeling_groupvq import GroupVQModel
-from .training import describe_recipe
 
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_cards" / "groupvq.md"  # a link to <repo>/model_cards
 ALLOW_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.py"]
@@ -317,7 +320,7 @@ def load_for_publishing(model, diffusers: bool = False):
         if not config_file.is_file():
             raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {path}).")
         if "_class_name" in json.loads(config_file.read_text()):  # a diffusers folder
-            from .vq_model import GroupVQVAE
+            from ..vq_model import GroupVQVAE
 
             model = GroupVQVAE.from_pretrained(path)
         else:
@@ -326,7 +329,7 @@ def load_for_publishing(model, diffusers: bool = False):
     if not isinstance(model, GroupVQModel) and not is_vae:
         raise ValueError(f"`model` must be a GroupVQModel, a GroupVQVAE or a saved folder, got {type(model).__name__}.")
     if diffusers and not is_vae:
-        from .vq_model import GroupVQVAE
+        from ..vq_model import GroupVQVAE
 
         model = GroupVQVAE.from_groupvq(model)
     elif not diffusers and is_vae:

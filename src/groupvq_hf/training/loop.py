@@ -16,8 +16,6 @@ import functools
 import hashlib
 import json
 import os
-import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,576 +24,19 @@ from typing import Any
 
 import torch
 
-from .configuration_groupvq import PRESETS, GroupVQConfig
-from .stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state_rank{rank}.json"
-VALIDATION_LOG_FILE = "validation_log.jsonl"  # held-out usage at every validation step, in --output_dir
-RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
-COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
-# Arguments that do not change what a run computes (or that a resume may extend): never compared on resume.
-# (``model_config`` names a preset or a file: what it resolved to is compared, as ``model_config_resolved``.)
-RESUME_CHANGES_ALWAYS_ALLOWED = (
-    "output_dir", "resume_from_checkpoint", "model_config", "allow_resume_changes", "max_train_steps", "num_epochs",
-    "checkpointing_steps", "checkpoints_total_limit", "report_to", "tracker_project_name", "logging_steps",
-    "validation_steps", "num_validation_images", "num_validation_usage_images", "log_example_keys",
-    "max_nonfinite_steps", "lpips_weights", "torch_compile",
-)  # fmt: skip
-DEFAULT_DEMO_STEPS = 300
-# The CPU-scale recipe: what `--dataset demo` changes in SimVQ's recipe when the flag is not given. A few hundred steps
-# are ~1,000x fewer than the paper's, so (measured in benchmarks/trends/RESULTS.md) the projectors need a 100x larger
-# learning rate to travel as far relative to the encoder, and the EMA a warm-up, else the export is mostly the
-# initial weights (0.999^300 = 0.74 of them).
-DEMO_RECIPE = {"quantizer_learning_rate": 1e-2, "ema_warmup": True}
-
-
-def _flag_value(text: str) -> bool:
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-# ---------------------------------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``scripts/train.py``, in four groups: data, model and loss, optimisation, checkpoints
-    and logging."""
-    p = argparse.ArgumentParser(description="Train a Group-VQ tokenizer (VQGAN recipe of the paper) with accelerate.")
-    _add_data_arguments(p.add_argument_group("data"))
-    _add_model_arguments(p.add_argument_group("model and loss"))
-    _add_optimisation_arguments(p.add_argument_group("optimisation"))
-    _add_checkpoint_arguments(p.add_argument_group("checkpoints and logging"))
-    return p
-
-
-def _add_data_arguments(g) -> None:
-    g.add_argument(
-        "--dataset",
-        default="demo",
-        help="demo | imagenet | imagenet-wds | coco | 'imagenet:0.7+coco:0.3' | Hub repo id | local path",
-    )
-    g.add_argument("--image_column", default=None, help="column holding the images (guessed when not given)")
-    g.add_argument("--dataset_split", default="train")
-    g.add_argument("--validation_split", default="validation", help="split the reconstruction grids are drawn from")
-    g.add_argument("--resolution", type=int, default=128)
-    g.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="cap on the images each process (each DataLoader worker when workers are used) reads per epoch",
-    )
-    g.add_argument("--shuffle_buffer_size", type=int, default=1000)
-    g.add_argument("--dataloader_num_workers", type=int, default=4)
-
-
-def _add_model_arguments(g) -> None:
-    g.add_argument(
-        "--model_config",
-        default=None,
-        help=f"preset ({', '.join(PRESETS)}) or config JSON / model folder; default: tiny for demo, coco for coco, else imagenet",
-    )
-    g.add_argument(
-        "--perceptual_weight", type=float, default=1.0, help="LPIPS(VGG16) weight; 0 turns it off (no weights needed)"
-    )
-    g.add_argument(
-        "--lpips_weights",
-        default=None,
-        help="local VGG16/LPIPS weights file when the standard download is not reachable",
-    )
-    g.add_argument(
-        "--generator_loss",
-        default="non_saturating",
-        choices=["non_saturating", "hinge"],
-        help="GAN loss of the generator: SimVQ's non-saturating softplus(-mean logit per image) (default) or "
-        "VQGAN's hinge -mean D(x_rec); the discriminator always uses the hinge loss",
-    )
-    g.add_argument(
-        "--disc_weight",
-        type=float,
-        default=0.1,
-        help="weight of the generator's GAN loss: fixed (SimVQ's gen_loss_weight 0.1), or with "
-        "--adaptive_disc_weight the factor on VQGAN's adaptive weight (taming-transformers used 0.8); 0 turns the GAN off",
-    )
-    g.add_argument(
-        "--adaptive_disc_weight",
-        action="store_true",
-        help="scale the GAN loss by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer",
-    )
-    g.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator and the GAN loss start")
-    g.add_argument("--disc_layers", type=int, default=3)
-    g.add_argument("--disc_channels", type=int, default=64)
-    g.add_argument("--commitment_weight", type=float, default=1.0)
-
-
-def _add_optimisation_arguments(g) -> None:
-    g.add_argument("--train_batch_size", type=int, default=32, help="per process")
-    g.add_argument("--max_train_steps", type=int, default=None)
-    g.add_argument(
-        "--num_epochs",
-        type=int,
-        default=None,
-        help="train this many epochs (stop once a process starts epoch num_epochs). Without --max_train_steps, "
-        "learning-rate schedules span num_epochs x the steps of one epoch (the dataset's size // (batch x processes "
-        "x accumulation)), so the size must be known (named sources, local files, the demo), else give "
-        "--max_train_steps; with both, schedules span --max_train_steps and training stops at whichever comes first",
-    )
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument(
-        "--quantizer_learning_rate",
-        type=float,
-        default=None,
-        help="learning rate of the codebook projectors W_j, b_j; default: --learning_rate (SimVQ's single rate), "
-        f"{DEMO_RECIPE['quantizer_learning_rate']:g} with --dataset demo (see DEMO_RECIPE)",
-    )
-    g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
-    g.add_argument("--adam_beta1", type=float, default=0.5)
-    g.add_argument("--adam_beta2", type=float, default=0.9)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="diffusers scheduler name (constant, constant_with_warmup, cosine, ...)",
-    )
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument(
-        "--max_grad_norm", type=float, default=0.0, help="clip gradient norms to this value; 0 (default, SimVQ) disables"
-    )
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay, fixed from the first step (SimVQ)")
-    g.add_argument(
-        "--ema_warmup",
-        nargs="?",
-        const=True,
-        default=None,
-        type=_flag_value,
-        help="ramp the EMA decay as diffusers' EMAModel does by default: min(ema_decay, (1 + t) / (10 + t)); "
-        "'--ema_warmup false' keeps it fixed; default: fixed (SimVQ), ramped with --dataset demo (see DEMO_RECIPE)",
-    )
-    g.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
-    g.add_argument("--max_nonfinite_steps", type=int, default=20, help="consecutive NaN/inf steps before the run stops")
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    g.add_argument("--allow_tf32", action="store_true")
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the encoder and decoder")
-    g.add_argument("--seed", type=int, default=0)
-
-
-def _add_checkpoint_arguments(g) -> None:
-    g.add_argument("--output_dir", default="outputs/groupvq")
-    g.add_argument("--checkpointing_steps", type=int, default=5000)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="'latest' (the newest complete checkpoint in <output_dir>/checkpoints) or a checkpoint folder; the "
-        "run's arguments must match the checkpoint's (see --allow_resume_changes)",
-    )
-    g.add_argument(
-        "--allow_resume_changes",
-        default="",
-        help="comma-separated arguments that may differ from the checkpoint's on resume (e.g. 'learning_rate,seed'); "
-        f"always allowed: {', '.join(RESUME_CHANGES_ALWAYS_ALLOWED)}",
-    )
-    g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
-    g.add_argument("--tracker_project_name", default="groupvq")
-    g.add_argument("--logging_steps", type=int, default=50)
-    g.add_argument(
-        "--validation_steps",
-        type=int,
-        default=1000,
-        help="every N steps (0: only at the end) the EMA model's reconstruction grid and its codebook usage on "
-        "held-out images",
-    )
-    g.add_argument("--num_validation_images", type=int, default=8, help="images in the reconstruction grid")
-    g.add_argument(
-        "--num_validation_usage_images",
-        type=int,
-        default=256,
-        help="held-out images (--validation_split, center crops) over which codebook usage is counted at each "
-        "validation; 0 turns the measurement off",
-    )
-    g.add_argument(
-        "--log_example_keys",
-        action="store_true",
-        help="write each process's example keys and weight hash to <output_dir>/example_keys/",
-    )
-
-
-# The loss and optimiser settings that make up the recipe, and how the model card names them.
-RECIPE_ARGUMENTS = (
-    "perceptual_weight", "generator_loss", "disc_weight", "adaptive_disc_weight", "disc_start", "commitment_weight",
-    "learning_rate", "quantizer_learning_rate", "disc_learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "lr_scheduler",
-    "lr_warmup_steps", "max_grad_norm", "ema_decay", "ema_warmup", "no_ema",
-)  # fmt: skip
-SIMVQ_RECIPE = (
-    "SimVQ's released recipe (`configs/imagenet_simvq_128_B.yaml`, which the paper's section 4.1 follows), the "
-    "default of `scripts/train.py` in groupvq-hf: L1 + LPIPS (VGG16, weight 1) reconstruction loss; a PatchGAN "
-    "discriminator from step 0 with the hinge loss; the non-saturating generator loss (softplus of minus each "
-    "image's mean patch logit) with a fixed weight 0.1 (no adaptive weight); the Group-VQ commitment loss "
-    "`0.25*||z - sg(q)||^2 + ||sg(z) - q||^2` (Eq. 3) with weight 1; Adam, learning rate 1e-4 constant, betas "
-    "(0.5, 0.9), no gradient clipping; only the projectors W_j, b_j of the codebook train, the cores stay frozen "
-    "(Algorithm 1). The exported weights are an EMA of the trained ones with a fixed decay 0.999."
+from ..configuration_groupvq import GroupVQConfig
+from ..data.stream import ResumableBatches
+from .arguments import parse_args, resolve_model_config, steps_per_epoch
+from .checkpoints import (
+    RUN_ARGS_FILE,
+    VALIDATION_LOG_FILE,
+    check_resume_arguments,
+    list_checkpoints,
+    load_rank_state,
+    resolve_resume_path,
+    run_arguments,
+    save_checkpoint,
 )
-
-
-def describe_recipe(training: dict | None) -> str:
-    """The model card's training summary: SimVQ's recipe, and which of its settings ``training`` (the arguments
-    of ``scripts/train.py``, e.g. its ``run_args.json``) changed."""
-    if not training or not any(name in training for name in RECIPE_ARGUMENTS):
-        return SIMVQ_RECIPE + " The training arguments of this checkpoint were not supplied."
-    parser = build_parser()
-    changed = []
-    for name in RECIPE_ARGUMENTS:
-        default = parser.get_default(name)
-        if name in ("disc_learning_rate", "quantizer_learning_rate"):
-            default = training.get("learning_rate", parser.get_default("learning_rate"))
-        elif name == "ema_warmup":
-            default = False
-        if name in training and training[name] != default:
-            changed.append(f"`--{name} {training[name]}`")
-    if not changed:
-        return "Trained with " + SIMVQ_RECIPE
-    return f"Trained with {SIMVQ_RECIPE} **Changed from that recipe for this run:** {', '.join(changed)}."
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check the command line; bad values raise ValueError naming the flag."""
-    args = build_parser().parse_args(argv)
-    positive = (
-        "resolution",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "num_validation_images",
-    )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"`--{name}` must be >= 1, got {value}.")
-    for name in (
-        "checkpointing_steps", "validation_steps", "dataloader_num_workers", "disc_start", "lr_warmup_steps",
-        "num_validation_usage_images",
-    ):  # fmt: skip
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
-    for name in ("perceptual_weight", "disc_weight", "commitment_weight", "max_grad_norm", "learning_rate"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise ValueError(f"`--ema_decay` must be in [0, 1), got {args.ema_decay}.")
-    if args.max_train_steps is None and args.num_epochs is None:
-        if args.dataset != "demo":
-            raise ValueError("Give `--max_train_steps` or `--num_epochs`.")
-        args.max_train_steps = DEFAULT_DEMO_STEPS
-    if args.model_config is None:
-        first = args.dataset.split("+")[0].split(":")[0]
-        args.model_config = {"demo": "tiny", "coco": "coco"}.get(first, "imagenet")
-    if args.dataset == "demo":
-        for name, value in DEMO_RECIPE.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    if args.quantizer_learning_rate is None:
-        args.quantizer_learning_rate = args.learning_rate
-    if args.quantizer_learning_rate < 0:
-        raise ValueError(f"`--quantizer_learning_rate` must be >= 0, got {args.quantizer_learning_rate}.")
-    args.ema_warmup = bool(args.ema_warmup)
-    if args.disc_learning_rate is None:
-        args.disc_learning_rate = args.learning_rate
-    allowed = [name.strip().lstrip("-") for name in args.allow_resume_changes.split(",") if name.strip()]
-    unknown = sorted(set(allowed) - set(vars(args)) - {"world_size", "model_config_resolved"})
-    if unknown:
-        raise ValueError(
-            f"`--allow_resume_changes` names unknown arguments {unknown}; expected names of this script's arguments "
-            "(e.g. learning_rate,seed) or world_size."
-        )
-    args.allow_resume_changes = ",".join(allowed)
-    return args
-
-
-def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
-    """A preset name or a config JSON / saved model folder, with ``sample_size`` set to ``resolution``."""
-    if model_config in PRESETS:
-        config = GroupVQConfig.from_preset(model_config)
-    elif os.path.isdir(model_config):
-        config = GroupVQConfig.from_pretrained(model_config)
-    elif os.path.isfile(model_config):
-        config = GroupVQConfig.from_json_file(model_config)
-    else:
-        raise ValueError(
-            f"`--model_config` must be a preset ({', '.join(PRESETS)}), a config JSON or a model folder, got {model_config!r}."
-        )
-    if resolution % config.downsample_factor:
-        raise ValueError(
-            f"`--resolution` {resolution} must be divisible by the model's downsampling factor {config.downsample_factor}."
-        )
-    config.sample_size = resolution
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------- epochs
-# Images per split of the named sources (ImageNet-1k: ILSVRC 2012; COCO: 2017 images), for schedules in epochs.
-KNOWN_DATASET_SIZES = {
-    ("imagenet", "train"): 1_281_167, ("imagenet", "validation"): 50_000,
-    ("imagenet-wds", "train"): 1_281_167, ("imagenet-wds", "validation"): 50_000,
-    ("coco", "train"): 118_287, ("coco", "validation"): 5_000,
-}  # fmt: skip
-
-
-def _count_local_rows(kind: str, files: list[str]) -> int:
-    """Rows of local parquet files (from their metadata), images of an image folder, or images in tar shards."""
-    from .data import IMAGE_EXTENSIONS
-
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.endswith(".parquet"))
-    if kind == "webdataset":
-        import tarfile
-
-        total = 0
-        for f in files:
-            with tarfile.open(f) as tar:
-                total += sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
-        return total
-    return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
-    """Examples in one epoch of ``dataset``'s ``split``, or None when it cannot be known without reading it all.
-
-    Named sources: their published sizes (or the rows of a local mirror named by ``GROUPVQ_<NAME>_PATH``); local
-    files: parquet metadata, image files, images in tar shards (the split resolved as ``datasets`` resolves it);
-    the demo: the rows of its source (cheap, nothing is decoded); Hub repo ids: the split sizes of the dataset's
-    info when it has them (needs the network). Mixed specs (``a+b``) have a random epoch length: None.
-    """
-    from .data import SOURCES, SPLIT_ALIASES, _local_loader, load_image_source, parse_dataset_spec
-
-    parts = parse_dataset_spec(dataset)
-    if len(parts) != 1:
-        return None
-    name = parts[0][0]
-    if name == "demo":
-        return sum(1 for _ in load_image_source("demo", split))
-    source = SOURCES.get(name)
-    path = Path(source.location() if source is not None else name).expanduser()
-    if path.exists():
-        import datasets
-
-        kind, kwargs = _local_loader(path)
-        builder = datasets.load_dataset_builder(kind, **kwargs)
-        files = builder.config.data_files or {}
-        wanted = "train" if path.is_file() else (source.split(split) if source is not None else split)
-        # the split the stream reads (data._local_split): itself, an alias, or the only split there is
-        candidates = [wanted, *SPLIT_ALIASES.get(wanted, ()), *(files if len(files) == 1 else ())]
-        for candidate in candidates:
-            if candidate in files:
-                return _count_local_rows(kind, [str(f) for f in files[candidate]])
-        return None
-    if source is not None:
-        return KNOWN_DATASET_SIZES.get((name, split))
-    try:  # a Hub repo id: the split sizes its card or parquet export publish (needs the network)
-        import datasets
-
-        splits = datasets.load_dataset_builder(name).info.splits or {}
-        size = splits[split].num_examples if split in splits else 0
-        return int(size) or None
-    except Exception:  # offline, gated, or no such information
-        return None
-
-
-def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
-    """Optimizer steps in one epoch: the dataset's size (capped by ``--max_train_samples`` per process and loader
-    worker) // (batch x processes) // accumulation. ValueError when the size is unknown or too small."""
-    size = dataset_num_examples(args.dataset, args.dataset_split)
-    if size is None:
-        raise ValueError(
-            f"`--num_epochs` needs the number of images in `--dataset` {args.dataset!r} (split "
-            f"{args.dataset_split!r}) to decay the learning-rate schedule over the run, and it is not known without "
-            "reading the whole stream; give `--max_train_steps` instead (or as well)."
-        )
-    per_process = size // world_size
-    if args.max_train_samples is not None:
-        per_process = min(per_process, args.max_train_samples * max(1, args.dataloader_num_workers))
-    steps = per_process // args.train_batch_size // args.gradient_accumulation_steps
-    if steps < 1:
-        raise ValueError(
-            f"`--dataset` {args.dataset!r} has {size} images in split {args.dataset_split!r}: less than one step of "
-            f"`--train_batch_size` {args.train_batch_size} x {world_size} processes x "
-            f"`--gradient_accumulation_steps` {args.gradient_accumulation_steps} per epoch."
-        )
-    return steps
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a finished checkpoint (its ``COMPLETE_FILE`` marker is written last)."""
-    return (Path(path) / COMPLETE_FILE).is_file()
-
-
-# What every checkpoint of the first release held (accelerate's files and ours), before COMPLETE_FILE existed.
-LEGACY_CHECKPOINT_FILES = (STATE_FILE.format(rank=0), "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
-
-
-def is_legacy_checkpoint(path: str | os.PathLike) -> bool:
-    """A checkpoint written before ``COMPLETE_FILE`` and ``RUN_ARGS_FILE`` existed that holds every file such a
-    checkpoint had (weights included). `latest` never picks one (a half-deleted folder of that version can look
-    whole); named explicitly with ``--resume_from_checkpoint PATH`` it resumes."""
-    path = Path(path)
-    if (path / COMPLETE_FILE).exists() or (path / RUN_ARGS_FILE).exists():
-        return False
-    weights = (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
-    return weights and all((path / name).is_file() for name in LEGACY_CHECKPOINT_FILES)
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike, complete_only: bool = True) -> list[Path]:
-    """Checkpoints (``checkpoint-<step>``) in ``checkpoint_dir``, oldest step first; only complete ones by default."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    if complete_only:
-        found = [p for p in found if is_complete_checkpoint(p)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so at most ``total_limit`` remain; returns the deleted folders."""
-    if total_limit is None:
-        return []
-    checkpoints = list_checkpoints(checkpoint_dir)
-    removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
-
-
-def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
-    """``"latest"`` -> newest complete checkpoint in ``checkpoint_dir`` (None when there is none); a path must
-    exist and be complete."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(checkpoint_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume_from_checkpoint)
-    if not path.is_dir():
-        raise ValueError(
-            f"`--resume_from_checkpoint` must be 'latest' or an existing checkpoint folder, got {str(path)!r}."
-        )
-    legacy = is_legacy_checkpoint(path)
-    if (path / STATE_FILE.format(rank=0)).is_file() and not is_complete_checkpoint(path) and not legacy:
-        raise ValueError(
-            f"`--resume_from_checkpoint` {str(path)!r} is incomplete (no {COMPLETE_FILE}: its save was interrupted); "
-            "resume from an earlier checkpoint or 'latest' (the newest complete one)."
-        )
-    return path
-
-
-def save_checkpoint(
-    accelerator,
-    checkpoint_dir: Path,
-    step: int,
-    rank_state: dict,
-    total_limit: int | None,
-    run_args: dict | None = None,
-) -> Path:
-    """``accelerator.save_state`` into a temporary folder, then swapped in atomically as ``checkpoint-<step>``.
-
-    Every process writes its RNG state and ``training_state_rank<r>.json`` (step, data position); the main process
-    then writes ``run_args`` (the arguments that define the run, see [`run_arguments`]) and, last, the
-    ``COMPLETE_FILE`` marker, and swaps the folder in with ``fileio.replace_directory`` (old aside, new in, old
-    deleted). A kill at any moment leaves the newest complete checkpoint for ``latest``. Old checkpoints are
-    rotated to ``total_limit`` after the new one is in place. Needs a file system shared by all processes.
-    """
-    from .fileio import replace_directory
-
-    final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = checkpoint_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state_file = tmp / STATE_FILE.format(rank=accelerator.process_index)
-    state_file.write_text(json.dumps(rank_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if run_args is not None:
-            (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
-        (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
-        replace_directory(tmp, final)
-        rotate_checkpoints(checkpoint_dir, total_limit)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_rank_state(checkpoint: Path, rank: int) -> dict:
-    """This process's saved step and data position (rank 0's when the number of processes changed)."""
-    path = checkpoint / STATE_FILE.format(rank=rank)
-    if not path.is_file():
-        path = checkpoint / STATE_FILE.format(rank=0)
-    if not path.is_file():
-        raise ValueError(
-            f"`--resume_from_checkpoint` {str(checkpoint)!r} has no {STATE_FILE.format(rank=0)}: not a groupvq checkpoint."
-        )
-    return json.loads(path.read_text())
-
-
-def run_arguments(args: argparse.Namespace, config: GroupVQConfig, world_size: int) -> dict:
-    """What defines a run, as recorded in every checkpoint: every argument (JSON values), the number of processes
-    and the resolved model config (so a changed config file behind the same ``--model_config`` path is seen)."""
-    record = {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str))}
-    model_config = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path"):
-        model_config.pop(volatile, None)
-    record.update(world_size=int(world_size), model_config_resolved=json.loads(json.dumps(model_config)))
-    return record
-
-
-def run_argument_differences(saved: dict, current: dict, allowed: str | list[str] = "") -> list[str]:
-    """``"name: checkpoint A, now B"`` for every argument that differs, except ``RESUME_CHANGES_ALWAYS_ALLOWED``
-    and the comma-separated names in ``allowed``; keys of ``model_config_resolved`` are compared one by one."""
-    if isinstance(allowed, str):
-        allowed = [name for name in allowed.split(",") if name]
-    skip = set(RESUME_CHANGES_ALWAYS_ALLOWED) | set(allowed)
-    lines = []
-    for name in sorted(set(saved) | set(current)):
-        if name in skip:
-            continue
-        old, new = saved.get(name, "<not set>"), current.get(name, "<not set>")
-        if isinstance(old, dict) and isinstance(new, dict):
-            lines += [
-                f"{name}.{key}: checkpoint {old.get(key, '<not set>')!r}, now {new.get(key, '<not set>')!r}"
-                for key in sorted(set(old) | set(new))
-                if old.get(key, "<not set>") != new.get(key, "<not set>")
-            ]
-        elif old != new:
-            lines.append(f"{name}: checkpoint {old!r}, now {new!r}")
-    return lines
-
-
-def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -> list[str]:
-    """Raise ValueError when ``checkpoint`` was written by a run with other arguments (listing them); returns
-    a warning line list (empty when all is well, one line for a checkpoint that recorded no arguments)."""
-    path = Path(checkpoint) / RUN_ARGS_FILE
-    if not path.is_file():
-        return [f"{checkpoint} records no run arguments (written by an older groupvq-hf): cannot check that it belongs to this run."]
-    differences = run_argument_differences(json.loads(path.read_text()), current, allowed)
-    if differences:
-        names = ",".join(sorted({line.split(":")[0].split(".")[0] for line in differences}))
-        raise ValueError(
-            f"`--resume_from_checkpoint` {str(checkpoint)!r} belongs to a run with other arguments:\n  "
-            + "\n  ".join(differences)
-            + f"\nResume with the checkpoint's arguments, start in a new `--output_dir`, or allow these changes "
-            f"deliberately with `--allow_resume_changes {names}`."
-        )
-    return []
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -683,7 +124,7 @@ def build_loss_fn(args: argparse.Namespace, perceptual=None):
 def save_export(model, model_dir: Path, run_args: dict) -> Path:
     """``model.save_pretrained`` plus ``RUN_ARGS_FILE`` into a temporary folder swapped in as ``model_dir``
     (``fileio.atomic_directory``): a kill or an error leaves the previous export or this one, never a mix."""
-    from .fileio import atomic_directory
+    from ..fileio import atomic_directory
 
     with atomic_directory(model_dir) as tmp:
         model.save_pretrained(tmp)
@@ -873,8 +314,8 @@ def build_models(args: argparse.Namespace, config: GroupVQConfig, device):
     """``(model, discriminator, loss_fn)``: the [`GroupVQModel`] of ``config``, the PatchGAN discriminator and the
     [`build_loss_fn`] loss (LPIPS on ``device`` when ``--perceptual_weight`` > 0). With ``--torch_compile`` the
     encoder and decoder are compiled in place."""
+    from ..modeling_groupvq import GroupVQModel
     from .losses import PatchGANDiscriminator
-    from .modeling_groupvq import GroupVQModel
 
     model = GroupVQModel(config)
     # A NaN/inf step is the NonFiniteGuard's to skip (and fp16's GradScaler's), on every rank alike: no ValueError
@@ -883,7 +324,7 @@ def build_models(args: argparse.Namespace, config: GroupVQConfig, device):
     discriminator = PatchGANDiscriminator(config.out_channels, args.disc_channels, args.disc_layers)
     perceptual = None
     if args.perceptual_weight > 0:
-        from .pretrained import lpips_network
+        from ..evaluation.pretrained import lpips_network
 
         try:
             perceptual = lpips_network(args.lpips_weights).to(device)
@@ -929,7 +370,7 @@ def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> l
 
 def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> ResumableBatches:
     """This rank's batches: its own shard of one shuffled stream, read through a plain DataLoader (not prepared)."""
-    from .data import build_image_dataset
+    from ..data.sources import build_image_dataset
 
     stream = build_image_dataset(
         args.dataset, args.dataset_split, args.resolution, train=True, image_column=args.image_column,
@@ -1302,7 +743,7 @@ def export_model(plain_model, ema):
 def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.Tensor, str]:
     """The first ``num_images`` center crops of ``--validation_split`` (CPU), and the split they came from: the
     training split only when the source has no validation split (then they are not held out)."""
-    from .data import build_image_dataset, collate_pixels
+    from ..data.sources import build_image_dataset, collate_pixels
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
     error = None
@@ -1330,8 +771,8 @@ def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
     and ``usage_statistics`` reads the counts: no collective, safe on the main process of a distributed run.
     Returns ``codebook_usage``, ``group_usage`` and ``num_images``.
     """
-    from .analysis import count_code_usage
-    from .quantizer import usage_statistics
+    from ..evaluation.analysis import count_code_usage
+    from ..quantizer import usage_statistics
 
     counts, num_images = count_code_usage(model, pixels.split(batch_size))
     stats = usage_statistics(counts, model.quantizer.group_sizes)
@@ -1391,40 +832,42 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 __all__ = [
-    "KNOWN_DATASET_SIZES",
     "LoopState",
     "NonFiniteGuard",
-    "ResumableBatches",
     "TrainingRun",
+    "append_validation_log",
+    "build_accelerator",
+    "build_batches",
     "build_ema",
     "build_generator_optimizer",
     "build_loss_fn",
-    "build_parser",
-    "check_resume_arguments",
-    "dataset_num_examples",
-    "describe_recipe",
+    "build_models",
+    "build_optimizers",
+    "build_schedulers",
     "discriminator_step",
+    "end_optimizer_step",
+    "export_final_model",
     "export_model",
     "finish_training",
     "generator_step",
-    "is_complete_checkpoint",
-    "list_checkpoints",
+    "load_validation_images",
+    "log_reconstructions",
     "log_window",
     "main",
     "optimisation_step",
-    "parse_args",
-    "resolve_model_config",
-    "resolve_resume_path",
+    "reconstruct",
+    "reconstruction_grid",
     "resume_training",
-    "rotate_checkpoints",
-    "run_argument_differences",
-    "run_arguments",
-    "save_checkpoint",
     "save_export",
     "save_training_checkpoint",
     "setup_training",
-    "steps_per_epoch",
+    "start_accelerator",
+    "start_progress",
+    "tracker_config",
     "train",
+    "training_batches",
+    "trim_validation_log",
+    "usage_stats",
     "validate",
     "validation_images",
     "validation_usage",

@@ -1,0 +1,303 @@
+"""The command line of ``scripts/train.py``: its argument groups, the demo's CPU-scale recipe, the model config
+it resolves to and the schedule's length in steps."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..configuration_groupvq import PRESETS, GroupVQConfig
+from ..data.sizing import dataset_num_examples
+from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
+from .checkpoints import RESUME_CHANGES_ALWAYS_ALLOWED
+
+DEFAULT_DEMO_STEPS = 300
+# The CPU-scale recipe: what `--dataset demo` changes in SimVQ's recipe when the flag is not given. A few hundred steps
+# are ~1,000x fewer than the paper's, so (measured in benchmarks/trends/RESULTS.md) the projectors need a 100x larger
+# learning rate to travel as far relative to the encoder, and the EMA a warm-up, else the export is mostly the
+# initial weights (0.999^300 = 0.74 of them).
+DEMO_RECIPE = {"quantizer_learning_rate": 1e-2, "ema_warmup": True}
+
+
+def _flag_value(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``scripts/train.py``, in four groups: data, model and loss, optimisation, checkpoints
+    and logging."""
+    p = argparse.ArgumentParser(description="Train a Group-VQ tokenizer (VQGAN recipe of the paper) with accelerate.")
+    _add_data_arguments(p.add_argument_group("data"))
+    _add_model_arguments(p.add_argument_group("model and loss"))
+    _add_optimisation_arguments(p.add_argument_group("optimisation"))
+    _add_checkpoint_arguments(p.add_argument_group("checkpoints and logging"))
+    return p
+
+
+def _add_data_arguments(g) -> None:
+    g.add_argument(
+        "--dataset",
+        default="demo",
+        help="demo | imagenet | imagenet-wds | coco | 'imagenet:0.7+coco:0.3' | Hub repo id | local path",
+    )
+    g.add_argument("--image_column", default=None, help="column holding the images (guessed when not given)")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--validation_split", default="validation", help="split the reconstruction grids are drawn from")
+    g.add_argument("--resolution", type=int, default=128)
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="cap on the images each process (each DataLoader worker when workers are used) reads per epoch",
+    )
+    g.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    g.add_argument("--dataloader_num_workers", type=int, default=4)
+
+
+def _add_model_arguments(g) -> None:
+    g.add_argument(
+        "--model_config",
+        default=None,
+        help=f"preset ({', '.join(PRESETS)}) or config JSON / model folder; default: tiny for demo, coco for coco, else imagenet",
+    )
+    g.add_argument(
+        "--perceptual_weight", type=float, default=1.0, help="LPIPS(VGG16) weight; 0 turns it off (no weights needed)"
+    )
+    g.add_argument(
+        "--lpips_weights",
+        default=None,
+        help="local VGG16/LPIPS weights file when the standard download is not reachable",
+    )
+    g.add_argument(
+        "--generator_loss",
+        default="non_saturating",
+        choices=["non_saturating", "hinge"],
+        help="GAN loss of the generator: SimVQ's non-saturating softplus(-mean logit per image) (default) or "
+        "VQGAN's hinge -mean D(x_rec); the discriminator always uses the hinge loss",
+    )
+    g.add_argument(
+        "--disc_weight",
+        type=float,
+        default=0.1,
+        help="weight of the generator's GAN loss: fixed (SimVQ's gen_loss_weight 0.1), or with "
+        "--adaptive_disc_weight the factor on VQGAN's adaptive weight (taming-transformers used 0.8); 0 turns the GAN off",
+    )
+    g.add_argument(
+        "--adaptive_disc_weight",
+        action="store_true",
+        help="scale the GAN loss by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer",
+    )
+    g.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator and the GAN loss start")
+    g.add_argument("--disc_layers", type=int, default=3)
+    g.add_argument("--disc_channels", type=int, default=64)
+    g.add_argument("--commitment_weight", type=float, default=1.0)
+
+
+def _add_optimisation_arguments(g) -> None:
+    g.add_argument("--train_batch_size", type=int, default=32, help="per process")
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument(
+        "--num_epochs",
+        type=int,
+        default=None,
+        help="train this many epochs (stop once a process starts epoch num_epochs). Without --max_train_steps, "
+        "learning-rate schedules span num_epochs x the steps of one epoch (the dataset's size // (batch x processes "
+        "x accumulation)), so the size must be known (named sources, local files, the demo), else give "
+        "--max_train_steps; with both, schedules span --max_train_steps and training stops at whichever comes first",
+    )
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument(
+        "--quantizer_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the codebook projectors W_j, b_j; default: --learning_rate (SimVQ's single rate), "
+        f"{DEMO_RECIPE['quantizer_learning_rate']:g} with --dataset demo (see DEMO_RECIPE)",
+    )
+    g.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--adam_beta1", type=float, default=0.5)
+    g.add_argument("--adam_beta2", type=float, default=0.9)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="diffusers scheduler name (constant, constant_with_warmup, cosine, ...)",
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument(
+        "--max_grad_norm", type=float, default=0.0, help="clip gradient norms to this value; 0 (default, SimVQ) disables"
+    )
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay, fixed from the first step (SimVQ)")
+    g.add_argument(
+        "--ema_warmup",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_flag_value,
+        help="ramp the EMA decay as diffusers' EMAModel does by default: min(ema_decay, (1 + t) / (10 + t)); "
+        "'--ema_warmup false' keeps it fixed; default: fixed (SimVQ), ramped with --dataset demo (see DEMO_RECIPE)",
+    )
+    g.add_argument("--no_ema", action="store_true", help="export the raw weights instead of the EMA")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20, help="consecutive NaN/inf steps before the run stops")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--torch_compile", action="store_true", help="torch.compile the encoder and decoder")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_checkpoint_arguments(g) -> None:
+    g.add_argument("--output_dir", default="outputs/groupvq")
+    g.add_argument("--checkpointing_steps", type=int, default=5000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (the newest complete checkpoint in <output_dir>/checkpoints) or a checkpoint folder; the "
+        "run's arguments must match the checkpoint's (see --allow_resume_changes)",
+    )
+    g.add_argument(
+        "--allow_resume_changes",
+        default="",
+        help="comma-separated arguments that may differ from the checkpoint's on resume (e.g. 'learning_rate,seed'); "
+        f"always allowed: {', '.join(RESUME_CHANGES_ALWAYS_ALLOWED)}",
+    )
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
+    g.add_argument("--tracker_project_name", default="groupvq")
+    g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument(
+        "--validation_steps",
+        type=int,
+        default=1000,
+        help="every N steps (0: only at the end) the EMA model's reconstruction grid and its codebook usage on "
+        "held-out images",
+    )
+    g.add_argument("--num_validation_images", type=int, default=8, help="images in the reconstruction grid")
+    g.add_argument(
+        "--num_validation_usage_images",
+        type=int,
+        default=256,
+        help="held-out images (--validation_split, center crops) over which codebook usage is counted at each "
+        "validation; 0 turns the measurement off",
+    )
+    g.add_argument(
+        "--log_example_keys",
+        action="store_true",
+        help="write each process's example keys and weight hash to <output_dir>/example_keys/",
+    )
+
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values raise ValueError naming the flag."""
+    args = build_parser().parse_args(argv)
+    positive = (
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "num_validation_images",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "num_epochs", "max_train_samples", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {value}.")
+    for name in (
+        "checkpointing_steps", "validation_steps", "dataloader_num_workers", "disc_start", "lr_warmup_steps",
+        "num_validation_usage_images",
+    ):  # fmt: skip
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    for name in ("perceptual_weight", "disc_weight", "commitment_weight", "max_grad_norm", "learning_rate"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"`--ema_decay` must be in [0, 1), got {args.ema_decay}.")
+    if args.max_train_steps is None and args.num_epochs is None:
+        if args.dataset != "demo":
+            raise ValueError("Give `--max_train_steps` or `--num_epochs`.")
+        args.max_train_steps = DEFAULT_DEMO_STEPS
+    if args.model_config is None:
+        first = args.dataset.split("+")[0].split(":")[0]
+        args.model_config = {"demo": "tiny", "coco": "coco"}.get(first, "imagenet")
+    if args.dataset == "demo":
+        for name, value in DEMO_RECIPE.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    if args.quantizer_learning_rate is None:
+        args.quantizer_learning_rate = args.learning_rate
+    if args.quantizer_learning_rate < 0:
+        raise ValueError(f"`--quantizer_learning_rate` must be >= 0, got {args.quantizer_learning_rate}.")
+    args.ema_warmup = bool(args.ema_warmup)
+    if args.disc_learning_rate is None:
+        args.disc_learning_rate = args.learning_rate
+    allowed = [name.strip().lstrip("-") for name in args.allow_resume_changes.split(",") if name.strip()]
+    unknown = sorted(set(allowed) - set(vars(args)) - {"world_size", "model_config_resolved"})
+    if unknown:
+        raise ValueError(
+            f"`--allow_resume_changes` names unknown arguments {unknown}; expected names of this script's arguments "
+            "(e.g. learning_rate,seed) or world_size."
+        )
+    args.allow_resume_changes = ",".join(allowed)
+    return args
+
+
+def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
+    """A preset name or a config JSON / saved model folder, with ``sample_size`` set to ``resolution``."""
+    if model_config in PRESETS:
+        config = GroupVQConfig.from_preset(model_config)
+    elif os.path.isdir(model_config):
+        config = GroupVQConfig.from_pretrained(model_config)
+    elif os.path.isfile(model_config):
+        config = GroupVQConfig.from_json_file(model_config)
+    else:
+        raise ValueError(
+            f"`--model_config` must be a preset ({', '.join(PRESETS)}), a config JSON or a model folder, got {model_config!r}."
+        )
+    if resolution % config.downsample_factor:
+        raise ValueError(
+            f"`--resolution` {resolution} must be divisible by the model's downsampling factor {config.downsample_factor}."
+        )
+    config.sample_size = resolution
+    return config
+
+
+def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
+    """Optimizer steps in one epoch: the dataset's size (capped by ``--max_train_samples`` per process and loader
+    worker) // (batch x processes) // accumulation. ValueError when the size is unknown or too small."""
+    size = dataset_num_examples(args.dataset, args.dataset_split)
+    if size is None:
+        raise ValueError(
+            f"`--num_epochs` needs the number of images in `--dataset` {args.dataset!r} (split "
+            f"{args.dataset_split!r}) to decay the learning-rate schedule over the run, and it is not known without "
+            "reading the whole stream; give `--max_train_steps` instead (or as well)."
+        )
+    per_process = size // world_size
+    if args.max_train_samples is not None:
+        per_process = min(per_process, args.max_train_samples * max(1, args.dataloader_num_workers))
+    steps = per_process // args.train_batch_size // args.gradient_accumulation_steps
+    if steps < 1:
+        raise ValueError(
+            f"`--dataset` {args.dataset!r} has {size} images in split {args.dataset_split!r}: less than one step of "
+            f"`--train_batch_size` {args.train_batch_size} x {world_size} processes x "
+            f"`--gradient_accumulation_steps` {args.gradient_accumulation_steps} per epoch."
+        )
+    return steps
+
+
+__all__ = [
+    "DEFAULT_DEMO_STEPS",
+    "DEMO_RECIPE",
+    "build_parser",
+    "parse_args",
+    "resolve_model_config",
+    "steps_per_epoch",
+]
