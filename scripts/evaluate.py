@@ -13,12 +13,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from groupvq_hf.evaluation import evaluate_parser, run_evaluate  # noqa: E402
-
-
-def main(argv=None) -> dict:
-    return run_evaluate(evaluate_parser().parse_args(argv))
-
+from groupvq_hf.evaluation import evaluate_main as main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from groupvq_hf.evaluation import resize_study_parser, run_resize_study  # noqa: E402
-
-
-def main(argv=None) -> dict:
-    return run_resize_study(resize_study_parser().parse_args(argv))
-
+from groupvq_hf.evaluation import resize_study_main as main  # noqa: E402
 
 if __name__ == "__main__":
     main()

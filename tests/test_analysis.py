@@ -14,7 +14,6 @@ from PIL import Image
 from groupvq_hf import GroupVectorQuantizer, GroupVQConfig, GroupVQModel
 from groupvq_hf.evaluation.analysis import (
     FIGURE_NAMES,
-    USAGE_JSON_ALIASES,
     analyze_codebook,
     cosine_similarity_statistics,
     count_code_usage,
@@ -27,7 +26,7 @@ from groupvq_hf.evaluation.analysis import (
     random_projection_matrix,
     resolve_trained_group_sizes,
     sample_group_codes,
-    usage_statistics,
+    trained_new_usage_statistics,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,8 +191,8 @@ def test_script_with_demo_dataset_writes_usage_frequency(saved_models, tmp_path)
     usage = json.loads(open(paths["json"]).read())["usage"]
     assert usage["dataset"] == "demo" and usage["num_images"] == 3
     side = 32 // GroupVQConfig.from_preset("tiny").downsample_factor
-    assert usage["total_hits"] == 3 * side * side  # 3 images of 32x32, one code per latent position
-    assert sum(usage["frequency"]) == pytest.approx(1.0)
+    assert usage["num_tokens"] == 3 * side * side  # 3 images of 32x32, one code per latent position
+    assert sum(usage["group_frequency"]) == pytest.approx(1.0)
     assert usage["expected_frequency"] == [1 / 8] * 8
 
 
@@ -201,42 +200,40 @@ def test_usage_statistics_from_known_indices():
     sizes = [2, 3, 5]
     indices = torch.tensor([0, 0, 1, 2, 9, 9, 9, 5, 5, 0])
     counts = torch.bincount(indices, minlength=10)
-    stats = usage_statistics(counts, sizes)
-    assert stats["total_hits"] == 10
-    assert stats["frequency"] == [4 / 10, 1 / 10, 5 / 10]
-    assert stats["usage"] == [1.0, pytest.approx(1 / 3), pytest.approx(2 / 5)]
+    stats = trained_new_usage_statistics(counts, sizes)
+    assert stats["num_tokens"] == 10
+    assert stats["group_frequency"] == [4 / 10, 1 / 10, 5 / 10]
+    assert stats["group_usage"] == [1.0, pytest.approx(1 / 3), pytest.approx(2 / 5)]
     assert stats["expected_frequency"] == [0.2, 0.3, 0.5]
     assert stats["codebook_usage"] == pytest.approx(5 / 10)  # codes 0, 1, 2, 5, 9
     # Trained = first 1, 2, 3 codes of the groups: codes 0 | 2, 3 | 5, 6, 7.
     mask = new_code_mask(sizes, [1, 2, 3])
     assert mask.tolist() == [False, True, False, False, True, False, False, False, True, True]
-    split = usage_statistics(counts, sizes, mask)
-    assert split["trained_frequency"] == [3 / 10, 1 / 10, 2 / 10]
-    assert split["new_frequency"] == [1 / 10, 0.0, 3 / 10]
-    assert split["trained_usage"] == [1.0, 0.5, pytest.approx(1 / 3)]
+    split = trained_new_usage_statistics(counts, sizes, mask)
+    assert split["trained_group_frequency"] == [3 / 10, 1 / 10, 2 / 10]
+    assert split["new_group_frequency"] == [1 / 10, 0.0, 3 / 10]
+    assert split["trained_group_usage"] == [1.0, 0.5, pytest.approx(1 / 3)]
     # The quantizer's own per-group frequency agrees.
     q = GroupVectorQuantizer(10, 4, group_sizes=sizes)
     with q.counting_usage():
         q.quantize_tokens(q.codebook().detach()[indices])
-    assert q.group_frequency() == pytest.approx(stats["frequency"])
+    assert q.group_frequency() == pytest.approx(stats["group_frequency"])
 
 
-def test_usage_statistics_share_the_quantizers_names_and_keep_the_saved_ones():
+def test_usage_statistics_have_the_quantizers_names_only():
     sizes = [2, 3, 5]
     counts = torch.bincount(torch.tensor([0, 0, 1, 2, 9, 9, 9, 5, 5, 0]), minlength=10)
     mask = new_code_mask(sizes, [1, 2, 3])
-    stats = usage_statistics(counts, sizes, mask)
+    stats = trained_new_usage_statistics(counts, sizes, mask)
     core = GroupVectorQuantizer(10, 4, group_sizes=sizes).eval()
     with core.counting_usage():
         core.quantize_tokens(core.codebook().detach()[torch.repeat_interleave(torch.arange(10), counts)])
     assert {k: stats[k] for k in core.usage_statistics()} == core.usage_statistics()
     assert stats["trained_group_frequency"] == [3 / 10, 1 / 10, 2 / 10] and stats["new_group_usage"] == [1.0, 0.0, 0.5]
-    for old, new in USAGE_JSON_ALIASES.items():
-        assert stats[old] == stats[new]
-    # The figure reads the shared names only.
-    shared = {k: v for k, v in stats.items() if k not in USAGE_JSON_ALIASES}
-    assert figure_to_png(plot_group_frequency(shared), dpi=30)[:8] == PNG_SIGNATURE
-    assert usage_statistics(torch.zeros(10, dtype=torch.long), sizes)["perplexity"] is None  # JSON has no NaN
+    # One set of names: the quantizer's (the names files written before they were shared used are gone).
+    assert not {"total_hits", "frequency", "usage", "trained_frequency", "new_usage"} & set(stats)
+    assert figure_to_png(plot_group_frequency(stats), dpi=30)[:8] == PNG_SIGNATURE
+    assert trained_new_usage_statistics(torch.zeros(10, dtype=torch.long), sizes)["perplexity"] is None  # JSON has no NaN
 
 
 def test_count_code_usage_matches_encode_and_leaves_quantizer_counters(tiny_model):

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
 from groupvq_hf.app.page import (  # noqa: E402
-    MAKE_MODEL_COMMAND, MIN_IMAGE_SIDE, DemoTokenizer, build_demo, load_model, main, off_origin, open_image,
+    MAKE_MODEL_COMMAND, MIN_IMAGE_SIZE, DemoTokenizer, build_demo, load_model, main, off_origin, open_image,
 )
 from groupvq_hf.data import demo_images  # noqa: E402
 from groupvq_hf.evaluation.metrics import ReconstructionMetrics  # noqa: E402
@@ -105,7 +105,7 @@ def test_open_image_gives_messages_for_bad_files(tmp_path):
     Image.new("LA", (20, 12)).save(tmp_path / "gray_alpha.png")
     with pytest.raises(ValueError, match="`notes.png` is not an image"):
         open_image(tmp_path / "notes.png")
-    with pytest.raises(ValueError, match=f"`dot.png` is 1x1; the demo needs at least {MIN_IMAGE_SIDE} pixels"):
+    with pytest.raises(ValueError, match=f"`dot.png` is 1x1; the demo needs at least {MIN_IMAGE_SIZE} pixels"):
         open_image(tmp_path / "dot.png")
     with pytest.raises(ValueError, match="`huge.png` is 8000x6000 .48 megapixels.; the demo takes images up to 40"):
         open_image(tmp_path / "huge.png")

@@ -128,3 +128,21 @@ def test_subpackages_exist_with_public_names(subpackage):
 
     module = importlib.import_module(f"groupvq_hf.{subpackage}")
     assert module.__all__ and all(hasattr(module, name) for name in module.__all__)
+
+
+def test_console_entry_points_run_the_scripts_code():
+    """pyproject's console entry points name callables of the package; one runs as a command (no scripts/ on
+    sys.path, so `import evaluate` finds the library)."""
+    import subprocess
+    import sys
+    import tomllib
+    from importlib import import_module
+
+    scripts = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"groupvq-train", "groupvq-evaluate", "groupvq-resize-study", "groupvq-demo"} <= set(scripts)
+    for target in scripts.values():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(import_module(module), attr)), target
+    command = Path(sys.executable).parent / "groupvq-evaluate"
+    done = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--model" in done.stdout, done.stderr[-2000:]

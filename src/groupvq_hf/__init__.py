@@ -12,9 +12,16 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_groupvq import PRESETS, GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
-from .modeling_groupvq import GroupVQEncoderOutput, GroupVQModel, GroupVQModelOutput, GroupVQPreTrainedModel
+from .modeling_groupvq import (
+    GroupVQEncoderOutput,
+    GroupVQModel,
+    GroupVQModelOutput,
+    GroupVQPreTrainedModel,
+)
 from .quantizer import GroupVectorQuantizer, nearest_code_indices
-from .vq_model import GroupVQVAE  # imported eagerly: diffusers resolves ["groupvq_hf.vq_model", ...] by module
+from .vq_model import (
+    GroupVQVAE,  # imported eagerly: diffusers resolves ["groupvq_hf.vq_model", ...] by module
+)
 
 __version__ = "0.1.0"
 

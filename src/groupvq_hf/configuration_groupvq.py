@@ -6,19 +6,18 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .quantizer import (
-    LEGACY_CORE_STD,
     PROJECTORS,
     check_core_std,
+    check_positive_int,
     check_trained_group_sizes,
     default_core_std,
+    fill_legacy_core_std,
+    is_positive_int,
     resolve_groups,
 )
 
 BACKBONES = ("vqgan", "vit", "simvq")
 
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 # The paper's settings (section 4.1, Table 1). Use with ``GroupVQConfig.from_preset(name)``.
 PRESETS: dict[str, dict] = {
@@ -91,8 +90,7 @@ def check_vit_settings(
         ("num_attention_heads", num_heads),
         ("sample_size", image_size),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_int(name, value)
     if hidden_size % num_heads:
         raise ValueError(
             f"`hidden_size`={hidden_size} must be divisible by `num_attention_heads`={num_heads}."
@@ -184,8 +182,7 @@ class GroupVQConfig(PreTrainedConfig):
         # Validation happens before super().__post_init__ so that it surfaces as a plain ValueError under @strict.
         for name in ("codebook_dim", "norm_num_groups", "in_channels", "out_channels", "latent_channels",
                      "layers_per_block", "sample_size"):  # fmt: skip
-            if not _positive_int(getattr(self, name)):
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
+            check_positive_int(name, getattr(self, name))
         if self.group_sizes is not None:
             self.group_sizes = [int(s) for s in self.group_sizes]
             self.num_groups = len(self.group_sizes)  # heterogeneous groups: the list decides
@@ -201,7 +198,7 @@ class GroupVQConfig(PreTrainedConfig):
         if isinstance(self.commitment_beta, bool) or not isinstance(self.commitment_beta, (int, float)) or self.commitment_beta < 0:
             raise ValueError(f"`commitment_beta` must be a number >= 0, got {self.commitment_beta!r}.")
         self.core_std = default_core_std(self.codebook_dim) if self.core_std is None else check_core_std(self.core_std)
-        if not self.block_out_channels or not all(_positive_int(c) for c in self.block_out_channels):
+        if not self.block_out_channels or not all(is_positive_int(c) for c in self.block_out_channels):
             raise ValueError(f"`block_out_channels` must be a non-empty list of positive ints, got {self.block_out_channels!r}.")
         self.block_out_channels = [int(c) for c in self.block_out_channels]
         n_blocks = len(self.block_out_channels)
@@ -254,10 +251,7 @@ class GroupVQConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        # A saved config without `core_std` predates it: its cores were drawn from N(0, I), and resizes must be too.
-        if "core_std" not in config_dict and "core_std" not in kwargs:
-            config_dict = {**config_dict, "core_std": LEGACY_CORE_STD}
-        return super().from_dict(config_dict, **kwargs)
+        return super().from_dict(fill_legacy_core_std(config_dict, kwargs), **kwargs)
 
     @property
     def downsample_factor(self) -> int:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_utils import PILImageResampling
+
+
+def to_uint8(unit_images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (any float dtype and layout) -> uint8 of the same layout, rounded as when saving an image:
+    the one [0, 1] -> [0, 255] conversion of the package (postprocessing, rFID inputs, the demo page, grids)."""
+    return (unit_images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 class GroupVQImageProcessor(TorchvisionBackend):
@@ -27,6 +32,11 @@ class GroupVQImageProcessor(TorchvisionBackend):
     do_normalize = True
     do_convert_rgb = True
 
+    @classmethod
+    def for_resolution(cls, side: int) -> "GroupVQImageProcessor":
+        """The processor of a model trained at `side` x `side`: shorter side to `side`, center crop `side` x `side`."""
+        return cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
     def postprocess(self, images: torch.Tensor, output_type: str = "pil"):
         """Map model outputs (B, 3, H, W) in [-1, 1] to `"pil"` images, `"np"` uint8 (B, H, W, 3) or `"pt"` [0, 1]."""
         if output_type not in ("pil", "np", "pt"):
@@ -38,7 +48,7 @@ class GroupVQImageProcessor(TorchvisionBackend):
         images = (images.detach().float().cpu() * std + mean).clamp(0, 1)
         if output_type == "pt":
             return images
-        array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        array = to_uint8(images.permute(0, 2, 3, 1)).numpy()
         if output_type == "np":
             return array
         return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
@@ -46,4 +56,4 @@ class GroupVQImageProcessor(TorchvisionBackend):
 
 GroupVQImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["GroupVQImageProcessor"]
+__all__ = ["GroupVQImageProcessor", "to_uint8"]

@@ -20,14 +20,21 @@ from transformers.utils import ModelOutput
 
 from .configuration_groupvq import GroupVQConfig
 from .image_processing_groupvq import GroupVQImageProcessor
-from .quantizer import LEGACY_CORE_STD, GroupVectorQuantizer
-from .shells import CARRIED_CONFIG_KEYS, check_input, check_pixels, quantizer_arguments, quantizer_config, save_folder
+from .quantizer import GroupVectorQuantizer, fill_legacy_core_std
+from .shells import (
+    CARRIED_CONFIG_KEYS,
+    DIFFUSERS_CONFIG_NAMES,
+    check_input,
+    check_pixels,
+    quantizer_arguments,
+    quantizer_config,
+    rename_quantizer_keys,
+    save_folder,
+)
 from .shells import resize_codebook as resize_quantizer
 from .simvq_backbone import SimVQDecoder, SimVQEncoder
 from .vit import L2NormalizedGroupVectorQuantizer, ViTDecoder, ViTEncoder
 
-# diffusers VQModel config name -> GroupVQConfig name (everything else keeps its name).
-DIFFUSERS_CONFIG_RENAMES = {"num_vq_embeddings": "codebook_size", "vq_embed_dim": "codebook_dim"}
 ARCHITECTURE_KEYS = (
     "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
     "act_fn", "latent_channels", "norm_num_groups", "norm_type", "mid_block_add_attention", "sample_size",
@@ -207,8 +214,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
 
     def default_image_processor(self) -> GroupVQImageProcessor:
         """The image processor matching this model's training resolution (`config.sample_size`)."""
-        side = self.config.sample_size
-        return GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        return GroupVQImageProcessor.for_resolution(self.config.sample_size)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json` and its code)
@@ -239,12 +245,12 @@ class GroupVQModel(GroupVQPreTrainedModel):
         """A `GroupVQConfig` from a `GroupVQVAE` (or `VQModel`) config mapping."""
         cfg = dict(diffusers_config)
         kwargs = {key: cfg[key] for key in ARCHITECTURE_KEYS + CARRIED_CONFIG_KEYS if cfg.get(key) is not None}
-        for src, dst in DIFFUSERS_CONFIG_RENAMES.items():
+        for dst, src in DIFFUSERS_CONFIG_NAMES.items():
             if cfg.get(src) is not None:
                 kwargs[dst] = cfg[src]
         kwargs.setdefault("codebook_dim", cfg.get("latent_channels", 3))
-        if "num_groups" in cfg and "core_std" not in cfg:  # a GroupVQVAE config saved before `core_std`: N(0, I)
-            kwargs["core_std"] = LEGACY_CORE_STD
+        if "num_groups" in cfg:  # a GroupVQVAE config (a plain VQModel's codebook is converted as it is)
+            kwargs = fill_legacy_core_std(kwargs, cfg)
         kwargs.setdefault("num_groups", 1)
         kwargs.setdefault("codebook_rank", None)
         return GroupVQConfig(**kwargs)
@@ -257,10 +263,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
         # the group layout as the quantizer holds it (as GroupVQVAE.from_groupvq: `groupvq_hf.shells.quantizer_config`)
         layout = {**quantizer_config(vae.config, vae.quantize), "num_vq_embeddings": vae.quantize.codebook_size}
         model = cls(cls.config_from_diffusers({**vae.config, **layout}))
-        state = {
-            ("quantizer." + k[len("quantize.") :] if k.startswith("quantize.") else k): v
-            for k, v in vae.state_dict().items()
-        }
+        state = rename_quantizer_keys(vae.state_dict(), to="transformers")
         # assign=True keeps each tensor's own dtype and device (a quantizer kept in fp32 beside a bf16 VQGAN stays so).
         model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
         return model.train(vae.training)

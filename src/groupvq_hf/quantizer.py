@@ -115,6 +115,37 @@ def resolve_groups(
     return sizes, ranks
 
 
+def fill_legacy_core_std(config: dict, overrides: dict | None = None) -> dict:
+    """``config`` with ``core_std`` = ``LEGACY_CORE_STD`` when neither it nor ``overrides`` sets one: a config saved
+    before the field existed was trained with N(0, I) cores, and every resize must draw from that distribution too.
+    The one rule both shells' loaders and the configuration apply."""
+    if "core_std" in config or "core_std" in (overrides or {}):
+        return config
+    return {**config, "core_std": LEGACY_CORE_STD}
+
+
+def is_positive_int(value) -> bool:
+    """A positive int that is not a bool (``True`` is an int to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_positive_int(name: str, value, allow_none: bool = False):
+    """``value`` when it is a positive int (or None with ``allow_none``), else a ValueError naming ``name``: the one
+    positive-int rule of the package."""
+    if (allow_none and value is None) or is_positive_int(value):
+        return value
+    raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def group_offsets(group_sizes: Sequence[int]) -> list[int]:
+    """Row where each group starts in the concatenated codebook, plus the total: group j is rows
+    ``offsets[j]:offsets[j + 1]``."""
+    offsets = [0]
+    for n in group_sizes:
+        offsets.append(offsets[-1] + int(n))
+    return offsets
+
+
 def split_codebook_size(new_size: int | Sequence[int], group_sizes: Sequence[int]) -> list[int]:
     """Per-group sizes for a resize: a list is taken as given, an int is split in proportion to ``group_sizes``."""
     k, total = len(group_sizes), sum(group_sizes)
@@ -200,6 +231,16 @@ def _block_argmin(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, run * ARGMIN_RUN + inner
 
 
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the code frequencies, from per-code hit ``counts`` (n,), in float64 (a 0-d tensor on
+    ``counts``' device); NaN when nothing was hit. The one perplexity of the package (forward outputs, statistics)."""
+    counts = counts.detach().flatten()
+    p = counts[counts > 0].double() / counts.sum()
+    if not p.numel():
+        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
+    return (-(p * p.log()).sum()).exp()
+
+
 def usage_statistics(
     counts: torch.Tensor, group_sizes: Sequence[int] | None = None, num_tokens: int | None = None
 ) -> dict:
@@ -217,11 +258,7 @@ def usage_statistics(
     total = int(counts.sum())
     num_tokens = total if num_tokens is None else int(num_tokens)
     stats = {"codebook_usage": float((counts > 0).double().mean()) if counts.numel() else None, "num_tokens": num_tokens}
-    if total:
-        p = counts[counts > 0].double() / total
-        stats["perplexity"] = float((-(p * p.log()).sum()).exp())
-    else:
-        stats["perplexity"] = math.nan
+    stats["perplexity"] = float(code_perplexity(counts))
     if group_sizes is not None:
         chunks = counts.split(list(group_sizes))
         stats["group_usage"] = [float((c > 0).double().mean()) if c.numel() else None for c in chunks]
@@ -353,11 +390,8 @@ class GroupVectorQuantizer(nn.Module):
 
     @property
     def group_offsets(self) -> list[int]:
-        """Row where each group starts in ``codebook()``, plus the total: group j is rows offsets[j]:offsets[j+1]."""
-        offsets = [0]
-        for n in self.group_sizes:
-            offsets.append(offsets[-1] + n)
-        return offsets
+        """Row where each group starts in ``codebook()``, plus the total (see [`group_offsets`])."""
+        return group_offsets(self.group_sizes)
 
     def cores(self) -> list[torch.Tensor]:
         """The frozen cores, one (n_j, r_j) tensor per group."""
@@ -493,9 +527,8 @@ class GroupVectorQuantizer(nn.Module):
         return z_q, loss, (self.perplexity(indices), None, indices.view(b, h, w))
 
     def perplexity(self, indices: torch.Tensor) -> torch.Tensor:
-        """exp(entropy) of the code distribution of ``indices``."""
-        probs = torch.bincount(indices.flatten(), minlength=self.codebook_size).float() / max(indices.numel(), 1)
-        return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        """exp(entropy) of the code distribution of ``indices`` ([`code_perplexity`]), as float32."""
+        return code_perplexity(torch.bincount(indices.flatten(), minlength=self.codebook_size)).float()
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
         """Codes for ``indices``; with ``shape`` = (B, H, W, C) the result is (B, C, H, W), as diffusers expects."""

@@ -25,6 +25,20 @@ from .quantizer import QUANTIZER_CONFIG_KEYS
 
 # Every Group-VQ config key the conversions carry: the quantizer's arguments and the resize record.
 CARRIED_CONFIG_KEYS = (*QUANTIZER_CONFIG_KEYS, "trained_group_sizes")
+# GroupVQConfig name -> GroupVQVAE (diffusers VQModel) config name; every other config key has the same name in both.
+DIFFUSERS_CONFIG_NAMES = {"codebook_size": "num_vq_embeddings", "codebook_dim": "vq_embed_dim"}
+# The quantizer's state dict prefix in each shell: GroupVQModel (transformers) and GroupVQVAE (diffusers' `quantize`).
+TRANSFORMERS_QUANTIZER_PREFIX, DIFFUSERS_QUANTIZER_PREFIX = "quantizer.", "quantize."
+
+
+def rename_quantizer_keys(state_dict: Mapping, to: str) -> dict:
+    """A shell's state dict with the quantizer's keys renamed for the other shell (`to`: "transformers" or
+    "diffusers"); every other key is the same in both, so this is the whole conversion of the weights."""
+    new, old = (
+        (TRANSFORMERS_QUANTIZER_PREFIX, DIFFUSERS_QUANTIZER_PREFIX) if to == "transformers"
+        else (DIFFUSERS_QUANTIZER_PREFIX, TRANSFORMERS_QUANTIZER_PREFIX)
+    )  # fmt: skip
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -159,6 +173,8 @@ def _link_or_copy(src, dst):
 
 
 __all__ = [
+    "DIFFUSERS_CONFIG_NAMES",
+    "rename_quantizer_keys",
     "CARRIED_CONFIG_KEYS",
     "check_input",
     "check_pixels",

@@ -22,15 +22,26 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .fileio import relative_import_files
-from .quantizer import LEGACY_CORE_STD, QUANTIZER_CONFIG_KEYS, GroupVectorQuantizer, check_trained_group_sizes
-from .shells import check_input, check_pixels, quantizer_arguments, quantizer_config, save_folder
+from .quantizer import (
+    QUANTIZER_CONFIG_KEYS,
+    GroupVectorQuantizer,
+    check_trained_group_sizes,
+    fill_legacy_core_std,
+)
+from .shells import (
+    DIFFUSERS_CONFIG_NAMES,
+    check_input,
+    check_pixels,
+    quantizer_arguments,
+    quantizer_config,
+    rename_quantizer_keys,
+    save_folder,
+)
 from .shells import resize_codebook as resize_quantizer
 
 # Files a saved GroupVQVAE folder carries so `AutoModel.from_pretrained(folder, trust_remote_code=True)` and a
 # pipeline custom component load without groupvq_hf: this file and its relative imports.
 REMOTE_CODE_FILES = tuple(relative_import_files(__file__))
-# diffusers shell config name -> GroupVQConfig name of what `groupvq_hf.shells.resize_codebook` updates.
-RESIZE_CONFIG_NAMES = {"codebook_size": "num_vq_embeddings"}
 # Config keys that change nothing in the weights: the only ones `from_groupvq`/`from_vqmodel` let a caller override.
 RUNTIME_CONFIG_KEYS = ("lookup_from_codebook", "force_upcast", "scaling_factor", "sample_size")
 VQMODEL_CONFIG_KEYS = (
@@ -255,7 +266,7 @@ class GroupVQVAE(VQModel):
         The same path as `GroupVQModel.resize_codebook` (`groupvq_hf.shells.resize_codebook`): it records
         `trained_group_sizes` too."""
         sizes, update = resize_quantizer(self.quantize, self.config.trained_group_sizes, new_size, mode, seed)
-        self.register_to_config(**{RESIZE_CONFIG_NAMES.get(key, key): value for key, value in update.items()})
+        self.register_to_config(**{DIFFUSERS_CONFIG_NAMES.get(key, key): value for key, value in update.items()})
         return sizes
 
     @classmethod
@@ -309,10 +320,7 @@ class GroupVQVAE(VQModel):
         for key in ("down_block_types", "up_block_types", "block_out_channels", "group_sizes", "group_ranks"):
             if config.get(key) is not None:
                 config[key] = list(config[key])
-        state = {
-            ("quantize." + k[len("quantizer.") :] if k.startswith("quantizer.") else k): v
-            for k, v in model.state_dict().items()
-        }
+        state = rename_quantizer_keys(model.state_dict(), to="diffusers")
         return cls._from_parts(config, state, strict=True, like=model)[0]
 
     @classmethod
@@ -350,10 +358,7 @@ class GroupVQVAE(VQModel):
     def extract_init_dict(cls, config_dict, **kwargs):
         # `auto_map` (written for remote code) is no init argument: drop it instead of warning on every load.
         config_dict = {key: value for key, value in config_dict.items() if key != "auto_map"}
-        # A saved config without `core_std` predates it: its cores were drawn from N(0, I), and resizes must be too.
-        if "core_std" not in config_dict and "core_std" not in kwargs:
-            config_dict["core_std"] = LEGACY_CORE_STD
-        return super().extract_init_dict(config_dict, **kwargs)
+        return super().extract_init_dict(fill_legacy_core_std(config_dict, kwargs), **kwargs)
 
     def save_code(self, save_directory: str | os.PathLike) -> list[str]:
         """Copy this file and its relative imports (`REMOTE_CODE_FILES`) into `save_directory` (for `auto_map` /

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data.sources import DEMO_PHOTOS, demo_images, to_rgb
+from ..data.sources import DEMO_PHOTOS, MIN_IMAGE_SIZE, demo_images, to_rgb
 from ..evaluation.metrics import DATA_RANGE, to_unit_images
+from ..image_processing_groupvq import to_uint8
 from ..quantizer import RESIZE_MODES, split_codebook_size
 
 # The README demo run's output folder: the page's model when none is given.
@@ -40,7 +41,6 @@ MAKE_MODEL_COMMAND = """bash scripts/setup.sh && .venv/bin/accelerate launch --c
   --num_cpu_threads_per_process 2 scripts/train.py --output_dir outputs/demo --perceptual_weight 0 \\
   --resolution 64 --train_batch_size 8 --max_train_steps 300 --disc_channels 32 --disc_layers 2 \\
   --dataloader_num_workers 0 --logging_steps 25 --validation_steps 100"""
-MIN_IMAGE_SIDE = 8  # as the training data stream's `min_image_size`
 MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before they are decoded
 MAX_CACHED_MODELS = 4  # resized quantizer copies kept (LRU)
 MAX_CACHED_IMAGES = 16  # encoder outputs kept (LRU), so a codebook change re-runs only quantizer and decoder
@@ -108,9 +108,9 @@ def open_image(path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"`{name}` is not an image the demo can read ({type(error).__name__}): upload a PNG, JPEG, "
                          "WebP, BMP, GIF or TIFF file.") from None
-    if min(image.size) < MIN_IMAGE_SIDE:
+    if min(image.size) < MIN_IMAGE_SIZE:
         raise ValueError(
-            f"`{name}` is {image.size[0]}x{image.size[1]}; the demo needs at least {MIN_IMAGE_SIDE} pixels on each side."
+            f"`{name}` is {image.size[0]}x{image.size[1]}; the demo needs at least {MIN_IMAGE_SIZE} pixels on each side."
         )
     return to_rgb(image)[0]
 
@@ -135,7 +135,7 @@ def token_map_image(indices: torch.Tensor, quantizer) -> Image.Image:
     )[:, :3]
     base = torch.tensor(np.asarray(palette), dtype=torch.float64)[groups % len(palette)]
     rgb = base * (0.35 + 0.65 * place)[..., None]
-    return Image.fromarray((rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    return Image.fromarray(to_uint8(rgb.clamp(0, 1)).numpy())
 
 
 # ------------------------------------------------------------------------------------------------ the model side
@@ -208,7 +208,10 @@ class DemoTokenizer:
 
     def tokenize(self, image: Image.Image, size: int | None = None, mode: str = "extend", seed: int = 0) -> Tokenized:
         """Crop ``image`` with the processor, encode it with the (resized) codebook, decode, measure."""
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+        from torchmetrics.functional.image import (
+            peak_signal_noise_ratio,
+            structural_similarity_index_measure,
+        )
 
         with self._lock:
             model = self.resized(self.trained_size if size is None else size, mode, seed)

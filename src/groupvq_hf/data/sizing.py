@@ -44,8 +44,8 @@ def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
     from ..data.sources import (
         SOURCES,
         SPLIT_ALIASES,
-        local_loader,
         load_image_source,
+        local_loader,
         parse_dataset_spec,
     )
 

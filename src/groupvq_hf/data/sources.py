@@ -52,6 +52,8 @@ DEMO_CROP_SCALE = (0.01, 1.0)  # area fraction of the training region kept by a 
 DEMO_HOLDOUT = 0.25  # share of each photo's longer side held out for the validation / test crops
 DEMO_EVAL_CROPS = 512  # fixed held-out crops in each of the validation and test splits
 DEMO_MIN_EVAL_SIDE = 16
+# Shorter side, in pixels, below which an image is skipped (training, evaluation) or refused (the demo page).
+MIN_IMAGE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def demo_eval_boxes(split: str) -> list[tuple[int, Box]]:
     Sides follow the training crops' scale law (area fraction ``DEMO_CROP_SCALE`` of the training region), capped
     by the band's width; positions are uniform in the band. Each split has its own fixed draw.
     """
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"demo/{split}".encode()).digest()[:8], "little"))
+    rng = np.random.default_rng(hash_seed("demo", split, bits=64))
     sizes = [photo.size for photo in _demo_photos()]
     boxes = []
     for i in range(DEMO_EVAL_CROPS):
@@ -351,12 +353,18 @@ def example_key(image: dict | None) -> str:
     return hashlib.sha1(blob).hexdigest()[:16] if blob else (image.get("path") or "")
 
 
+def hash_seed(*parts, bits: int = 63) -> int:
+    """A seed that depends on ``parts`` alone (no process state): the first 8 bytes of the sha256 of
+    ``"part0/part1/..."``, little-endian, keeping the low ``bits`` bits (63: a valid torch seed)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
+
+
 def example_seed(seed: int, rank: int, epoch: int, worker: int, row: int) -> int:
     """Seed of one example's augmentation: a hash of the run's ``seed``, the process ``rank``, the ``epoch``, the
     loader ``worker`` and the ``row`` index in that worker's raw stream. Examples skipped on resume are never
     decoded, and the others still draw the same crops and flips."""
-    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}/{worker}/{row}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return hash_seed(seed, rank, epoch, worker, row)
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -433,7 +441,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         examples,
         resolution: int,
         train: bool,
-        min_image_size: int = 8,
+        min_image_size: int = MIN_IMAGE_SIZE,
         max_samples: int | None = None,
         seed: int = 0,
         rank: int = 0,
@@ -545,7 +553,7 @@ def build_image_dataset(
     world_size: int = 1,
     streaming: bool = True,
     max_samples: int | None = None,
-    min_image_size: int = 8,
+    min_image_size: int = MIN_IMAGE_SIZE,
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
     block_size: int | None = None,
 ) -> ImageStream:
@@ -628,6 +636,8 @@ def collate_examples(batch: list[dict]) -> dict:
 
 
 __all__ = [
+    "MIN_IMAGE_SIZE",
+    "hash_seed",
     "DataSource",
     "ImageStream",
     "SOURCES",

@@ -9,11 +9,9 @@ resume equal those of an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from .sources import collate_examples
+from .sources import collate_examples, hash_seed
 
 
 class ResumableBatches:
@@ -71,8 +69,7 @@ class ResumableBatches:
         self.workers = [[int(b), int(r)] for b, r in workers]
 
     def _epoch_seed(self, epoch: int) -> int:
-        digest = hashlib.sha256(f"{self.seed}/{self.rank}/{epoch}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+        return hash_seed(self.seed, self.rank, epoch)
 
     def __iter__(self):
         while True:

@@ -29,7 +29,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..quantizer import split_codebook_size
+from ..quantizer import (
+    check_positive_int,
+    check_trained_group_sizes,
+    group_offsets,
+    is_positive_int,
+    split_codebook_size,
+)
 from ..quantizer import usage_statistics as codebook_usage_statistics
 
 # Paper sample counts: Fig. 6 picks 128 codes per group; Fig. 7/9 (a) 256 per highlighted group, (b) 64 per group.
@@ -45,17 +51,6 @@ FIGURE_NAMES = {
     "pca_projection": "Fig. 9: PCA of the standardised codes and group biases",
 }
 JSON_NAME = "codebook_analysis.json"
-# Names the "usage" section of codebook_analysis.json also carries, as files written before the names were shared with
-# `groupvq_hf.quantizer.usage_statistics`: old name -> current name (same value).
-USAGE_JSON_ALIASES = {
-    "total_hits": "num_tokens",
-    "frequency": "group_frequency",
-    "usage": "group_usage",
-    "trained_frequency": "trained_group_frequency",
-    "new_frequency": "new_group_frequency",
-    "trained_usage": "trained_group_usage",
-    "new_usage": "new_group_usage",
-}
 
 
 # ============================================================================================ layout helpers
@@ -103,18 +98,7 @@ def resolve_trained_group_sizes(trained: int | Sequence[int] | None, group_sizes
             return split_codebook_size(trained, sizes)
         except ValueError as err:
             raise ValueError(f"`trained_group_sizes`={trained} does not split over the groups: {err}") from None
-    counts = list(trained)
-    if len(counts) != len(sizes) or not all(isinstance(t, int) and not isinstance(t, bool) for t in counts):
-        raise ValueError(
-            f"`trained_group_sizes` must be an int or a list of {len(sizes)} ints (one per group), got {trained!r}."
-        )
-    bad = [j for j, (t, n) in enumerate(zip(counts, sizes)) if not 0 <= t <= n]
-    if bad:
-        raise ValueError(
-            f"`trained_group_sizes` must satisfy 0 <= trained_j <= n_j (group sizes {sizes}); groups {bad} do not "
-            f"({[counts[j] for j in bad]})."
-        )
-    return counts
+    return check_trained_group_sizes(list(trained), sizes)
 
 
 def new_code_mask(group_sizes: Sequence[int], trained_group_sizes: Sequence[int]) -> torch.Tensor:
@@ -162,13 +146,15 @@ def norm_statistics(
 
 
 @torch.no_grad()
-def usage_statistics(counts: torch.Tensor, group_sizes: Sequence[int], new_mask: torch.Tensor | None = None) -> dict:
+def trained_new_usage_statistics(
+    counts: torch.Tensor, group_sizes: Sequence[int], new_mask: torch.Tensor | None = None
+) -> dict:
     """Per-group usage from per-code hit counts (n,) (Fig. 5 right): `groupvq_hf.quantizer.usage_statistics`
     (``codebook_usage``, ``num_tokens``, ``perplexity``, ``group_usage``, ``group_frequency``, as the quantizer's
     getters and the ``CodebookUsage`` metric return them) plus ``expected_frequency[j] = n_j / n``, the share under
     uniform code use. With ``new_mask``: ``trained_group_frequency``/``new_group_frequency`` (shares of all hits,
     summing to ``group_frequency``) and ``trained_group_usage``/``new_group_usage`` (None for a group without such
-    codes). The older names of `USAGE_JSON_ALIASES` are kept beside them for readers of saved JSON files.
+    codes).
     """
     counts = counts.detach().cpu().long().flatten()
     sizes = _check_group_sizes(group_sizes, counts.numel())
@@ -181,7 +167,6 @@ def usage_statistics(counts: torch.Tensor, group_sizes: Sequence[int], new_mask:
             parts = [c[sel] for c, sel in zip(counts.split(sizes), keep.split(sizes))]
             part = codebook_usage_statistics(torch.cat(parts), [p.numel() for p in parts], stats["num_tokens"])
             stats[f"{kind}_group_frequency"], stats[f"{kind}_group_usage"] = part["group_frequency"], part["group_usage"]
-    stats.update({old: stats[new] for old, new in USAGE_JSON_ALIASES.items() if new in stats})
     return stats
 
 
@@ -204,8 +189,7 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
     ``groupvq_hf.data.build_image_dataset`` with ``collate_pixels``). Stops after ``max_samples`` images. The
     quantizer's own usage counters are left as they were (it does not count inside, `counting_usage(False)`).
     """
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
+    check_positive_int("max_samples", max_samples, allow_none=True)
     model = _unwrap(model)
     quantizer = _get_quantizer(model)
     device = next(model.parameters()).device
@@ -261,11 +245,8 @@ def sample_group_codes(
     Sorting keeps a group's trained codes before its newly sampled ones. ``groups`` restricts to some groups.
     """
     sizes = _check_group_sizes(group_sizes)
-    if not isinstance(per_group, int) or per_group < 1:
-        raise ValueError(f"`per_group` must be a positive int, got {per_group!r}.")
-    offsets = [0]
-    for n in sizes:
-        offsets.append(offsets[-1] + n)
+    check_positive_int("per_group", per_group)
+    offsets = group_offsets(sizes)
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for j in range(len(sizes)) if groups is None else groups:
@@ -645,10 +626,9 @@ def analyze_codebook(
     trained = resolve_trained_group_sizes(trained_group_sizes, sizes)
     mask = None if trained is None else new_code_mask(sizes, trained)
     for name, value in (("scatter_codes_per_group", scatter_codes_per_group), ("highlight_codes_per_group", highlight_codes_per_group)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_int(name, value)
     per_heatmap = default_heatmap_codes_per_group(k) if heatmap_codes_per_group is None else heatmap_codes_per_group
-    if not isinstance(per_heatmap, int) or per_heatmap < 1:
+    if not is_positive_int(per_heatmap):
         raise ValueError(f"`heatmap_codes_per_group` must be a positive int or None, got {heatmap_codes_per_group!r}.")
     if usage_counts is not None and (not isinstance(usage_counts, torch.Tensor) or usage_counts.numel() != n):
         got = tuple(usage_counts.shape) if isinstance(usage_counts, torch.Tensor) else type(usage_counts).__name__
@@ -664,7 +644,7 @@ def analyze_codebook(
         "figures": dict(FIGURE_NAMES),
     }
     stats["norm"] = norm_statistics(codebook, sizes, mask)
-    usage = None if usage_counts is None else usage_statistics(usage_counts, sizes, mask)
+    usage = None if usage_counts is None else trained_new_usage_statistics(usage_counts, sizes, mask)
     if usage is not None:
         stats["usage"] = usage
     else:
@@ -732,7 +712,6 @@ def save_analysis(analysis: CodebookAnalysis, output_dir: str | os.PathLike, dpi
 __all__ = [
     "CodebookAnalysis",
     "FIGURE_NAMES",
-    "USAGE_JSON_ALIASES",
     "PCAProjection",
     "analyze_codebook",
     "cosine_similarity_statistics",
@@ -753,5 +732,5 @@ __all__ = [
     "sample_group_codes",
     "save_analysis",
     "select_highlight_groups",
-    "usage_statistics",
+    "trained_new_usage_statistics",
 ]

@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 
 from ..hub.cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
-from ..quantizer import sum_across_processes
-from .metrics import RECONSTRUCTION_METRICS, CodebookUsage, ReconstructionMetrics, check_metric_names
+from ..quantizer import check_positive_int, sum_across_processes
+from .metrics import (
+    RECONSTRUCTION_METRICS,
+    CodebookUsage,
+    ReconstructionMetrics,
+    check_metric_names,
+)
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
-RESIZE_STUDY_MODES = ("resample", "extend")
 DATA_COUNTS = ("skipped_images", "skipped_reasons", "converted_images", "converted_modes")  # not metrics
 
 
@@ -58,11 +62,8 @@ def build_eval_dataloader(
     """
     from ..data.sources import build_image_dataset, collate_examples
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-    bad_count = isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    if max_samples is not None and bad_count:
-        raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("max_samples", max_samples, allow_none=True)
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,
         rank=rank, world_size=world_size, streaming=True,
@@ -522,10 +523,21 @@ def run_resize_study(args, accelerator=None) -> dict:
     return {"rows": rows, "paths": {k: str(v) for k, v in paths.items()}}
 
 
+
+def evaluate_main(argv: list[str] | None = None) -> dict:
+    """``scripts/evaluate.py`` and the ``groupvq-evaluate`` command."""
+    return run_evaluate(evaluate_parser().parse_args(argv))
+
+
+def resize_study_main(argv: list[str] | None = None) -> dict:
+    """``scripts/resize_study.py`` and the ``groupvq-resize-study`` command."""
+    return run_resize_study(resize_study_parser().parse_args(argv))
+
 __all__ = [
+    "evaluate_main",
+    "resize_study_main",
     "ALL_METRICS",
     "DATA_COUNTS",
-    "RESIZE_STUDY_MODES",
     "build_accelerator",
     "build_eval_dataloader",
     "evaluate_model",

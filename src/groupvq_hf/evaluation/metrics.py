@@ -24,7 +24,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..quantizer import sum_across_processes, usage_statistics  # the one computation of usage statistics (also the quantizer's getters)
+from ..image_processing_groupvq import to_uint8
+from ..quantizer import (  # the one computation of usage statistics (also the quantizer's getters)
+    sum_across_processes,
+    usage_statistics,
+)
 
 RECONSTRUCTION_METRICS = ("psnr", "ssim", "lpips", "rfid", "l1")
 DATA_RANGE = 1.0  # PSNR / SSIM are computed on images scaled to [0, 1]
@@ -90,11 +94,6 @@ def to_unit_images(images, name: str = "images") -> torch.Tensor:
             " (images in [0, 255] must be passed as uint8 (N, H, W, 3))."
         )
     return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def to_uint8_images(unit_images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float (N, 3, H, W) -> uint8 (N, 3, H, W), rounded as when saving an image."""
-    return (unit_images * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def check_metric_names(metrics, allowed: Sequence[str] = RECONSTRUCTION_METRICS) -> tuple[str, ...]:
@@ -262,7 +261,9 @@ class ReconstructionMetrics(evaluate.Metric):
             psnr = peak_signal_noise_ratio(preds, refs, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
             self._state("psnr", device).update(psnr.double())
         if "ssim" in self.metrics:
-            from torchmetrics.functional.image import structural_similarity_index_measure
+            from torchmetrics.functional.image import (
+                structural_similarity_index_measure,
+            )
 
             ssim = structural_similarity_index_measure(preds, refs, data_range=DATA_RANGE, reduction="none")
             self._state("ssim", device).update(ssim.double())
@@ -273,8 +274,8 @@ class ReconstructionMetrics(evaluate.Metric):
             self._state("lpips", device).update(self._lpips(device)(preds * 2 - 1, refs * 2 - 1).double())
         if "rfid" in self.metrics:
             fid = self._state("rfid", device)
-            fid.update(to_uint8_images(refs), real=True)
-            fid.update(to_uint8_images(preds), real=False)
+            fid.update(to_uint8(refs), real=True)
+            fid.update(to_uint8(preds), real=False)
         self.num_images += preds.shape[0]
 
     def add(self, *, prediction=None, reference=None, **kwargs):
@@ -393,7 +394,6 @@ __all__ = [
     "RECONSTRUCTION_METRICS",
     "ReconstructionMetrics",
     "frechet_distance",
-    "to_uint8_images",
     "to_unit_images",
     "trace_sqrt_product",
 ]

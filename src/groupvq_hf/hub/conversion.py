@@ -14,9 +14,7 @@ import shutil
 from ..modeling_groupvq import GroupVQModel
 from ..vq_model import REMOTE_CODE_FILES, GroupVQVAE
 
-# What a folder holds, as `checkpoint_kind` names it.
-KINDS = ("groupvq_model", "groupvq_vae", "vqmodel")
-# The kind each source converts to when `to` is not given.
+# The kind each source converts to when `to` is not given (kinds as `checkpoint_kind` names them).
 DEFAULT_TARGET = {"groupvq_model": "groupvq_vae", "groupvq_vae": "groupvq_model", "vqmodel": "groupvq_vae"}
 # `model_index.json` entry of a GroupVQVAE component: loaded from the installed package, or from code in its folder.
 LIBRARY_ENTRY = ["groupvq_hf.vq_model", "GroupVQVAE"]
@@ -127,4 +125,4 @@ def copy_pipeline(src: str | os.PathLike, dst: str | os.PathLike, remote_code: b
     return set_pipeline_component_source(dst, remote_code=remote_code)
 
 
-__all__ = ["KINDS", "checkpoint_kind", "convert_checkpoint", "copy_pipeline", "set_pipeline_component_source"]
+__all__ = ["checkpoint_kind", "convert_checkpoint", "copy_pipeline", "set_pipeline_component_source"]

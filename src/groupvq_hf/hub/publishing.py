@@ -407,9 +407,7 @@ def publish(
             with atomic_directory(folder) as staging:  # weights, processor and card appear at once
                 model.save_pretrained(staging)  # safetensors, config with auto_map, code files (+ image processor)
                 if diffusers and not (staging / "preprocessor_config.json").exists():
-                    side = model.config.sample_size
-                    crop = {"height": side, "width": side}
-                    GroupVQImageProcessor(size={"shortest_edge": side}, crop_size=crop).save_pretrained(staging)
+                    GroupVQImageProcessor.for_resolution(model.config.sample_size).save_pretrained(staging)
                 card.save(staging / "README.md")
             files = upload_file_list(folder)
             check_no_secrets(folder, files, token)

@@ -26,6 +26,7 @@ import torch
 
 from ..configuration_groupvq import GroupVQConfig
 from ..data.stream import ResumableBatches
+from ..image_processing_groupvq import to_uint8
 from .arguments import parse_args, resolve_model_config, steps_per_epoch
 from .checkpoints import (
     RUN_ARGS_FILE,
@@ -57,7 +58,7 @@ def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor):
 
     images = torch.cat([pixels.detach().float().cpu(), reconstruction.detach().float().cpu()])
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=pixels.shape[0], padding=2, pad_value=1.0)
-    return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    return Image.fromarray(to_uint8(grid.permute(1, 2, 0)).numpy())
 
 
 @torch.no_grad()
