@@ -265,3 +265,43 @@ def test_resume_with_reduced_decoding_equals_the_straight_run(jpeg_folder):
     for x, y in zip(straight[5:], tail):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and x["keys"] == y["keys"]
     assert resumed_stream.decode_scales[2] > 0
+
+
+def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folder):
+    """scripts/train.py's loop on JPEGs decoded at 1/2: steps 1..3 in one run == 1..2 + resume to 3 (CPU)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from safetensors.torch import load_file
+
+    from groupvq_hf.training import main
+
+    tiny = [
+        "--dataset", jpeg_folder, "--model_config", "tiny", "--resolution", "16", "--train_batch_size", "4",
+        "--perceptual_weight", "0", "--dataloader_num_workers", "0", "--disc_start", "1", "--report_to", "none",
+        "--seed", "3", "--num_validation_images", "2", "--num_validation_usage_images", "4", "--validation_steps", "9",
+        "--max_train_samples", "8",  # 2 batches per epoch: step 3 is in the second epoch
+    ]  # fmt: skip
+
+    def train(output_dir, *extra):
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return main(["--output_dir", str(output_dir), *tiny, *extra])
+        finally:
+            torch.set_num_threads(threads)
+            for state in (AcceleratorState, GradientState, PartialState):
+                state._reset_state()
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, "--max_train_steps", "3", "--checkpointing_steps", "3")
+    train(split, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    result = train(split, "--max_train_steps", "3", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest")
+    assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
+    assert json.loads((split / "checkpoints" / "checkpoint-3" / "run_args.json").read_text())["full_decode"] is False
+    for name in ("model.safetensors", "model_1.safetensors"):  # generator and discriminator at step 3
+        a = load_file(str(straight / "checkpoints" / "checkpoint-3" / name))
+        b = load_file(str(split / "checkpoints" / "checkpoint-3" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="full_decode"):  # a run that decoded in full is not resumed reduced
+        train(split, "--max_train_steps", "4", "--full_decode", "--resume_from_checkpoint", "latest")
