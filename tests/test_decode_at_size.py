@@ -276,7 +276,8 @@ def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folde
 
     tiny = [
         "--dataset", jpeg_folder, "--model_config", "tiny", "--resolution", "16", "--train_batch_size", "4",
-        "--perceptual_weight", "0", "--dataloader_num_workers", "0", "--disc_start", "1", "--report_to", "none",
+        "--perceptual_weight", "0", "--dataloader_num_workers", "0", "--disc_start", "1", "--disc_layers", "1",
+        "--disc_channels", "8", "--report_to", "none",
         "--seed", "3", "--num_validation_images", "2", "--num_validation_usage_images", "4", "--validation_steps", "9",
         "--max_train_samples", "8",  # 2 batches per epoch: step 3 is in the second epoch
     ]  # fmt: skip
