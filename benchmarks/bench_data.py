@@ -74,7 +74,9 @@ def write_imagenet_shards(root: Path, blobs: list[bytes], shards: int = 2) -> li
     """ImageNet-1k-style parquet shards holding ``blobs``; returns the shard paths."""
     import datasets
 
-    rows = [{"image": {"bytes": b, "path": f"n{i % 1000:08d}_{i}.JPEG"}, "label": i % 1000} for i, b in enumerate(blobs)]
+    rows = [
+        {"image": {"bytes": b, "path": f"n{i % 1000:08d}_{i}.JPEG"}, "label": i % 1000} for i, b in enumerate(blobs)
+    ]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=1000)})
     paths = []
     for s in range(shards):
@@ -127,13 +129,46 @@ def pipeline_pass(folder: Path, resolution: int, seed: int, full_decode: bool, s
     return count
 
 
+def throughput_rows(folder: Path, shards: list[Path], resolution: int, args) -> list[list]:
+    """Interleaved rounds of the three candidates at ``resolution``: one table row each."""
+    from collections import Counter
+
+    generator, seeds, counts, scales = random.Random(0), iter(range(1_000_000)), {}, Counter()
+
+    def bare():
+        counts["bare PIL"] = bare_pil_pass(shards, resolution, generator)
+
+    def full():
+        counts["full decode (today)"] = pipeline_pass(folder, resolution, next(seeds), True)
+
+    def reduced():
+        counts["reduced decode"] = pipeline_pass(folder, resolution, next(seeds), False, scales)
+
+    candidates = {"bare PIL": bare, "full decode (today)": full, "reduced decode": reduced}
+    times = interleaved_times(candidates, args.repeats, clock=args.clock)
+    if any(count != args.images for count in counts.values()):
+        raise RuntimeError(f"a pass read the wrong number of images: {counts}")
+    used = ", ".join(f"1/{s}: {n / sum(scales.values()):.0%}" for s, n in sorted(scales.items()))
+    return [
+        [resolution, name, spread(t), f"{args.images / median(t):.1f}", f"{paired_ratio(times, 'bare PIL', name):.3f}",
+         used if name == "reduced decode" else ""]
+        for name, t in times.items()
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- profile
 def profile_steps(folder: Path, blobs: list[bytes], resolution: int, repeats: int, clock: str) -> list[list]:
     """Per-image cost (us) of each step between the stored bytes and the batch, today's way and the new way."""
     from PIL import Image
     from torchvision.transforms import v2
 
-    from groupvq_hf.data import build_image_dataset, collate_examples, image_transform, plan_crop, render_crop
+    from groupvq_hf.data import (
+        build_image_dataset,
+        collate_examples,
+        image_transform,
+        plan_crop,
+        render_crop,
+    )
 
     transform = image_transform(resolution, train=True)
     to_tensor = v2.Compose(transform.transforms[-3:])  # PILToTensor, ToDtype(scale), Normalize: today's conversions
@@ -280,32 +315,14 @@ def main(argv=None) -> None:
         print(f"{args.images} JPEGs (500x375 / 375x500, q90) in {args.shards} parquet shards, {size_mib:.1f} MiB\n")
         rows = []
         for resolution in resolutions:
-            from collections import Counter
-
-            generator, seeds, counts, scales = random.Random(0), iter(range(1_000_000)), {}, Counter()
-            candidates = {
-                "bare PIL": lambda: counts.__setitem__("bare PIL", bare_pil_pass(shards, resolution, generator)),
-                "full decode (today)": lambda: counts.__setitem__(
-                    "full decode (today)", pipeline_pass(folder, resolution, next(seeds), True)
-                ),
-                "reduced decode": lambda: counts.__setitem__(
-                    "reduced decode", pipeline_pass(folder, resolution, next(seeds), False, scales)
-                ),
-            }
-            times = interleaved_times(candidates, args.repeats, clock=args.clock)
-            if any(count != args.images for count in counts.values()):
-                raise RuntimeError(f"a pass read the wrong number of images: {counts}")
-            used = ", ".join(f"1/{s}: {n / sum(scales.values()):.0%}" for s, n in sorted(scales.items()))
-            for name, t in times.items():
-                rows.append([
-                    resolution, name, spread(t), f"{args.images / median(t):.1f}",
-                    f"{paired_ratio(times, 'bare PIL', name):.3f}", used if name == "reduced decode" else "",
-                ])  # fmt: skip
-        print(markdown_table(["px", "candidate", "ms per pass", "images/s", "throughput / bare PIL", "DCT scales"], rows))
+            rows += throughput_rows(folder, shards, resolution, args)
+        header = ["px", "candidate", "ms per pass", "images/s", "throughput / bare PIL", "DCT scales"]
+        print(markdown_table(header, rows))
         if args.profile:
             for resolution in resolutions:
                 print(f"\nPer-image cost of each step at {resolution} px (us, median of {args.repeats} rounds):\n")
-                print(markdown_table(["step", "us per image"], profile_steps(folder, blobs, resolution, args.repeats, args.clock)))
+                steps = profile_steps(folder, blobs, resolution, args.repeats, args.clock)
+                print(markdown_table(["step", "us per image"], steps))
     if args.psnr:
         settings = [
             ("center crop (eval/tokenize)", 128, False, None), ("center crop (eval/tokenize)", 256, False, None),

@@ -470,7 +470,7 @@ def plan_crop(transform, size: tuple[int, int]) -> CropPlan:
             crop(params["top"], params["left"], params["height"], params["width"])
         elif isinstance(step, v2.CenterCrop):
             h, w = step.size
-            crop(int(round((height - h) / 2.0)), int(round((width - w) / 2.0)), h, w)
+            crop(round((height - h) / 2.0), round((width - w) / 2.0), h, w)  # v2.CenterCrop's anchor
         elif isinstance(step, v2.RandomHorizontalFlip):
             flip = bool(torch.rand(1) < step.p)  # RandomHorizontalFlip.forward's draw
         elif not isinstance(step, (v2.PILToTensor, v2.ToDtype, v2.Normalize)):
@@ -525,7 +525,7 @@ def _open_jpeg(image: dict) -> Image.Image | None:
         if source.format == "JPEG" and source.getexif().get(ExifTags.Base.Orientation, 1) == 1:
             return source
         source.close()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110  (not opened here: the standard path reports the error)
         pass
     return None
 
@@ -800,12 +800,12 @@ def collate_examples(batch: list[dict]) -> dict:
 
 
 __all__ = [
-    "CropPlan",
     "DCT_SCALES",
+    "SOURCES",
+    "CropPlan",
     "DataSource",
     "DecodedImage",
     "ImageStream",
-    "SOURCES",
     "SkippedImage",
     "build_image_dataset",
     "collate_examples",
