@@ -306,3 +306,21 @@ def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folde
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="full_decode"):  # a run that decoded in full is not resumed reduced
         train(split, "--max_train_steps", "4", "--full_decode", "--resume_from_checkpoint", "latest")
+
+
+def test_evaluation_and_training_validation_decode_in_full(jpeg_folder):
+    from groupvq_hf.data import collate_pixels
+    from groupvq_hf.evaluation import build_eval_dataloader
+    from groupvq_hf.training import parse_args, validation_images
+
+    # the first 3 rows are images (row 3 is not): every reader below sees the same 3
+    full = build_image_dataset(jpeg_folder, resolution=16, train=False, full_decode=True, max_samples=3)
+    expected = collate_pixels(list(full))
+    loader = build_eval_dataloader(jpeg_folder, "train", 16, batch_size=3, max_samples=3)
+    assert torch.equal(next(iter(loader))["pixel_values"], expected) and loader.dataset.full_decode
+    args = parse_args(["--dataset", jpeg_folder, "--resolution", "16", "--max_train_steps", "1"])
+    assert args.full_decode is False  # training decodes reduced by default ...
+    pixels, _ = validation_images(args, 3)
+    assert torch.equal(pixels, expected)  # ... its held-out images in full
+    reduced = collate_pixels(list(build_image_dataset(jpeg_folder, resolution=16, train=False, max_samples=3)))
+    assert not torch.equal(reduced, expected)
