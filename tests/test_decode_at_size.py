@@ -138,6 +138,9 @@ def test_plan_crop_refuses_an_unknown_step():
         plan_crop(v2.Compose([v2.RandomVerticalFlip()]), (64, 64))
     with pytest.raises(TypeError, match="bicubic"):
         plan_crop(v2.Compose([v2.Resize(32)]), (64, 64))
+    jpeg = _encode(demo_images()[0].resize((64, 64)), quality=90)
+    with pytest.raises(TypeError, match="no crop plan"):  # a bad transform is an error, not a skipped image
+        decode_image(jpeg, v2.Compose([v2.RandomVerticalFlip()]))
 
 
 # ---------------------------------------------------------------------------------------------------- pixels

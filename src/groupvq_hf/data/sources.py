@@ -542,12 +542,13 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
     Raises `SkippedImage` for an undecodable image and one whose shorter side is below ``min_image_size``.
     """
     source = None if full_decode else _open_jpeg(image or {})
+    if source is not None:  # the geometry first, from the header's size (outside the try: a bad transform raises)
+        full_size, plan = source.size, plan_crop(transform, source.size)
+        scale = plan.dct_scale()
     try:
         if source is None:
             decoded, mode = to_rgb(open_image(image or {}))
         else:
-            full_size, plan = source.size, plan_crop(transform, source.size)
-            scale = plan.dct_scale()
             if scale > 1:
                 _, box = source.draft(source.mode, (source.width // scale, source.height // scale)) or (None, None)
                 scale = 1 if box is None else round(full_size[0] / box[2])
@@ -800,12 +801,12 @@ def collate_examples(batch: list[dict]) -> dict:
 
 
 __all__ = [
-    "DCT_SCALES",
-    "SOURCES",
     "CropPlan",
+    "DCT_SCALES",
     "DataSource",
     "DecodedImage",
     "ImageStream",
+    "SOURCES",
     "SkippedImage",
     "build_image_dataset",
     "collate_examples",
