@@ -22,6 +22,11 @@ Dataset specs:
 Images that cannot be decoded or are smaller than ``min_image_size`` are skipped (counted in ``skipped`` and, per
 yielded example, in ``num_skipped``); grayscale, palette, CMYK, 16-bit and alpha images are converted to RGB
 (alpha composited on white, counted in ``converted``).
+
+Decode at the size you need: a JPEG's crop and flip are drawn from its header's size first (`plan_crop`, the
+transform's own random draws), then it is decoded at the largest DCT scale (1/2, 1/4, 1/8: PIL's ``Image.draft``)
+that still holds every pixel of the crop, and only the crop is resampled (`decode_image`, `render_crop`). Other
+formats decode in full as before; ``full_decode=True`` restores the full decode and today's output exactly.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 DEMO_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
@@ -406,6 +414,163 @@ def image_transform(resolution: int, train: bool, crop_scale: tuple[float, float
     return v2.Compose(steps)
 
 
+# ---------------------------------------------------------------------------------------------------- decode at size
+DCT_SCALES = (8, 4, 2, 1)  # a JPEG decodes at 1/s of its size in the DCT domain (libjpeg, PIL's `Image.draft`)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """One example's geometry, drawn before its pixels are decoded (`plan_crop`).
+
+    ``box`` (left, upper, right, lower) is the region of the source image, in source pixels (floats), that the
+    transform resamples onto its ``size`` (width, height) output; ``flip`` mirrors the output left-right. ``clip``:
+    the transform cuts the region out before resampling (``RandomResizedCrop``), so the filter reads no pixel outside
+    it; a shorter-side resize followed by a crop resamples the whole image, so its filter does.
+    """
+
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    flip: bool = False
+    clip: bool = False
+
+    def dct_scale(self) -> int:
+        """The largest DCT scale 1/s (s in ``DCT_SCALES``) whose decode still holds every pixel the crop needs: the
+        box keeps at least one decoded pixel per output pixel on both axes, ``min(box w / out w, box h / out h) >= s``
+        (a center crop: shorter side / s >= resolution; a random-resized crop: the crop's shorter side / s >=
+        resolution). 1 when the crop is upsampled."""
+        left, upper, right, lower = self.box
+        density = min((right - left) / self.size[0], (lower - upper) / self.size[1])
+        return next((s for s in DCT_SCALES if density >= s), 1)
+
+
+def plan_crop(transform, size: tuple[int, int]) -> CropPlan:
+    """The geometry ``transform`` (an `image_transform`) gives an image of ``size`` (width, height), drawn without
+    its pixels: torchvision's own ``make_params`` and the flip's draw, from torch's global RNG in the order
+    ``transform(image)`` makes them, so the crop and the flip are the ones the transform would take."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    (left, upper, right, lower), (width, height) = (0.0, 0.0, float(size[0]), float(size[1])), size
+    flip = clip = False
+
+    def crop(top: int, left_: int, h: int, w: int) -> None:  # a crop of the current (width, height) image
+        nonlocal left, upper, right, lower, width, height
+        sx, sy = (right - left) / width, (lower - upper) / height
+        left, upper, right, lower = left + left_ * sx, upper + top * sy, left + (left_ + w) * sx, upper + (top + h) * sy
+        width, height = w, h
+
+    def canvas() -> list:  # what make_params reads the current size from, without pixels
+        return [tv_tensors.BoundingBoxes(torch.empty(0, 4), format="XYXY", canvas_size=(height, width))]
+
+    for step in transform.transforms:
+        if getattr(step, "interpolation", v2.InterpolationMode.BICUBIC) != v2.InterpolationMode.BICUBIC:
+            raise TypeError(f"`transform` step {step!r} is not bicubic: `render_crop` resamples bicubically.")
+        if isinstance(step, v2.Resize) and len(step.size) == 1 and step.max_size is None:  # shorter side to size
+            short, long = sorted((width, height))
+            new_short, new_long = step.size[0], int(step.size[0] * long / short)
+            width, height = (new_short, new_long) if width <= height else (new_long, new_short)
+        elif isinstance(step, v2.RandomResizedCrop):
+            params = step.make_params(canvas())
+            crop(params["top"], params["left"], params["height"], params["width"])
+            (height, width), clip = step.size, True
+        elif isinstance(step, v2.RandomCrop) and step.padding is None and not step.pad_if_needed:
+            params = step.make_params(canvas())
+            crop(params["top"], params["left"], params["height"], params["width"])
+        elif isinstance(step, v2.CenterCrop):
+            h, w = step.size
+            crop(round((height - h) / 2.0), round((width - w) / 2.0), h, w)  # v2.CenterCrop's anchor
+        elif isinstance(step, v2.RandomHorizontalFlip):
+            flip = bool(torch.rand(1) < step.p)  # RandomHorizontalFlip.forward's draw
+        elif not isinstance(step, (v2.PILToTensor, v2.ToDtype, v2.Normalize)):
+            raise TypeError(f"`transform` step {step!r} has no crop plan (see `image_transform` for the known steps).")
+    return CropPlan((left, upper, right, lower), (width, height), flip, clip)
+
+
+def render_crop(image: Image.Image, plan: CropPlan, scale: int = 1) -> torch.Tensor:
+    """``plan`` applied to the RGB ``image`` decoded at 1/``scale`` of the source size: only the box is resampled
+    (PIL bicubic, antialiased) to the output size, flipped, and converted to (3, H, W) float32 in [-1, 1] as
+    ``x / 127.5 - 1`` in one copy from uint8 (no clamp needed)."""
+    left, upper, right, lower = (v / scale for v in plan.box)
+    if plan.clip:  # resample from the cut-out region only, as a crop-then-resize does
+        cut = (math.floor(left), math.floor(upper), math.ceil(right), math.ceil(lower))
+        image = image.crop(cut)
+        left, upper, right, lower = left - cut[0], upper - cut[1], right - cut[0], lower - cut[1]
+    image = image.resize(plan.size, Image.Resampling.BICUBIC, box=(left, upper, right, lower))
+    if plan.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+
+
+class SkippedImage(ValueError):
+    """An image the stream leaves out; ``reason`` is ``"too_small"`` or ``"undecodable:<error type>"``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DecodedImage(NamedTuple):
+    """`decode_image`'s result: ``pixels`` (3, R, R) in [-1, 1], the original ``mode`` of a converted image (else
+    None), and the DCT ``scale`` a JPEG was decoded at (1: full size), None when decoded the standard way."""
+
+    pixels: torch.Tensor
+    mode: str | None
+    scale: int | None
+
+
+def _open_jpeg(image: dict) -> Image.Image | None:
+    """``image`` opened but not decoded when it is a JPEG held as bytes or as a local file that needs no EXIF
+    rotation; None otherwise (and on any error: the standard path then raises its own)."""
+    try:
+        blob, path = image.get("bytes"), image.get("path")
+        if blob is not None:
+            source = Image.open(io.BytesIO(blob))
+        elif isinstance(path, str) and not path.startswith(DEMO_URL) and os.path.isfile(path):
+            source = Image.open(path)
+        else:
+            return None
+        if source.format == "JPEG" and source.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return source
+        source.close()
+    except Exception:  # noqa: BLE001, S110  (not opened here: the standard path reports the error)
+        pass
+    return None
+
+
+def decode_image(image: dict, transform, full_decode: bool = False, min_image_size: int = 1) -> DecodedImage:
+    """A stored image (``{"bytes", "path"}``) decoded, converted to RGB (`to_rgb`) and transformed by ``transform``
+    (an `image_transform`).
+
+    A JPEG is decoded at the largest DCT scale whose result still holds every pixel the transform needs: the crop
+    and flip are drawn first on the header's size (`plan_crop`, the transform's own draws), the scale follows
+    (`CropPlan.dct_scale`), and only the crop is resampled from the smaller decode (`render_crop`). Other formats,
+    EXIF-rotated JPEGs and ``full_decode=True`` decode in full and apply ``transform`` itself: today's output
+    exactly (evaluation protocols that must match a reference preprocessing pass ``full_decode=True``).
+    Raises `SkippedImage` for an undecodable image and one whose shorter side is below ``min_image_size``.
+    """
+    source = None if full_decode else _open_jpeg(image or {})
+    if source is not None:  # the geometry first, from the header's size (outside the try: a bad transform raises)
+        full_size, plan = source.size, plan_crop(transform, source.size)
+        scale = plan.dct_scale()
+    try:
+        if source is None:
+            decoded, mode = to_rgb(open_image(image or {}))
+        else:
+            if scale > 1:
+                _, box = source.draft(source.mode, (source.width // scale, source.height // scale)) or (None, None)
+                scale = 1 if box is None else round(full_size[0] / box[2])
+            source.load()
+            decoded, mode = to_rgb(source)
+    except Exception as err:  # truncated, corrupt, not an image, decompression bomb, missing file ...
+        raise SkippedImage(f"undecodable:{type(err).__name__}") from err
+    if min(decoded.size if source is None else full_size) < min_image_size:
+        raise SkippedImage("too_small")
+    if source is None:
+        return DecodedImage(transform(decoded).clamp_(-1.0, 1.0), mode, None)
+    return DecodedImage(render_crop(decoded, plan, scale), mode, scale)
+
+
 @contextlib.contextmanager
 def _seeded_cpu_rng(seed: int | None):
     """Run the block with torch's CPU RNG seeded to ``seed`` and restore the caller's state after it."""
@@ -433,7 +598,8 @@ class ImageStream(torch.utils.data.IterableDataset):
     ``resume_at`` (set by `groupvq_hf.data.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
     worker first yields ``placeholders`` empty examples (``{"placeholder": True}``) standing for batches already
     consumed, then skips its first ``rows`` raw rows without decoding them.
-    ``skipped`` / ``converted`` count reasons and original modes in the iterating process.
+    ``skipped`` / ``converted`` count reasons and original modes in the iterating process, ``decode_scales`` the
+    DCT scale each JPEG was decoded at (`decode_image`; ``full_decode=True`` decodes every image in full).
     """
 
     def __init__(
@@ -448,6 +614,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         crop_scale: tuple[float, float] | None = None,
         blocks: tuple[int, int, int] | None = None,
         notes: list[str] | None = None,
+        full_decode: bool = False,
     ):
         super().__init__()
         self.examples = examples
@@ -459,10 +626,12 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.blocks = blocks
         self.notes = list(notes or [])
+        self.full_decode = full_decode
         self.transform = image_transform(resolution, train, crop_scale)
         self.resume_at: dict[int, tuple[int, int]] | None = None
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
+        self.decode_scales: Counter = Counter()
         self.decoded = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -482,18 +651,16 @@ class ImageStream(torch.utils.data.IterableDataset):
         is the original mode of a converted image (else ""). ``seed`` seeds the random augmentations."""
         self.decoded += 1
         try:
-            image, mode = to_rgb(open_image(example["image"] or {}))
-        except Exception as err:  # truncated, corrupt, not an image, decompression bomb, missing file ...
-            reason = f"undecodable:{type(err).__name__}"
-            self.skipped[reason] += 1
-            return None, reason, ""
-        if min(image.size) < self.min_image_size:
-            self.skipped["too_small"] += 1
-            return None, "too_small", ""
-        if mode is not None:
-            self.converted[mode] += 1
-        with _seeded_cpu_rng(seed):
-            return self.transform(image).clamp_(-1.0, 1.0), None, mode or ""
+            with _seeded_cpu_rng(seed):
+                image = decode_image(example["image"], self.transform, self.full_decode, self.min_image_size)
+        except SkippedImage as skipped:  # truncated, corrupt, not an image, decompression bomb, too small ...
+            self.skipped[skipped.reason] += 1
+            return None, skipped.reason, ""
+        if image.mode is not None:
+            self.converted[image.mode] += 1
+        if image.scale is not None:
+            self.decode_scales[image.scale] += 1
+        return image.pixels, None, image.mode or ""
 
     def _rows(self, worker: int, num_workers: int):
         """``(row, example)`` pairs this worker reads."""
@@ -556,6 +723,7 @@ def build_image_dataset(
     min_image_size: int = MIN_IMAGE_SIZE,
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
     block_size: int | None = None,
+    full_decode: bool = False,
 ) -> ImageStream:
     """A stream of ``{"pixel_values": (3, resolution, resolution) in [-1, 1], "key", "num_skipped", ...}`` for one
     rank (see [`ImageStream`]).
@@ -565,7 +733,9 @@ def build_image_dataset(
     the examples this rank yields per epoch (per DataLoader worker when read through workers). Evaluation streams
     (``train=False``) are not shuffled; with ``block_size`` they are split across ranks and loader workers by
     blocks of rows in stream order instead of by shards. Images whose shorter side is below ``min_image_size`` are
-    skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``).
+    skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``). JPEGs are decoded at the
+    largest DCT scale that still holds every pixel of their crop (`decode_image`); ``full_decode=True`` decodes every
+    image in full, for protocols that must match a reference preprocessing.
     """
     from datasets import interleave_datasets
     from datasets.distributed import split_dataset_by_node
@@ -580,6 +750,8 @@ def build_image_dataset(
         raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
     if block_size is not None and (train or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"`block_size` must be a positive int, for evaluation streams only, got {block_size!r}.")
+    if not isinstance(full_decode, bool):
+        raise ValueError(f"`full_decode` must be True or False, got {full_decode!r}.")
     parts = parse_dataset_spec(dataset)
     notes: list[str] = []
     sources = [load_image_source(name, split, image_column, streaming, notes) for name, _ in parts]
@@ -597,6 +769,7 @@ def build_image_dataset(
     return ImageStream(
         ds, resolution, train, min_image_size=min_image_size, max_samples=max_samples, seed=seed, rank=rank,
         crop_scale=crop_scale, blocks=None if block_size is None else (rank, world_size, block_size), notes=notes,
+        full_decode=full_decode,
     )  # fmt: skip
 
 
@@ -636,14 +809,19 @@ def collate_examples(batch: list[dict]) -> dict:
 
 
 __all__ = [
+    "CropPlan",
+    "DCT_SCALES",
     "MIN_IMAGE_SIZE",
     "hash_seed",
     "DataSource",
+    "DecodedImage",
     "ImageStream",
     "SOURCES",
+    "SkippedImage",
     "build_image_dataset",
     "collate_examples",
     "collate_pixels",
+    "decode_image",
     "demo_eval_boxes",
     "demo_images",
     "demo_regions",
@@ -653,5 +831,7 @@ __all__ = [
     "load_image_source",
     "open_image",
     "parse_dataset_spec",
+    "plan_crop",
+    "render_crop",
     "to_rgb",
 ]

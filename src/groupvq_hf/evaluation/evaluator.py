@@ -1,11 +1,11 @@
 """Streaming evaluation of a Group-VQ tokenizer under accelerate, and the codebook resize study.
 
-Every process streams its own part of the evaluation split (``build_image_dataset(..., train=False)``: resize the
-shortest edge and center-crop), reconstructs it and feeds [`ReconstructionMetrics`] and [`CodebookUsage`]; their
-states are summed across processes at the end. ``max_samples`` evaluates the first N images of the stream whatever
-the number of processes; undecodable (skipped) and converted images are counted in the results.
-``scripts/evaluate.py`` and ``scripts/resize_study.py`` are thin command lines over [`evaluate_model`] and
-[`resize_study`].
+Every process streams its own part of the evaluation split (``build_image_dataset(..., train=False,
+full_decode=True)``: decode in full, resize the shortest edge and center-crop), reconstructs it and feeds
+[`ReconstructionMetrics`] and [`CodebookUsage`]; their states are summed across processes at the end.
+``max_samples`` evaluates the first N images of the stream whatever the number of processes; undecodable
+(skipped) and converted images are counted in the results. ``scripts/evaluate.py`` and ``scripts/resize_study.py``
+are thin command lines over [`evaluate_model`] and [`resize_study`].
 
 The resize study is the paper's Table 2 / Figure 4: from the trained codebook of size n, resample down (n / 2^p),
 resample up and self-extend (n * 2^p) without training (Algorithm 2, Eq. 11), evaluating each.
@@ -67,7 +67,7 @@ def build_eval_dataloader(
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,
         rank=rank, world_size=world_size, streaming=True,
-        block_size=None if max_samples is None else batch_size,
+        block_size=None if max_samples is None else batch_size, full_decode=True,  # the reference preprocessing
     )  # fmt: skip
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers

@@ -58,6 +58,12 @@ def _add_data_arguments(g) -> None:
     )
     g.add_argument("--shuffle_buffer_size", type=int, default=1000)
     g.add_argument("--dataloader_num_workers", type=int, default=4)
+    g.add_argument(
+        "--full_decode",
+        action="store_true",
+        help="decode training JPEGs in full (default: at the largest DCT scale that still holds every pixel of the "
+        "crop, groupvq_hf.data.decode_image); validation images are always decoded in full",
+    )
 
 
 def _add_model_arguments(g) -> None:

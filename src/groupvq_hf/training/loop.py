@@ -376,7 +376,7 @@ def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> Resum
     stream = build_image_dataset(
         args.dataset, args.dataset_split, args.resolution, train=True, image_column=args.image_column,
         seed=args.seed, rank=rank, world_size=world_size, max_samples=args.max_train_samples,
-        shuffle_buffer_size=args.shuffle_buffer_size,
+        shuffle_buffer_size=args.shuffle_buffer_size, full_decode=args.full_decode,
     )  # fmt: skip
     return ResumableBatches(stream, args.train_batch_size, args.dataloader_num_workers, args.seed, rank)
 
@@ -747,6 +747,7 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
     from ..data.sources import build_image_dataset, collate_pixels
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
+    kwargs.update(full_decode=True)  # a measurement: the same pixels whatever --full_decode says
     error = None
     for split in (args.validation_split, args.dataset_split):
         try:
