@@ -1,4 +1,4 @@
-"""Tokens for generative models: `groupvq_hf.tokenize_dataset` / scripts/tokenize_dataset.py (tiny model, 32 px, CPU)."""
+"""Tokens for generative models: `groupvq_hf.tokenize_dataset` and scripts/tokenize_dataset.py (tiny model, 32 px)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from PIL import Image
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel
 from groupvq_hf.data import demo_images
 from groupvq_hf.tokens import AUGMENTATIONS, decode_tokens, tokenize_dataset
-from groupvq_hf.tokens import tokenization
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "scripts" / "tokenize_dataset.py")
@@ -92,10 +91,16 @@ def _tokenize(model_dir, dataset, out, **kwargs) -> dict:
     return tokenize_dataset(str(model_dir), str(dataset), out, RESOLUTION, **kwargs)
 
 
+def _processed(image: Image.Image) -> torch.Tensor:
+    """``processor(image)`` with the model's processor at ``RESOLUTION``: (1, 3, R, R)."""
+    size = {"shortest_edge": RESOLUTION}, {"height": RESOLUTION, "width": RESOLUTION}
+    processor = GroupVQImageProcessor(size=size[0], crop_size=size[1])
+    return processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+
+
 def _expected(model, image: Image.Image, augment: str = "none") -> list[list[int]]:
     """``model.encode(processor(image)).indices`` of every view, flattened row-major."""
-    processor = GroupVQImageProcessor(size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION})
-    pixels = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    pixels = _processed(image)
     views = [pixels, pixels.flip(-1)] if augment == "flip" else [pixels]
     with torch.no_grad():
         return [model.encode(view).indices.flatten(1)[0].tolist() for view in views]
@@ -106,8 +111,10 @@ def test_script_tokens_equal_model_encode_of_processed_photos_and_decode_back(mo
     import datasets
 
     out = tmp_path / "tokens"
-    log = _run([sys.executable, SCRIPT, "--model", str(model_dir), "--dataset", str(photo_folder), "--resolution",
-                str(RESOLUTION), "--output_dir", str(out), "--augment", "flip", "--batch_size", "3", "--no_progress"])  # fmt: skip
+    log = _run([
+        sys.executable, SCRIPT, "--model", str(model_dir), "--dataset", str(photo_folder), "--resolution",
+        str(RESOLUTION), "--output_dir", str(out), "--augment", "flip", "--batch_size", "3", "--no_progress",
+    ])  # fmt: skip
     assert "skipped 2 image(s)" in log
     record = json.loads((out / "tokenization.json").read_text())
     assert record["token_grid"] == [8, 8] and record["codebook_size"] == 256 and record["num_groups"] == 8
@@ -226,15 +233,14 @@ def test_resized_codebook_tokens_index_the_resized_model_and_decode_exactly(mode
     out = tmp_path / "x2"
     record = _tokenize(model_dir, photo_folder, out, codebook_size=512, resize_mode="extend")
     assert record["codebook_size"] == 512 and record["group_sizes"] == [64] * 8
-    assert record["resize"] == {"mode": "extend", "seed": 0, "trained_codebook_size": 256, "trained_group_sizes": [32] * 8}
+    trained = {"trained_codebook_size": 256, "trained_group_sizes": [32] * 8}
+    assert record["resize"] == {"mode": "extend", "seed": 0, **trained}
     model = GroupVQModel.from_pretrained(model_dir).eval()
     model.resize_codebook(512, mode="extend", seed=0)
     rows = _rows(out)
     with torch.no_grad():
         for row in rows:
-            image = GroupVQImageProcessor(size={"shortest_edge": RESOLUTION}, crop_size={"height": RESOLUTION, "width": RESOLUTION})(
-                Image.open(row["key"]).convert("RGB"), return_tensors="pt")["pixel_values"]  # fmt: skip
-            encoded = model.encode(image)
+            encoded = model.encode(_processed(Image.open(row["key"])))
             assert row["tokens"] == encoded.indices.flatten().tolist()
             decoded = decode_tokens(model, row["tokens"], token_grid=[8, 8], output_type="pt")
             exact = GroupVQImageProcessor().postprocess(model.decode_indices(encoded.indices).clamp(-1, 1), "pt")
@@ -243,7 +249,8 @@ def test_resized_codebook_tokens_index_the_resized_model_and_decode_exactly(mode
             reference = GroupVQImageProcessor().postprocess(model.decode(encoded.quantized).clamp(-1, 1), "pt")
             assert torch.allclose(decoded, reference, atol=1e-5, rtol=0)
     assert max(max(row["tokens"]) for row in rows) >= 0
-    with pytest.raises(ValueError, match="`codebook_size` 300 cannot be used"):  # 8 groups cannot hold 300 codes: refused before any work
+    # 300 codes do not split over 8 groups: refused before any work
+    with pytest.raises(ValueError, match="`codebook_size` 300 cannot be used"):
         _tokenize(model_dir, photo_folder, tmp_path / "odd", codebook_size=300)
     assert not (tmp_path / "odd").exists()
 
@@ -261,7 +268,7 @@ def _shards(folder: Path) -> dict[str, int]:
 def test_kill_while_writing_then_rerun_equals_an_uninterrupted_run(model_dir, photo_folder, tmp_path, monkeypatch):
     import datasets
 
-    kwargs = dict(augment="flip", rows_per_shard=2, batch_size=2)  # one image per shard
+    kwargs = {"augment": "flip", "rows_per_shard": 2, "batch_size": 2}  # one image per shard
     straight = _tokenize(model_dir, photo_folder, tmp_path / "straight", **kwargs)
     out = tmp_path / "resumed"
     to_parquet = datasets.Dataset.to_parquet
@@ -299,12 +306,13 @@ def test_a_folder_made_with_other_settings_is_refused_naming_them_and_overwrite_
 ):
     out = tmp_path / "tokens"
     _tokenize(model_dir, photo_folder, out, max_samples=2)
+    assert {row["augmentation"] for row in _rows(out)} == {"center"}  # loaded (and cached by datasets) once
     with pytest.raises(ValueError, match=r"other settings \(resolution: 32 -> 16; augment: 'none' -> 'flip'"):
         tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2, progress=False)
     record = tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2,
                               overwrite=True, progress=False)  # fmt: skip
     assert record["resolution"] == 16 and record["token_grid"] == [4, 4]
-    assert {row["augmentation"] for row in _rows(out)} == {"center", "flip"}
+    assert {row["augmentation"] for row in _rows(out)} == {"center", "flip"}  # the new files, not a stale cache
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -357,7 +365,8 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
         log = _run([sys.executable, "-c", PUSH_AND_LOAD, *args], **env)
         files = hub.dataset_files("tester/demo-tokens")
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
-    assert any(path.startswith("/datasets/tester/demo-tokens/resolve/") and path.endswith(".parquet") for path in downloads)
+    prefix = "/datasets/tester/demo-tokens/resolve/"
+    assert any(path.startswith(prefix) and path.endswith(".parquet") for path in downloads)
     assert "README.md" in files and "tokenization.json" in files
     assert any(name.startswith("data/validation-") and name.endswith(".parquet") for name in files)
     pushed = json.loads(log.split("ROWS ", 1)[1].splitlines()[0])

@@ -317,7 +317,8 @@ def load_image_source(
             raise ValueError(f"`split` of the demo photos must be 'train', 'validation' or 'test', got {split!r}.")
         ds = _demo_dataset(split)
         if label_column not in (None, "auto"):
-            raise ValueError(f"`label_column` {label_column!r} is not a column of 'demo' (columns: {list(ds.features)}).")
+            columns = list(ds.features)
+            raise ValueError(f"`label_column` {label_column!r} is not a column of 'demo' (columns: {columns}).")
         return ds
     source = SOURCES.get(name)
     if source is not None:
@@ -360,7 +361,8 @@ def _resolve_label_column(label_column: str | None, source: DataSource | None, f
         return None
     if label_column != "auto":
         if features is not None and label_column not in features:
-            raise ValueError(f"`label_column` {label_column!r} is not a column of {name!r} (columns: {list(features)}).")
+            columns = list(features)
+            raise ValueError(f"`label_column` {label_column!r} is not a column of {name!r} (columns: {columns}).")
         return label_column
     if source is not None and source.label_column and (features is None or source.label_column in features):
         return source.label_column

@@ -1,4 +1,4 @@
-"""The dataset card of a token dataset (``README.md`` with its ``dataset_info`` and ``configs``) and its upload."""
+"""The dataset card of a token dataset (``README.md`` with its ``dataset_info``) and its upload."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 UPLOAD_PATTERNS = ["data/*.parquet", "README.md", "tokenization.json"]
 
 
-def _describe(record: dict) -> str:
+def _describe(record: dict, location: str) -> str:
     """The settings of ``record`` (``tokenization.json``) in words, with the load-and-decode snippet."""
     model = record["model"]["name_or_path"]
     commit = record["model"].get("commit")
@@ -18,15 +18,21 @@ def _describe(record: dict) -> str:
     lines = [
         "# Group-VQ tokens",
         "",
-        f"Token grids of `{record['dataset']}` ({record['split']} split) made with the Group-VQ tokenizer `{model}`"
-        + (f" (commit `{commit}`)" if commit else "") + f" at {record['resolution']}x{record['resolution']} pixels, "
-        f"by `scripts/tokenize_dataset.py` of groupvq-hf.",
+        (
+            f"Token grids of `{record['dataset']}` ({record['split']} split) made with the Group-VQ tokenizer "
+            f"`{model}`{f' (commit `{commit}`)' if commit else ''} at {record['resolution']}x{record['resolution']} "
+            "pixels, by `scripts/tokenize_dataset.py` of groupvq-hf."
+        ),
         "",
         f"- Codebook: {record['codebook_size']:,} codes in {record['num_groups']} group(s) "
         f"(group sizes {record['group_sizes']}).",
-        f"- Resize: {'none, the codebook as trained' if not resize else ''}"
-        + (f"{resize['mode']} (Algorithm 2 of the Group-VQ paper) from the trained {resize['trained_codebook_size']:,} "
-           f"codes, seed {resize['seed']}; decode with the model resized the same way." if resize else ""),
+        "- Resize: "
+        + (
+            f"{resize['mode']} (Algorithm 2 of the Group-VQ paper) from the trained {resize['trained_codebook_size']:,} "
+            f"codes, seed {resize['seed']}; decode with the model resized the same way."
+            if resize
+            else "none, the codebook as trained."
+        ),
         f"- Token grid: {h} x {w} = {h * w} tokens per row, row-major (`tokens[i * {w} + j]` is row i, column j).",
         f"- Views per image (`--augment {record['augment']}`): {views}.",
         f"- Rows: {record['num_examples']:,}; images skipped (undecodable or too small): {record['num_skipped']}"
@@ -41,10 +47,10 @@ def _describe(record: dict) -> str:
         "```python",
         "from datasets import load_dataset",
         "from groupvq_hf import GroupVQModel, decode_tokens",
-        f'row = load_dataset("REPO_OR_FOLDER", split="{record["split"]}")[0]',
+        f'row = load_dataset("{location}", split="{record["split"]}")[0]',
         f'model = GroupVQModel.from_pretrained("{model}")'
-        + (f"  # then model.resize_codebook({record['codebook_size']}, mode=\"{resize['mode']}\", seed={resize['seed']})"
-           if resize else ""),
+        + (f"  # then model.resize_codebook({record['codebook_size']}, mode=\"{resize['mode']}\", "
+           f"seed={resize['seed']})" if resize else ""),
         f"image = decode_tokens(model, row[\"tokens\"], token_grid={[h, w]})[0]  # a PIL image",
         "```",
         "",
@@ -53,12 +59,12 @@ def _describe(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dataset_card(output_dir: str | Path, record: dict, features) -> Path:
-    """Write ``README.md``: YAML metadata (``dataset_info`` from `datasets`, ``configs`` naming the shards of the
-    split) and the settings in words. Returns its path."""
+def write_dataset_card(output_dir: str | Path, record: dict, features, location: str | None = None) -> Path:
+    """Write ``README.md``: YAML metadata (``dataset_info`` from `datasets`: features, split sizes) and the settings
+    in words, with the snippet loading from ``location`` (a repo id or folder; default
+    ``output_dir``). Returns its path."""
     from datasets.info import DatasetInfo, DatasetInfosDict
     from datasets.splits import SplitDict, SplitInfo
-    from datasets.utils.metadata import MetadataConfigs
     from huggingface_hub import DatasetCard, DatasetCardData
 
     output_dir = Path(output_dir)
@@ -70,9 +76,10 @@ def write_dataset_card(output_dir: str | Path, record: dict, features) -> Path:
     info = DatasetInfo(features=features, splits=splits, download_size=num_bytes, dataset_size=num_bytes)
     data = DatasetCardData(tags=["group-vq", "image-tokens", "groupvq-hf"])
     DatasetInfosDict({"default": info}).to_dataset_card_data(data)
-    MetadataConfigs({"default": {"data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}}).to_dataset_card_data(data)
+    # no `configs` naming the files: `datasets` finds the split from the file names (data/{split}-*.parquet), and a
+    # local folder's cache then follows the files (with `configs`, datasets 5 reuses a stale cache after --overwrite)
     record = {**record, "columns": list(features)}
-    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_describe(record)}")
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_describe(record, location or str(output_dir))}")
     path = output_dir / "README.md"
     tmp = path.with_name(".tmp-README.md")
     card.save(str(tmp))

@@ -273,7 +273,9 @@ def _model_identity(model, name: str) -> dict:
     """``{"name_or_path", "commit"}``: a local folder as an absolute path, a Hub repo id with its commit."""
     local = Path(name).expanduser()
     commit = getattr(model.config, "_commit_hash", None)
-    return {"name_or_path": str(local.resolve()) if local.exists() else name, "commit": None if local.exists() else commit}
+    if local.exists():
+        return {"name_or_path": str(local.resolve()), "commit": None}
+    return {"name_or_path": name, "commit": commit}
 
 
 def _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader_num_workers, max_samples,
@@ -289,7 +291,8 @@ def _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader
     positive(batch_size, "batch_size")
     positive(max_samples, "max_samples", allow_none=True)
     positive(codebook_size, "codebook_size", allow_none=True)
-    if isinstance(dataloader_num_workers, bool) or not isinstance(dataloader_num_workers, int) or dataloader_num_workers < 0:
+    workers = dataloader_num_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"`dataloader_num_workers` must be an int >= 0, got {dataloader_num_workers!r}.")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"`augment` must be one of {list(AUGMENTATIONS)}, got {augment!r}.")
@@ -367,7 +370,9 @@ def tokenize_dataset(
                   "trained_group_sizes": trained["group_sizes"]}  # fmt: skip
     factor = model.config.downsample_factor
     if resolution % factor:
-        raise ValueError(f"`resolution` must be a multiple of the model's downsampling factor {factor}, got {resolution}.")
+        raise ValueError(
+            f"`resolution` must be a multiple of the model's downsampling factor {factor}, got {resolution}."
+        )
     views = AUGMENTATIONS[augment]
     grid = [resolution // factor, resolution // factor]
     stream = build_image_dataset(
@@ -375,28 +380,31 @@ def tokenize_dataset(
         world_size=world_size, streaming=True, max_samples=max_samples, label_column=label_column,
         transform=ViewTransform(image_processor_at(source, resolution), resolution, augment),
     )  # fmt: skip
-    label_feature = (stream.examples.features or {}).get("label")
+    features = _output_features((stream.examples.features or {}).get("label"), grid[0] * grid[1])
     settings = {
         "model": _model_identity(model, name), "dataset": dataset, "split": split, "image_column": image_column,
         "label_column": label_column, "resolution": resolution, "augment": augment,
         "codebook_size": model.config.codebook_size, "resize": resize, "max_samples": max_samples,
         "rows_per_shard": rows_per_shard, "num_processes": world_size, "dataloader_num_workers": dataloader_num_workers,
     }  # fmt: skip
-    error = None
+    error, complete = None, False
     if accelerator.is_main_process:
         try:
-            prepare_output_dir(output_dir, settings, overwrite)
+            existing = prepare_output_dir(output_dir, settings, overwrite)
+            complete = existing is not None and existing.get("status") == "complete"
         except ValueError as err:
             error = str(err)
-    error = _broadcast(accelerator, error)
+    error, complete = _broadcast(accelerator, (error, complete))
     if error:
         raise ValueError(error)
+    if complete:  # the same command again on a finished folder: nothing to read or encode
+        return _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column,
+                       features, [], push_to_hub, private)  # fmt: skip
 
     workers = max(1, dataloader_num_workers)
     rows_per_chunk = max(1, rows_per_shard // len(views))
     done = {w: complete_chunks(output_dir, split, rank, w) for w in range(workers)}
     stream.resume_at = {w: (0, chunks * rows_per_chunk) for w, chunks in done.items()}
-    features = _output_features(label_feature, grid[0] * grid[1])
     writers = {w: ShardWriter(output_dir, split, rank, w, done[w], rows_per_chunk, features) for w in range(workers)}
     loader = torch.utils.data.DataLoader(
         stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=dataloader_num_workers,
@@ -404,7 +412,8 @@ def tokenize_dataset(
     )  # fmt: skip
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=f"tokenize (process {rank})", unit="img", disable=not (progress and accelerator.is_local_main_process))
+    show = progress and accelerator.is_local_main_process
+    bar = tqdm(desc=f"tokenize (process {rank})", unit="img", disable=not show)
     for batch in loader:
         writer = writers[batch["worker"]]
         for row, reason in batch["skipped"]:
@@ -431,31 +440,36 @@ def tokenize_dataset(
         writer.close()
     accelerator.wait_for_everyone()
 
+    return _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column,
+                   features, stream.notes, push_to_hub, private)  # fmt: skip
+
+
+def _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column, features,
+            notes, push_to_hub, private) -> dict:  # fmt: skip
+    """Write the record and the card from the complete shards (main process), push them; the record everywhere."""
     record = None
     if accelerator.is_main_process:
-        from .card import write_dataset_card
+        from .card import push_tokens_to_hub, write_dataset_card
 
         num_examples, skipped, num_shards = read_progress(output_dir, split)
         record = {
             "status": "complete", "settings": settings, "model": settings["model"],
             "codebook_size": model.config.codebook_size, "num_groups": model.quantizer.num_groups,
-            "group_sizes": list(model.quantizer.group_sizes), "token_grid": grid, "resolution": resolution,
-            "augment": augment, "views": list(views), "resize": resize, "dataset": dataset, "split": split,
+            "group_sizes": list(model.quantizer.group_sizes), "token_grid": grid, "resolution": settings["resolution"],
+            "augment": settings["augment"], "views": list(views), "resize": resize, "dataset": dataset, "split": split,
             "label_column": label_column, "num_examples": num_examples, "num_shards": num_shards,
             "num_skipped": sum(skipped.values()), "skipped": dict(sorted(skipped.items())),
         }  # fmt: skip
-        write_dataset_card(output_dir, record, features)
+        write_dataset_card(output_dir, record, features, location=push_to_hub or str(output_dir))
         write_json_atomic(record, output_dir / RECORD_FILE)
         print(
             f"Tokenized {num_examples} rows ({len(views)} view(s) per image) of {dataset!r} {split} into "
             f"{output_dir} ({num_shards} shards); skipped {record['num_skipped']} image(s)"
             + (f" {record['skipped']}" if skipped else "") + "."
         )  # fmt: skip
-        for note in stream.notes:
+        for note in notes:
             print(f"Note: {note}")
         if push_to_hub:
-            from .card import push_tokens_to_hub
-
             record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, private=private)
     accelerator.wait_for_everyone()
     return _broadcast(accelerator, record)
