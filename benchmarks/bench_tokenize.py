@@ -15,7 +15,7 @@ preset, no loader workers, in a fresh process) for ``--memory_images`` and twice
 (shards are flushed). On CUDA the peak allocated CUDA memory of each end-to-end run is printed too.
 
     .venv/bin/python benchmarks/bench_tokenize.py                                  # CPU, short
-    python benchmarks/bench_tokenize.py --device cuda --images 1024 --workers 8     # H200: well under 2 minutes
+    PYTHONPATH=src python benchmarks/bench_tokenize.py --device cuda      # H200: 2048 images, 8 workers
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,imagenet", help="Comma-separated `GroupVQConfig` presets.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--images", type=int, default=None, help="Images per pass (default: 512 on CUDA, 64 on CPU).")
+    parser.add_argument("--images", type=int, default=None, help="Images per pass (2048 on CUDA, 64 on CPU).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="Loader workers (default: min(8, cores - 1)).")
     parser.add_argument("--augment", choices=("none", "flip", "ten_crop"), default="none")
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.images = args.images or (512 if args.device == "cuda" else 64)
+    args.images = args.images or (2048 if args.device == "cuda" else 64)
     args.workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
     _quiet_datasets()
     from accelerate import Accelerator
