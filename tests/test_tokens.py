@@ -148,6 +148,8 @@ def test_script_tokens_equal_model_encode_of_processed_photos_and_decode_back(mo
         decode_tokens(model, rows[0]["tokens"], token_grid=[4, 4])
     with pytest.raises(ValueError, match="codebook of 256"):
         decode_tokens(model, [300] * 64, token_grid=[8, 8])
+    with pytest.raises(ValueError, match="`tokens` must be integer code indices"):
+        decode_tokens(model, [0.5] * 64, token_grid=[8, 8])
 
 
 def test_ten_crop_views_are_llamagen_crops_of_the_processed_image(model_dir, photo_folder, tmp_path):

@@ -115,7 +115,7 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil"):
     rows = rows.reshape(-1, rows.shape[-1]).long()
     length = rows.shape[-1]
     if token_grid is None:
-        side = int(round(length**0.5))
+        side = round(length**0.5)
         token_grid = (side, side)
     h, w = (int(v) for v in token_grid)
     if h * w != length:
@@ -132,9 +132,11 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil"):
 
 
 def _as_int_rows(tokens):
+    """A list (of lists) of ints, or a numpy array, as an array; floats stay floats (refused by the caller)."""
     import numpy as np
 
-    return np.asarray(tokens, dtype=np.int64)
+    array = np.asarray(tokens)
+    return array.astype(np.int64) if array.dtype.kind in "iu" else array.astype(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------------- folder
