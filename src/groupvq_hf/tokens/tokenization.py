@@ -341,7 +341,8 @@ def tokenize_dataset(
     """Tokenize ``split`` of ``dataset`` into ``output_dir`` (see the module docstring); returns the record written to
     ``tokenization.json`` (on every process).
 
-    ``model``: a saved folder or Hub repo id (or a `GroupVQModel`, recorded by its ``name_or_path``).
+    ``model``: a saved folder or Hub repo id (or a `GroupVQModel`, recorded by its ``name_or_path``; with
+    ``codebook_size`` it is resized in place).
     ``label_column``: ``"auto"`` (the named source's label column, else the source's first ``ClassLabel`` column),
     a column name, or None. ``codebook_size`` resizes the tokenizer first (Algorithm 2, ``resize_mode`` and ``seed``;
     a size the groups cannot split is an error before any image is read). ``max_samples`` caps the source rows each
