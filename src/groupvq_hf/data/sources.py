@@ -595,7 +595,7 @@ def build_image_dataset(
     (``train=False``) are not shuffled; with ``block_size`` they are split across ranks and loader workers by
     blocks of rows in stream order instead of by shards. Images whose shorter side is below ``min_image_size`` are
     skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``). ``label_column`` adds each
-    example's ``label`` (see `load_image_source`); ``transform`` (a PIL RGB image -> tensor) replaces the resize and
+    example's ``label`` (see `load_image_source`; ``"auto"`` reads none from a mix of sources); ``transform`` (a PIL RGB image -> tensor) replaces the resize and
     crop (`image_transform`), as ``groupvq_hf.tokens`` does with the model's own image processor.
     """
     from datasets import interleave_datasets
@@ -613,6 +613,8 @@ def build_image_dataset(
         raise ValueError(f"`block_size` must be a positive int, for evaluation streams only, got {block_size!r}.")
     parts = parse_dataset_spec(dataset)
     notes: list[str] = []
+    if label_column == "auto" and len(parts) > 1:
+        label_column = None  # a mix of sources has no one label set
     sources = [load_image_source(name, split, image_column, streaming, notes, label_column) for name, _ in parts]
     if len(sources) == 1:
         ds = sources[0]
