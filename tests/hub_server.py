@@ -18,6 +18,10 @@ organisations and read/write roles. Endpoints (huggingface_hub 2.4):
   ``X-Repo-Commit``, ``Content-Length``; ``X-Error-Code`` ``RepoNotFound`` / ``EntryNotFound`` /
   ``RevisionNotFound`` on 404s)
 
+Dataset repos (``repo_type="dataset"``, what `datasets.load_dataset` reads) answer the same routes under
+``/api/datasets/...`` and ``/datasets/{repo}/resolve/...``, plus ``GET /api/datasets/{repo}[/revision/{rev}]``
+(HfApi.dataset_info); they live in ``server.datasets``.
+
 Every request is recorded in ``server.requests``; requests no route answers go to ``server.unhandled``.
 ``server.fail_next(method, path_regex, times=1)`` makes the next matching requests fail as a network failure: the
 connection is closed without an answer (the client sees the server disconnect), and nothing is changed.
@@ -70,6 +74,7 @@ def git_blob_sha1(content: bytes) -> str:
 
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+KIND = r"(?P<kind>models|datasets)"
 REV = r"(?P<rev>[^/]+)"
 
 
@@ -99,11 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", r"/api/agent-harnesses", self.agent_harnesses),
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
-            ("POST", rf"/api/models/{REPO}/preupload/{REV}", self.preupload),
-            ("POST", rf"/api/models/{REPO}/commit/{REV}", self.commit),
-            ("POST", rf"/api/models/{REPO}/paths-info/{REV}", self.paths_info),
-            ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
-            ("GET", rf"/api/models/{REPO}(?:/revision/{REV})?", self.model_info),
+            ("POST", rf"/api/{KIND}/{REPO}/preupload/{REV}", self.preupload),
+            ("POST", rf"/api/{KIND}/{REPO}/commit/{REV}", self.commit),
+            ("POST", rf"/api/{KIND}/{REPO}/paths-info/{REV}", self.paths_info),
+            ("GET", rf"/api/{KIND}/{REPO}/tree/{REV}(?:/(?P<path>.*))?", self.tree),
+            ("GET", rf"/api/{KIND}/{REPO}(?:/revision/{REV})?", self.model_info),
+            ("GET", rf"/(?P<kind>datasets)/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
+            ("HEAD", rf"/(?P<kind>datasets)/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
             ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
             ("HEAD", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", self.resolve),
         ]
@@ -146,9 +153,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _can_write(self, namespace: str) -> bool:
         return self.user is not None and self.user.role == "write" and namespace in [self.user.name, *self.user.orgs]
 
-    def _readable_repo(self, repo: str) -> HubRepo | None:
+    def _repos(self, kind: str | None) -> dict[str, HubRepo]:
+        return self.server.hub.datasets if kind == "datasets" else self.server.hub.repos
+
+    def _readable_repo(self, repo: str, kind: str | None = None) -> HubRepo | None:
         """The repo, or None after answering 404 RepoNotFound (missing, or private and not ours)."""
-        found = self.server.hub.repos.get(repo)
+        found = self._repos(kind).get(repo)
         namespace = repo.split("/")[0]
         if found is None or (found.private and not (self.user and namespace in [self.user.name, *self.user.orgs])):
             self._error(404, "Repository not found", "RepoNotFound")
@@ -175,21 +185,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def create_repo(self):
         payload = json.loads(self.body or b"{}")
-        if payload.get("type", "model") != "model":
-            return self._error(400, "This test server only hosts model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "dataset"):
+            return self._error(400, "This test server only hosts model and dataset repos")
         namespace = payload.get("organization") or (self.user.name if self.user else None)
         if self.user is None:
             return self._error(401, "Invalid credentials in Authorization header")
         repo_id = f"{namespace}/{payload['name']}"
         if not self._can_write(namespace):
             return self._error(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
-        if repo_id in self.server.hub.repos:  # the Hub names the existing repo; create_repo(exist_ok=True) reads it
-            message = "You already created this model repo"
-            return self._send(409, {"error": message, "url": f"{self.server.hub.url}/{repo_id}"},
-                              {"X-Error-Message": message})
+        repos = self._repos(f"{repo_type}s")
+        url = f"{self.server.hub.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+        if repo_id in repos:  # the Hub names the existing repo; create_repo(exist_ok=True) reads it
+            message = f"You already created this {repo_type} repo"
+            return self._send(409, {"error": message, "url": url}, {"X-Error-Message": message})
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        self.server.hub.repos[repo_id] = HubRepo(repo_id, private=private)
-        self._send(200, {"url": f"{self.server.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+        repos[repo_id] = HubRepo(repo_id, private=private)
+        self._send(200, {"url": url, "name": repo_id, "id": repo_id})
 
     def validate_yaml(self):
         content = json.loads(self.body).get("content", "")
@@ -202,8 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, {"errors": [{"message": f"Invalid YAML: {err}"}]})
         self._send(200, {"errors": [], "warnings": []})
 
-    def preupload(self, repo: str, rev: str):
-        found = self._readable_repo(repo)
+    def preupload(self, repo: str, rev: str, kind: str = "models"):
+        found = self._readable_repo(repo, kind)
         if found is None:
             return
         if not self._can_write(repo.split("/")[0]):
@@ -216,8 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         self._send(200, {"files": answer, "commitOid": found.sha})
 
-    def commit(self, repo: str, rev: str):
-        found = self._readable_repo(repo)
+    def commit(self, repo: str, rev: str, kind: str = "models"):
+        found = self._readable_repo(repo, kind)
         if found is None or not self._check_revision(found, rev):
             return
         if not self._can_write(repo.split("/")[0]):
@@ -251,8 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         content = found.files[path]
         return {"type": "file", "path": path, "size": len(content), "oid": git_blob_sha1(content)}
 
-    def model_info(self, repo: str, rev: str | None = None):
-        found = self._readable_repo(repo)
+    def model_info(self, repo: str, rev: str | None = None, kind: str = "models"):
+        found = self._readable_repo(repo, kind)
         if found is None or not self._check_revision(found, rev):
             return
         self._send(200, {
@@ -262,8 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
             "siblings": [{"rfilename": p, "size": len(c)} for p, c in sorted(found.files.items())],
         })
 
-    def tree(self, repo: str, rev: str, path: str | None = None):
-        found = self._readable_repo(repo)
+    def tree(self, repo: str, rev: str, path: str | None = None, kind: str = "models"):
+        found = self._readable_repo(repo, kind)
         if found is None or not self._check_revision(found, rev):
             return
         prefix = (path or "").strip("/")
@@ -282,8 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"{prefix} does not exist", "EntryNotFound")
         self._send(200, entries)
 
-    def paths_info(self, repo: str, rev: str):
-        found = self._readable_repo(repo)
+    def paths_info(self, repo: str, rev: str, kind: str = "models"):
+        found = self._readable_repo(repo, kind)
         if found is None or not self._check_revision(found, rev):
             return
         if self.headers.get("Content-Type", "").startswith("application/json"):
@@ -292,8 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
             paths = parse_qs(self.body.decode()).get("paths", [])
         self._send(200, [self._entry(found, p) for p in paths if p in found.files])
 
-    def resolve(self, repo: str, rev: str, path: str):
-        found = self._readable_repo(repo)
+    def resolve(self, repo: str, rev: str, path: str, kind: str | None = None):
+        found = self._readable_repo(repo, kind)
         if found is None or not self._check_revision(found, rev):
             return
         if path not in found.files:
@@ -324,6 +336,7 @@ class HubServer:
     def __init__(self, tokens: dict[str, HubUser] | None = None):
         self.tokens = dict(tokens or {})
         self.repos: dict[str, HubRepo] = {}
+        self.datasets: dict[str, HubRepo] = {}  # dataset repos
         self.requests: list[tuple[str, str, str | None]] = []
         self.unhandled: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -372,3 +385,7 @@ class HubServer:
     def files(self, repo_id: str) -> dict[str, bytes]:
         """The files at the head of `repo_id`."""
         return dict(self.repos[repo_id].files)
+
+    def dataset_files(self, repo_id: str) -> dict[str, bytes]:
+        """The files at the head of the dataset repo `repo_id`."""
+        return dict(self.datasets[repo_id].files)

@@ -33,7 +33,9 @@ AutoImageProcessor.register(GroupVQConfig, image_processor_classes={"torchvision
 # Public names of the subpackages, loaded on first use (PEP 562).
 _LAZY = {
     "convert_simvq": "hub",
+    "decode_tokens": "tokens",
     "from_simvq": "hub",
+    "tokenize_dataset": "tokens",
 }
 
 
@@ -56,6 +58,8 @@ __all__ = [
     "GroupVectorQuantizer",
     "PRESETS",
     "convert_simvq",
+    "decode_tokens",
     "from_simvq",
     "nearest_code_indices",
+    "tokenize_dataset",
 ]

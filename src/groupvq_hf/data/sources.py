@@ -309,11 +309,15 @@ def load_image_source(
     image_column: str | None = None,
     streaming: bool = True,
     notes: list[str] | None = None,
+    label_column: str | None = None,
 ):
-    """One source as an ``IterableDataset`` with columns ``image`` (``Image(decode=False)``) and ``key``.
+    """One source as an ``IterableDataset`` with columns ``image`` (``Image(decode=False)``) and ``key`` (and
+    ``label`` with ``label_column``).
 
     ``key`` is the demo row's name, else empty (`ImageStream` names decoded examples by path or bytes hash). A local
     file or folder with a single split is read for any ``split``, with a line appended to ``notes``.
+    ``label_column``: a column to keep as ``label`` (its feature, a ``ClassLabel`` with its names, kept), ``"auto"``
+    (the named source's label column, else the first ``ClassLabel`` column, else none) or None (no label).
     """
     import datasets
 
@@ -321,7 +325,11 @@ def load_image_source(
     if name == "demo":
         if split not in ("train", "validation", "test"):
             raise ValueError(f"`split` of the demo photos must be 'train', 'validation' or 'test', got {split!r}.")
-        return _demo_dataset(split)
+        ds = _demo_dataset(split)
+        if label_column not in (None, "auto"):
+            columns = list(ds.features)
+            raise ValueError(f"`label_column` {label_column!r} is not a column of 'demo' (columns: {columns}).")
+        return ds
     source = SOURCES.get(name)
     if source is not None:
         column = image_column or source.image_column
@@ -341,17 +349,41 @@ def load_image_source(
         )
     if ds.features is not None and column not in ds.features:
         raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {list(ds.features)}).")
-    ds = ds.select_columns([column])
+    label = _resolve_label_column(label_column, source, ds.features, name)
+    ds = ds.select_columns([column] + ([label] if label else []))
     if column != "image":
         ds = ds.rename_column(column, "image")
+    if label and label != "label":
+        ds = ds.rename_column(label, "label")
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    return ds.map(
-        _empty_key, features=datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
-    )
+    features = {"image": datasets.Image(decode=False), "key": datasets.Value("string")}
+    if label:
+        features["label"] = ds.features["label"] if ds.features is not None else datasets.Value("int64")
+    return ds.map(_empty_key, features=datasets.Features(features))
+
+
+def _resolve_label_column(label_column: str | None, source: DataSource | None, features, name: str) -> str | None:
+    """The column holding labels (see `load_image_source`), or None; a ValueError naming the columns when a given
+    ``label_column`` is not one of them."""
+    import datasets
+
+    if label_column is None:
+        return None
+    if label_column != "auto":
+        if features is not None and label_column not in features:
+            columns = list(features)
+            raise ValueError(f"`label_column` {label_column!r} is not a column of {name!r} (columns: {columns}).")
+        return label_column
+    if source is not None and source.label_column and (features is None or source.label_column in features):
+        return source.label_column
+    for column, feature in (features or {}).items():
+        if isinstance(feature, datasets.ClassLabel):
+            return column
+    return None
 
 
 def _empty_key(example: dict) -> dict:
-    return {"image": example["image"], "key": ""}
+    return {**example, "key": ""}
 
 
 def example_key(image: dict | None) -> str:
@@ -585,7 +617,8 @@ def _seeded_cpu_rng(seed: int | None):
 class ImageStream(torch.utils.data.IterableDataset):
     """Decodes, converts and transforms the images of a (sharded, shuffled) ``datasets.IterableDataset``.
 
-    Yields ``{"pixel_values": (3, R, R) in [-1, 1], "key", "num_skipped", "converted", "worker", "row"}``: ``row``
+    Yields ``{"pixel_values": (3, R, R) in [-1, 1], "key", "num_skipped", "converted", "worker", "row"}`` (and
+    ``label`` when the source rows have one; ``pixel_values`` is whatever ``transform`` returns when given): ``row``
     is the example's index in the raw stream this loader ``worker`` reads, ``num_skipped`` counts the bad images
     dropped just before it, ``converted`` is its original mode when it was converted to RGB (else ""). Training
     augmentations draw from a seed of ``(seed, rank, epoch, worker, row)`` (`example_seed`).
@@ -615,6 +648,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         blocks: tuple[int, int, int] | None = None,
         notes: list[str] | None = None,
         full_decode: bool = False,
+        transform=None,
     ):
         super().__init__()
         self.examples = examples
@@ -626,8 +660,9 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.blocks = blocks
         self.notes = list(notes or [])
-        self.full_decode = full_decode
-        self.transform = image_transform(resolution, train, crop_scale)
+        # A caller's own transform (e.g. a model's image processor) gets the fully decoded image it expects.
+        self.full_decode = full_decode or transform is not None
+        self.transform = transform if transform is not None else image_transform(resolution, train, crop_scale)
         self.resume_at: dict[int, tuple[int, int]] | None = None
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
@@ -702,9 +737,10 @@ class ImageStream(torch.utils.data.IterableDataset):
                     yield {"pixel_values": None, "skipped": reason, "worker": worker, "row": row}
                 continue
             key = example.get("key") or example_key(example["image"])
+            labelled = {"label": example["label"]} if "label" in example else {}
             yield {
                 "pixel_values": pixels, "key": key, "num_skipped": pending, "converted": mode, "worker": worker,
-                "row": row,
+                "row": row, **labelled,
             }  # fmt: skip
             pending, yielded = 0, yielded + 1
 
@@ -724,6 +760,8 @@ def build_image_dataset(
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
     block_size: int | None = None,
     full_decode: bool = False,
+    label_column: str | None = None,
+    transform=None,
 ) -> ImageStream:
     """A stream of ``{"pixel_values": (3, resolution, resolution) in [-1, 1], "key", "num_skipped", ...}`` for one
     rank (see [`ImageStream`]).
@@ -735,7 +773,10 @@ def build_image_dataset(
     blocks of rows in stream order instead of by shards. Images whose shorter side is below ``min_image_size`` are
     skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``). JPEGs are decoded at the
     largest DCT scale that still holds every pixel of their crop (`decode_image`); ``full_decode=True`` decodes every
-    image in full, for protocols that must match a reference preprocessing.
+    image in full, for protocols that must match a reference preprocessing. ``label_column`` adds each example's
+    ``label`` (see `load_image_source`; ``"auto"`` reads none from a mix of sources); ``transform`` (a PIL RGB image
+    -> tensor) replaces the resize and crop (`image_transform`), as ``groupvq_hf.tokens`` does with the model's own
+    image processor, and then always sees the fully decoded image.
     """
     from datasets import interleave_datasets
     from datasets.distributed import split_dataset_by_node
@@ -754,7 +795,9 @@ def build_image_dataset(
         raise ValueError(f"`full_decode` must be True or False, got {full_decode!r}.")
     parts = parse_dataset_spec(dataset)
     notes: list[str] = []
-    sources = [load_image_source(name, split, image_column, streaming, notes) for name, _ in parts]
+    if label_column == "auto" and len(parts) > 1:
+        label_column = None  # a mix of sources has no one label set
+    sources = [load_image_source(name, split, image_column, streaming, notes, label_column) for name, _ in parts]
     if len(sources) == 1:
         ds = sources[0]
     else:
@@ -769,7 +812,7 @@ def build_image_dataset(
     return ImageStream(
         ds, resolution, train, min_image_size=min_image_size, max_samples=max_samples, seed=seed, rank=rank,
         crop_scale=crop_scale, blocks=None if block_size is None else (rank, world_size, block_size), notes=notes,
-        full_decode=full_decode,
+        full_decode=full_decode, transform=transform,
     )  # fmt: skip
 
 
@@ -786,7 +829,8 @@ def collate_examples(batch: list[dict]) -> dict:
     """A batch of [`ImageStream`] examples: ``pixel_values`` (B, 3, R, R) of the decoded ones (an empty tensor
     when there is none), their ``keys`` and stream ``rows``, the ``worker`` that read them and ``rows_read`` (rows
     it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, ``(row, reason)`` pairs)
-    and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""). A batch of
+    and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""), and ``labels``
+    when the stream carries a ``label`` column (`build_image_dataset(label_column=...)`). A batch of
     resume placeholders is ``{"placeholder": True, "worker", "rows_read"}``."""
     if not batch:
         raise ValueError("`batch` must hold at least one example.")
@@ -804,6 +848,7 @@ def collate_examples(batch: list[dict]) -> dict:
         "skipped": bad,
         "num_converted": sum(1 for mode in modes if mode),
         "modes": modes,
+        **({"labels": [example["label"] for example in good]} if good and "label" in good[0] else {}),
         **position,
     }
 

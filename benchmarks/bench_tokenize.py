@@ -1,0 +1,185 @@
+"""Tokenizing throughput: `tokenize_dataset` end to end against its two stages, decode-only and encode-only.
+
+The images are ImageNet-style parquet shards written to a temporary folder (`bench_data.write_imagenet_shards`: JPEGs
+of about 500 x 375 cut from the bundled demo photos, ``image`` {bytes, path} + ``label``). Per preset (a randomly
+initialised model at its ``sample_size``), in one process, interleaved over ``--repeats`` rounds:
+
+  decode only   the DataLoader of `tokenize_dataset` (same stream, view transform, batch size and loader workers)
+                read to the end, nothing encoded;
+  encode only   ``model.encode`` over the same images already decoded to tensors on the device, same batches;
+  end to end    ``tokenize_dataset`` (decode in the loader workers overlapping the encoder, tokens written to
+                parquet shards, card and record).
+
+Target: end to end >= 0.85 x the slower stage. Memory: the extra peak resident memory of ``tokenize_dataset`` (tiny
+preset, no loader workers, in a fresh process) for ``--memory_images`` and twice as many images; it should not grow
+(shards are flushed). On CUDA the peak allocated CUDA memory of each end-to-end run is printed too.
+
+    .venv/bin/python benchmarks/bench_tokenize.py                                  # CPU, short
+    PYTHONPATH=src python benchmarks/bench_tokenize.py --device cuda      # H200: 2048 images, 8 workers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_data import write_imagenet_shards
+from common import interleaved_times, markdown_table, median, peak_memory_in_subprocess, print_header
+
+MiB = 1 << 20
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # a 5 s wait after each parquet pass (arrow workaround)
+    datasets.disable_progress_bars()
+
+
+def _model(preset: str, device: str):
+    from groupvq_hf import GroupVQConfig, GroupVQModel
+
+    torch.manual_seed(0)
+    return GroupVQModel(GroupVQConfig.from_preset(preset)).eval().to(device)
+
+
+def _loader(folder: Path, model, batch_size: int, workers: int, augment: str):
+    from groupvq_hf.data import build_image_dataset, collate_examples
+    from groupvq_hf.tokens import ViewTransform, image_processor_at
+
+    resolution = model.config.sample_size
+    stream = build_image_dataset(
+        str(folder), split="train", resolution=resolution, train=False, label_column="auto",
+        transform=ViewTransform(image_processor_at(None, resolution), resolution, augment),
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=workers,
+        pin_memory=next(model.parameters()).device.type == "cuda",
+    )  # fmt: skip
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> list[list[object]]:
+    from groupvq_hf.tokens import tokenize_dataset
+
+    model = _model(preset, args.device)
+    resolution = model.config.sample_size
+    loader = _loader(folder, model, args.batch_size, args.workers, args.augment)
+    decoded = [batch["pixel_values"].flatten(0, 1) for batch in loader]  # the encoder's input, views flattened
+    decoded = [batch.to(args.device) for batch in decoded]
+    counts, peaks = {}, []
+
+    def decode_only():
+        counts["decode"] = sum(len(batch["rows"]) for batch in loader)
+
+    @torch.inference_mode()
+    def encode_only():
+        for batch in decoded:
+            model.encode(batch)
+        _sync(args.device)
+
+    def end_to_end():
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as out:
+            record = tokenize_dataset(
+                model, str(folder), out, resolution, augment=args.augment, batch_size=args.batch_size,
+                dataloader_num_workers=args.workers, rows_per_shard=args.rows_per_shard, accelerator=accelerator,
+                progress=False,
+            )  # fmt: skip
+        _sync(args.device)
+        counts["end to end"] = record["num_examples"] // len(record["views"])
+        if args.device == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated() / MiB)
+
+    candidates = {"decode only": decode_only, "encode only": encode_only, "end to end": end_to_end}
+    times = interleaved_times(candidates, args.repeats, warmup=1)
+    if counts["decode"] != images or counts["end to end"] != images:
+        raise RuntimeError(f"a pass read the wrong number of images: {counts} (expected {images})")
+    rate = {name: images / median(t) for name, t in times.items()}
+    slower = min(rate["decode only"], rate["encode only"])
+    rows = [
+        [preset, f"{resolution}px", name, f"{median(t):.2f}", f"{rate[name]:.1f}",
+         f"{rate[name] / slower:.2f}" if name == "end to end" else ""]
+        for name, t in times.items()
+    ]  # fmt: skip
+    if peaks:
+        rows[-1][-1] += f" (peak CUDA {max(peaks):.0f} MiB)"
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- memory child
+def tokenize_factory(images: int, batch_size: int, rows_per_shard: int):
+    """Shards of ``images`` images and a tiny model (the baseline); returns the call to measure."""
+    _quiet_datasets()
+    from groupvq_hf.tokens import tokenize_dataset
+
+    root = Path(tempfile.mkdtemp())
+    write_imagenet_shards(root / "src", images)
+    model = _model("tiny", "cpu")
+    runs = iter(range(1_000_000))
+
+    def run():
+        tokenize_dataset(model, str(root / "src"), root / f"out{next(runs)}", model.config.sample_size,
+                         batch_size=batch_size, rows_per_shard=rows_per_shard, progress=False)  # fmt: skip
+
+    return run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="tiny,imagenet", help="Comma-separated `GroupVQConfig` presets.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=None, help="Images per pass (2048 on CUDA, 64 on CPU).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="Loader workers (default: min(8, cores - 1)).")
+    parser.add_argument("--augment", choices=("none", "flip", "ten_crop"), default="none")
+    parser.add_argument("--rows_per_shard", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory_images", type=int, default=64, help="0 skips the peak-memory check.")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process.")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.images = args.images or (2048 if args.device == "cuda" else 64)
+    args.workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
+    _quiet_datasets()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    print_header(f"Tokenizing throughput on {args.device}: tokenize_dataset vs decode-only and encode-only", "wall")
+    print(f"{args.images} JPEGs (~500x375) per pass, batch {args.batch_size}, {args.workers} loader worker(s), "
+          f"augment {args.augment}, {args.repeats} round(s)\n")  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "imagenet-1k"
+        write_imagenet_shards(folder, args.images, shards=max(2, args.workers))
+        for preset in args.presets.split(","):
+            rows += bench_preset(preset.strip(), folder, args.images, args, accelerator)
+    print(markdown_table(["preset", "resolution", "loop", "s per pass", "images/s", "end to end / slower stage"], rows))
+    if args.memory_images:
+        print()
+        sizes = (args.memory_images, 2 * args.memory_images)
+        peaks = [
+            peak_memory_in_subprocess("bench_tokenize", "tokenize_factory", threads=torch.get_num_threads(), images=n,
+                                      batch_size=16, rows_per_shard=32)  # fmt: skip
+            for n in sizes
+        ]
+        print(markdown_table(
+            ["images (tiny, CPU, no workers, 32 rows per shard)", "extra peak RSS of tokenize_dataset (MiB)"],
+            [[n, f"{p / MiB:.1f}"] for n, p in zip(sizes, peaks)],
+        ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The dataset card of a token dataset (``README.md`` with its ``dataset_info``) and its upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+UPLOAD_PATTERNS = ["data/*.parquet", "README.md", "tokenization.json"]
+
+
+def _describe(record: dict, location: str) -> str:
+    """The settings of ``record`` (``tokenization.json``) in words, with the load-and-decode snippet."""
+    model = record["model"]["name_or_path"]
+    commit = record["model"].get("commit")
+    h, w = record["token_grid"]
+    views = ", ".join(f"`{v}`" for v in record["views"])
+    resize = record.get("resize")
+    lines = [
+        "# Group-VQ tokens",
+        "",
+        (
+            f"Token grids of `{record['dataset']}` ({record['split']} split) made with the Group-VQ tokenizer "
+            f"`{model}`{f' (commit `{commit}`)' if commit else ''} at {record['resolution']}x{record['resolution']} "
+            "pixels, by `scripts/tokenize_dataset.py` of groupvq-hf."
+        ),
+        "",
+        f"- Codebook: {record['codebook_size']:,} codes in {record['num_groups']} group(s) "
+        f"(group sizes {record['group_sizes']}).",
+        "- Resize: "
+        + (
+            f"{resize['mode']} (Algorithm 2 of the Group-VQ paper) from the trained {resize['trained_codebook_size']:,} "
+            f"codes, seed {resize['seed']}; decode with the model resized the same way."
+            if resize
+            else "none, the codebook as trained."
+        ),
+        f"- Token grid: {h} x {w} = {h * w} tokens per row, row-major (`tokens[i * {w} + j]` is row i, column j).",
+        f"- Views per image (`--augment {record['augment']}`): {views}.",
+        f"- Rows: {record['num_examples']:,}; images skipped (undecodable or too small): {record['num_skipped']}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in record['skipped'].items())})" if record["num_skipped"] else "")
+        + ".",
+        "",
+        "Columns: `tokens` (int32 code indices), `key` (the source image's identifier), `augmentation` (the view)"
+        + (", `label` (the source's class label)." if "label" in record.get("columns", ()) else "."),
+        "",
+        "## Load a row and decode it back to an image",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "from groupvq_hf import GroupVQModel, decode_tokens",
+        f'row = load_dataset("{location}", split="{record["split"]}")[0]',
+        f'model = GroupVQModel.from_pretrained("{model}")'
+        + (f"  # then model.resize_codebook({record['codebook_size']}, mode=\"{resize['mode']}\", "
+           f"seed={resize['seed']})" if resize else ""),
+        f"image = decode_tokens(model, row[\"tokens\"], token_grid={[h, w]})[0]  # a PIL image",
+        "```",
+        "",
+        "`tokenization.json` beside the data holds the same settings as JSON.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_dataset_card(output_dir: str | Path, record: dict, features, location: str | None = None) -> Path:
+    """Write ``README.md``: YAML metadata (``dataset_info`` from `datasets`: features, split sizes) and the settings
+    in words, with the snippet loading from ``location`` (a repo id or folder; default
+    ``output_dir``). Returns its path."""
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.splits import SplitDict, SplitInfo
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    output_dir = Path(output_dir)
+    split = record["split"]
+    shards = sorted((output_dir / "data").glob(f"{split}-*.parquet"))
+    num_bytes = sum(p.stat().st_size for p in shards)
+    splits = SplitDict()
+    splits.add(SplitInfo(name=split, num_bytes=num_bytes, num_examples=record["num_examples"]))
+    info = DatasetInfo(features=features, splits=splits, download_size=num_bytes, dataset_size=num_bytes)
+    data = DatasetCardData(tags=["group-vq", "image-tokens", "groupvq-hf"])
+    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
+    # no `configs` naming the files: `datasets` finds the split from the file names (data/{split}-*.parquet), and a
+    # local folder's cache then follows the files (with `configs`, datasets 5 reuses a stale cache after --overwrite)
+    record = {**record, "columns": list(features)}
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{_describe(record, location or str(output_dir))}")
+    path = output_dir / "README.md"
+    tmp = path.with_name(".tmp-README.md")
+    card.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def push_tokens_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the shards, card and ``tokenization.json`` of ``output_dir`` to the dataset repo ``repo_id``
+    (created if missing) in one commit; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    from ..hub import resolve_token
+
+    token = resolve_token(token)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(
+        folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", allow_patterns=UPLOAD_PATTERNS,
+        commit_message="Upload Group-VQ tokens (groupvq-hf scripts/tokenize_dataset.py)",
+    )  # fmt: skip
+    return str(url)
+
+
+def read_record(output_dir: str | Path) -> dict:
+    """``tokenization.json`` of a token dataset folder."""
+    return json.loads((Path(output_dir) / "tokenization.json").read_text(encoding="utf-8"))
+
+
+__all__ = ["UPLOAD_PATTERNS", "push_tokens_to_hub", "read_record", "write_dataset_card"]

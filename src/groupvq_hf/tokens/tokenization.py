@@ -1,0 +1,542 @@
+"""Tokenize a dataset into a `datasets` dataset of token grids, at the trained or any resized codebook size.
+
+``tokenize_dataset(model, dataset, output_dir, resolution, ...)`` (``scripts/tokenize_dataset.py``) streams a source
+through `groupvq_hf.data.build_image_dataset` (the sources, streaming and per-process split of ``scripts/train.py
+--dataset``, ``demo`` included), encodes every view of every image with the model and writes parquet shards that
+``datasets.load_dataset(output_dir, split=split)`` reads, with a dataset card and ``tokenization.json``.
+
+Rows (one per image and view): ``tokens`` (the (h, w) grid of code indices, row-major: ``tokens[i * w + j]`` is row
+``i``, column ``j``; int32, length ``h * w``), ``key`` (the source image's stable identifier, as the training stream
+names it), ``augmentation`` (the view) and ``label`` (when the source has a label column, its ``ClassLabel`` kept).
+
+Views (`AUGMENTATIONS`), all from the model's own image processor (resize the shorter side, center crop, [-1, 1]):
+
+- ``none``: ``center``, the processed image at ``resolution``;
+- ``flip``: ``center`` and ``flip``, its horizontal mirror;
+- ``ten_crop``: LlamaGen's ten crops (``extract_codes_c2i.py``): the image processed at ``int(resolution * 1.1)``
+  (`TEN_CROP_RANGE`), its five ``resolution`` crops ``crop_0`` ... ``crop_4`` (top-left, top-right, bottom-left,
+  bottom-right, center: torchvision's ``five_crop`` order) and their mirrors ``crop_0_flip`` ... ``crop_4_flip``.
+
+Each process writes its own shards: the rows of DataLoader worker ``w`` of process ``r`` are cut into chunks of
+``rows_per_shard // views`` source rows (skipped images count as rows), chunk ``c`` is written to
+``data/{split}-{r:03d}-{w:03d}-{c:05d}.parquet`` under a temporary name and renamed when complete (its counts are
+kept in ``.progress/``). A rerun of the same command skips the rows of complete shards without decoding them, so a
+killed run, run again, ends equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..image_processing_groupvq import GroupVQImageProcessor
+
+AUGMENTATIONS = {
+    "none": ("center",),
+    "flip": ("center", "flip"),
+    "ten_crop": (*(f"crop_{i}" for i in range(5)), *(f"crop_{i}_flip" for i in range(5))),
+}
+TEN_CROP_RANGE = 1.1  # LlamaGen's `--crop-range`: ten_crop cuts `resolution` crops from an int(1.1 * resolution) image
+RESIZE_MODES = ("extend", "resample")
+RECORD_FILE = "tokenization.json"
+PROGRESS_DIR = ".progress"
+DATA_DIR = "data"
+# settings two runs into the same folder must share (else the folder is refused, naming the differences)
+SETTINGS = (
+    "model", "dataset", "split", "image_column", "label_column", "resolution", "augment", "codebook_size", "resize",
+    "max_samples", "rows_per_shard", "num_processes", "dataloader_num_workers",
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- views
+def image_processor_at(source: str | os.PathLike | None, resolution: int) -> GroupVQImageProcessor:
+    """The image processor of the model saved at ``source`` (a folder or Hub repo id with a
+    ``preprocessor_config.json``; the default `GroupVQImageProcessor` when it has none or ``source`` is None) at
+    ``resolution``: shorter side resized to ``resolution``, then a ``resolution`` x ``resolution`` center crop."""
+    size = {"size": {"shortest_edge": resolution}, "crop_size": {"height": resolution, "width": resolution}}
+    if source:
+        try:
+            return GroupVQImageProcessor.from_pretrained(str(source), **size)
+        except (OSError, ValueError):
+            pass  # a model saved without its processor: the default one
+    return GroupVQImageProcessor(**size)
+
+
+class ViewTransform:
+    """A PIL RGB image -> its views (V, 3, R, R) in [-1, 1], in the order of ``AUGMENTATIONS[augment]``."""
+
+    def __init__(self, processor: GroupVQImageProcessor, resolution: int, augment: str):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"`augment` must be one of {list(AUGMENTATIONS)}, got {augment!r}.")
+        self.resolution, self.augment = resolution, augment
+        side = int(resolution * TEN_CROP_RANGE) if augment == "ten_crop" else resolution
+        self.processor = processor if side == resolution else image_processor_at_size(processor, side)
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
+        if self.augment == "none":
+            return pixels[None]
+        if self.augment == "flip":
+            return torch.stack([pixels, pixels.flip(-1)])
+        from torchvision.transforms.v2.functional import five_crop
+
+        crops = torch.stack(five_crop(pixels, [self.resolution, self.resolution]))
+        return torch.cat([crops, crops.flip(-1)])
+
+
+def image_processor_at_size(processor: GroupVQImageProcessor, side: int) -> GroupVQImageProcessor:
+    """A copy of ``processor`` resizing the shorter side to ``side`` and center-cropping ``side`` x ``side``."""
+    config = processor.to_dict()
+    config.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return GroupVQImageProcessor.from_dict(config)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+@torch.no_grad()
+def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil"):
+    """Images from token rows: ``tokens`` is one row (``h * w`` ints, row-major, as the ``tokens`` column holds them)
+    or a batch of rows; ``token_grid`` is ``[h, w]`` (``tokenization.json``; square when None). Returns a list of PIL
+    images (``output_type="pil"``), or ``"np"`` / ``"pt"`` as `GroupVQImageProcessor.postprocess`.
+
+    Tokens made with ``--codebook_size`` index the resized codebook: decode them with the model resized the same way
+    (``model.resize_codebook(size, mode, seed)`` with the ``resize`` of ``tokenization.json``).
+    """
+    rows = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else _as_int_rows(tokens))
+    if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool or rows.ndim not in (1, 2):
+        raise ValueError(
+            f"`tokens` must be integer code indices of shape (h * w,) or (batch, h * w), got {rows.dtype} "
+            f"of shape {tuple(rows.shape)}."
+        )
+    rows = rows.reshape(-1, rows.shape[-1]).long()
+    length = rows.shape[-1]
+    if token_grid is None:
+        side = round(length**0.5)
+        token_grid = (side, side)
+    h, w = (int(v) for v in token_grid)
+    if h * w != length:
+        raise ValueError(f"`token_grid` {[h, w]} holds {h * w} tokens, but a row of `tokens` has {length}.")
+    size = model.config.codebook_size
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= size):
+        raise ValueError(
+            f"`tokens` must index the codebook of {size} codes, got values in [{int(rows.min())}, {int(rows.max())}] "
+            "(tokens made with --codebook_size need the model resized the same way)."
+        )
+    device = next(model.parameters()).device
+    images = model.decode_indices(rows.view(-1, h, w).to(device))
+    return GroupVQImageProcessor().postprocess(images.clamp(-1, 1), output_type=output_type)
+
+
+def _as_int_rows(tokens):
+    """A list (of lists) of ints, or a numpy array, as an array; floats stay floats (refused by the caller)."""
+    import numpy as np
+
+    array = np.asarray(tokens)
+    return array.astype(np.int64) if array.dtype.kind in "iu" else array.astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- folder
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """``"name: old -> new"`` for every setting of `SETTINGS` that differs between two runs."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in SETTINGS if old.get(k) != new.get(k)]
+
+
+def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dict | None:
+    """Make ``output_dir`` ready for a run with ``settings`` (main process), before any image is encoded.
+
+    Returns the existing record when the folder holds a run with the same settings (resumed), else None. Raises
+    ValueError when it holds a run with other settings (naming the differences) or files of something else, unless
+    ``overwrite`` (which deletes the previous run's ``data/``, card, record and progress), and when it is not writable.
+    """
+    ours = (DATA_DIR, PROGRESS_DIR, RECORD_FILE, "README.md")
+    record_path = output_dir / RECORD_FILE
+    existing = None
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if overwrite:
+            for name in ours:
+                target = output_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        elif record_path.is_file():
+            existing = json.loads(record_path.read_text(encoding="utf-8"))
+            differences = settings_differences(existing.get("settings", {}), settings)
+            if differences:
+                raise ValueError(
+                    f"`output_dir` {str(output_dir)!r} holds tokens made with other settings ("
+                    + "; ".join(differences)
+                    + "): use another folder, or --overwrite to start over."
+                )
+        else:
+            found = sorted(p.name for p in output_dir.iterdir())[:5]
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} is not empty and holds no {RECORD_FILE} (found {found}): give an "
+                "empty or new folder, or --overwrite."
+            )
+    try:
+        (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        (output_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+        probe = output_dir / PROGRESS_DIR / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable: {err}") from err
+    if existing is None:
+        write_json_atomic({"status": "running", "settings": settings}, record_path)
+    return existing
+
+
+def write_json_atomic(data: dict, path: Path) -> Path:
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def shard_name(split: str, rank: int, worker: int, chunk: int) -> str:
+    return f"{split}-{rank:03d}-{worker:03d}-{chunk:05d}"
+
+
+def complete_chunks(output_dir: Path, split: str, rank: int, worker: int) -> int:
+    """How many leading chunks of this worker's rows are written (shards are complete in order)."""
+    chunk = 0
+    while (output_dir / DATA_DIR / f"{shard_name(split, rank, worker, chunk)}.parquet").is_file():
+        chunk += 1
+    return chunk
+
+
+class ShardWriter:
+    """Collects one worker's rows chunk by chunk and writes each complete chunk as one parquet shard (temporary name,
+    then renamed), with its counts in ``.progress/<shard>.json`` written first."""
+
+    def __init__(self, output_dir: Path, split: str, rank: int, worker: int, chunk: int, rows_per_chunk: int,
+                 features):  # fmt: skip
+        self.output_dir, self.split, self.rank, self.worker = output_dir, split, rank, worker
+        self.chunk, self.rows_per_chunk, self.features = chunk, rows_per_chunk, features
+        self.columns: dict[str, list] = {name: [] for name in features}
+        self.skipped: Counter = Counter()
+        self.pending = chunk == 0  # a worker that reads no row still writes its (empty) first shard
+
+    def add(self, row: int, values: dict | None = None, reason: str | None = None) -> None:
+        """Add the views of source ``row`` (``values``: column -> list over views) or a skipped row's ``reason``."""
+        while row >= (self.chunk + 1) * self.rows_per_chunk:
+            self.flush()
+        self.pending = True
+        if values is None:
+            self.skipped[reason] += 1
+            return
+        for name, column in self.columns.items():
+            column.extend(values[name])
+
+    def flush(self) -> None:
+        import datasets
+
+        from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        name = shard_name(self.split, self.rank, self.worker, self.chunk)
+        stats = {"num_examples": len(self.columns["tokens"]), "skipped": dict(sorted(self.skipped.items()))}
+        write_json_atomic(stats, self.output_dir / PROGRESS_DIR / f"{name}.json")
+        final = self.output_dir / DATA_DIR / f"{name}.parquet"
+        tmp = final.with_name(f".tmp-{name}.parquet")
+        bars_were_disabled = are_progress_bars_disabled()
+        disable_progress_bars()  # one bar per shard is noise
+        try:
+            datasets.Dataset.from_dict(self.columns, features=self.features).to_parquet(str(tmp))
+        finally:
+            if not bars_were_disabled:
+                enable_progress_bars()
+        os.replace(tmp, final)
+        self.chunk += 1
+        self.columns = {name: [] for name in self.features}
+        self.skipped = Counter()
+        self.pending = False
+
+    def close(self) -> None:
+        """Write the last, partial chunk (nothing when the rows of this worker were all written before)."""
+        if self.pending:
+            self.flush()
+
+
+def read_progress(output_dir: Path, split: str) -> tuple[int, Counter, int]:
+    """``(num_examples, skipped reasons, num_shards)`` over the complete shards of ``split``."""
+    examples, skipped, shards = 0, Counter(), 0
+    for shard in sorted((output_dir / DATA_DIR).glob(f"{split}-*.parquet")):
+        stats = json.loads((output_dir / PROGRESS_DIR / f"{shard.stem}.json").read_text(encoding="utf-8"))
+        examples += stats["num_examples"]
+        skipped.update(stats["skipped"])
+        shards += 1
+    return examples, skipped, shards
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _model_identity(model, name: str) -> dict:
+    """``{"name_or_path", "commit"}``: a local folder as an absolute path, a Hub repo id with its commit."""
+    local = Path(name).expanduser()
+    commit = getattr(model.config, "_commit_hash", None)
+    if local.exists():
+        return {"name_or_path": str(local.resolve()), "commit": None}
+    return {"name_or_path": name, "commit": commit}
+
+
+def _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader_num_workers, max_samples,
+                     resize_mode, codebook_size) -> None:  # fmt: skip
+    def positive(value, name, allow_none=False):
+        if allow_none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
+
+    positive(resolution, "resolution")
+    positive(rows_per_shard, "rows_per_shard")
+    positive(batch_size, "batch_size")
+    positive(max_samples, "max_samples", allow_none=True)
+    positive(codebook_size, "codebook_size", allow_none=True)
+    workers = dataloader_num_workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"`dataloader_num_workers` must be an int >= 0, got {dataloader_num_workers!r}.")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"`augment` must be one of {list(AUGMENTATIONS)}, got {augment!r}.")
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"`resize_mode` must be one of {list(RESIZE_MODES)}, got {resize_mode!r}.")
+
+
+def _output_features(label_feature, length: int):
+    import datasets
+
+    features = {
+        "tokens": datasets.List(datasets.Value("int32"), length=length),
+        "key": datasets.Value("string"),
+        "augmentation": datasets.Value("string"),
+    }
+    if label_feature is not None:
+        features["label"] = label_feature
+    return datasets.Features(features)
+
+
+@torch.inference_mode()
+def tokenize_dataset(
+    model,
+    dataset: str,
+    output_dir: str | os.PathLike,
+    resolution: int,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = "auto",
+    augment: str = "none",
+    codebook_size: int | None = None,
+    resize_mode: str = "extend",
+    seed: int = 0,
+    max_samples: int | None = None,
+    batch_size: int = 32,
+    dataloader_num_workers: int = 0,
+    rows_per_shard: int = 10_000,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize ``split`` of ``dataset`` into ``output_dir`` (see the module docstring); returns the record written to
+    ``tokenization.json`` (on every process).
+
+    ``model``: a saved folder or Hub repo id (or a `GroupVQModel`, recorded by its ``name_or_path``; with
+    ``codebook_size`` it is resized in place).
+    ``label_column``: ``"auto"`` (the named source's label column, else the source's first ``ClassLabel`` column),
+    a column name, or None. ``codebook_size`` resizes the tokenizer first (Algorithm 2, ``resize_mode`` and ``seed``;
+    a size the groups cannot split is an error before any image is read). ``max_samples`` caps the source rows each
+    process and loader worker reads. Every process must call it (under ``accelerate launch``).
+    """
+    from ..data import build_image_dataset, collate_examples
+    from ..evaluation import build_accelerator, load_model
+
+    _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader_num_workers, max_samples,
+                     resize_mode, codebook_size)  # fmt: skip
+    accelerator = accelerator or build_accelerator()
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    output_dir = Path(output_dir).expanduser()
+    source = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "") or None
+    name = source or "in-memory"
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, accelerator.device)
+    else:
+        model = model.to(accelerator.device).eval()
+    trained = {"codebook_size": model.config.codebook_size, "group_sizes": list(model.quantizer.group_sizes)}
+    resize = None
+    if codebook_size is not None:  # Algorithm 2; an impossible size raises here, before any image is read
+        try:
+            model.resize_codebook(codebook_size, mode=resize_mode, seed=seed)
+        except ValueError as err:
+            raise ValueError(f"`codebook_size` {codebook_size} cannot be used: {err}") from err
+        resize = {"mode": resize_mode, "seed": seed, "trained_codebook_size": trained["codebook_size"],
+                  "trained_group_sizes": trained["group_sizes"]}  # fmt: skip
+    factor = model.config.downsample_factor
+    if resolution % factor:
+        raise ValueError(
+            f"`resolution` must be a multiple of the model's downsampling factor {factor}, got {resolution}."
+        )
+    views = AUGMENTATIONS[augment]
+    grid = [resolution // factor, resolution // factor]
+    stream = build_image_dataset(
+        dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed, rank=rank,
+        world_size=world_size, streaming=True, max_samples=max_samples, label_column=label_column,
+        transform=ViewTransform(image_processor_at(source, resolution), resolution, augment),
+    )  # fmt: skip
+    features = _output_features((stream.examples.features or {}).get("label"), grid[0] * grid[1])
+    settings = {
+        "model": _model_identity(model, name), "dataset": dataset, "split": split, "image_column": image_column,
+        "label_column": label_column, "resolution": resolution, "augment": augment,
+        "codebook_size": model.config.codebook_size, "resize": resize, "max_samples": max_samples,
+        "rows_per_shard": rows_per_shard, "num_processes": world_size, "dataloader_num_workers": dataloader_num_workers,
+    }  # fmt: skip
+    error, complete = None, False
+    if accelerator.is_main_process:
+        try:
+            existing = prepare_output_dir(output_dir, settings, overwrite)
+            complete = existing is not None and existing.get("status") == "complete"
+        except ValueError as err:
+            error = str(err)
+    error, complete = _broadcast(accelerator, (error, complete))
+    if error:
+        raise ValueError(error)
+    if complete:  # the same command again on a finished folder: nothing to read or encode
+        return _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column,
+                       features, [], push_to_hub, private)  # fmt: skip
+
+    workers = max(1, dataloader_num_workers)
+    rows_per_chunk = max(1, rows_per_shard // len(views))
+    done = {w: complete_chunks(output_dir, split, rank, w) for w in range(workers)}
+    stream.resume_at = {w: (0, chunks * rows_per_chunk) for w, chunks in done.items()}
+    writers = {w: ShardWriter(output_dir, split, rank, w, done[w], rows_per_chunk, features) for w in range(workers)}
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+    from tqdm.auto import tqdm
+
+    show = progress and accelerator.is_local_main_process
+    bar = tqdm(desc=f"tokenize (process {rank})", unit="img", disable=not show)
+    for batch in loader:
+        writer = writers[batch["worker"]]
+        for row, reason in batch["skipped"]:
+            if max_samples is None or row < max_samples:
+                writer.add(row, reason=reason)
+        pixels = batch["pixel_values"]
+        if not len(batch["rows"]):
+            continue
+        num_images = pixels.shape[0]
+        flat = pixels.to(accelerator.device, non_blocking=True).flatten(0, 1)  # (B * V, 3, R, R)
+        indices = model.encode(flat.to(model.dtype)).indices.view(num_images, len(views), -1)
+        indices = indices.to(torch.int32).cpu().tolist()
+        labels = batch.get("labels")
+        for i, row in enumerate(batch["rows"]):
+            if max_samples is not None and row >= max_samples:
+                continue
+            values = {"tokens": indices[i], "key": [batch["keys"][i]] * len(views), "augmentation": list(views)}
+            if "label" in features:
+                values["label"] = [labels[i]] * len(views)
+            writer.add(row, values)
+        bar.update(num_images)
+    bar.close()
+    for writer in writers.values():
+        writer.close()
+    accelerator.wait_for_everyone()
+
+    return _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column,
+                   features, stream.notes, push_to_hub, private)  # fmt: skip
+
+
+def _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column, features,
+            notes, push_to_hub, private) -> dict:  # fmt: skip
+    """Write the record and the card from the complete shards (main process), push them; the record everywhere."""
+    record = None
+    if accelerator.is_main_process:
+        from .card import push_tokens_to_hub, write_dataset_card
+
+        num_examples, skipped, num_shards = read_progress(output_dir, split)
+        record = {
+            "status": "complete", "settings": settings, "model": settings["model"],
+            "codebook_size": model.config.codebook_size, "num_groups": model.quantizer.num_groups,
+            "group_sizes": list(model.quantizer.group_sizes), "token_grid": grid, "resolution": settings["resolution"],
+            "augment": settings["augment"], "views": list(views), "resize": resize, "dataset": dataset, "split": split,
+            "label_column": label_column, "num_examples": num_examples, "num_shards": num_shards,
+            "num_skipped": sum(skipped.values()), "skipped": dict(sorted(skipped.items())),
+        }  # fmt: skip
+        write_dataset_card(output_dir, record, features, location=push_to_hub or str(output_dir))
+        write_json_atomic(record, output_dir / RECORD_FILE)
+        print(
+            f"Tokenized {num_examples} rows ({len(views)} view(s) per image) of {dataset!r} {split} into "
+            f"{output_dir} ({num_shards} shards); skipped {record['num_skipped']} image(s)"
+            + (f" {record['skipped']}" if skipped else "") + "."
+        )  # fmt: skip
+        for note in notes:
+            print(f"Note: {note}")
+        if push_to_hub:
+            record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, private=private)
+    accelerator.wait_for_everyone()
+    return _broadcast(accelerator, record)
+
+
+def _broadcast(accelerator, value):
+    """``value`` of the main process on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def tokenize_parser():
+    """Arguments of ``scripts/tokenize_dataset.py``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Tokenize a dataset into a `datasets` dataset of Group-VQ token grids (parquet shards + card)."
+    )
+    parser.add_argument("--model", required=True, help="A saved Group-VQ folder or Hub repo id.")
+    parser.add_argument("--dataset", required=True, help="What scripts/train.py --dataset accepts (demo, imagenet, "
+                        "a Hub repo id, a local folder / parquet / tar shards, a+b).")  # fmt: skip
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image_column", default=None, help="Image column (guessed when not given).")
+    parser.add_argument("--label_column", default="auto", help="Label column: 'auto' (the source's ClassLabel / "
+                        "named source's label), a column name, or 'none'.")  # fmt: skip
+    parser.add_argument("--resolution", type=int, required=True, help="Image side the processor resizes and crops to.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--augment", choices=list(AUGMENTATIONS), default="none")
+    parser.add_argument("--codebook_size", type=int, default=None, help="Resize the codebook first (Algorithm 2).")
+    parser.add_argument("--resize_mode", choices=RESIZE_MODES, default="extend")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of --resize_mode resample.")
+    parser.add_argument("--max_samples", type=int, default=None, help="At most M source rows per process and worker.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per encoder batch (x views).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--rows_per_shard", type=int, default=10_000)
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="Upload as a Hub dataset repo.")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="Delete a previous run in --output_dir first.")
+    parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """``scripts/tokenize_dataset.py``."""
+    args = tokenize_parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("model", "dataset", "output_dir", "resolution",
+                                                                 "no_progress")}  # fmt: skip
+    if options["label_column"] == "none":
+        options["label_column"] = None
+    return tokenize_dataset(args.model, args.dataset, args.output_dir, args.resolution, progress=not args.no_progress,
+                            **options)  # fmt: skip
+
+
+__all__ = [
+    "AUGMENTATIONS",
+    "TEN_CROP_RANGE",
+    "ViewTransform",
+    "decode_tokens",
+    "image_processor_at",
+    "main",
+    "tokenize_dataset",
+    "tokenize_parser",
+]

@@ -1,0 +1,377 @@
+"""Tokens for generative models: `groupvq_hf.tokenize_dataset` and scripts/tokenize_dataset.py (tiny model, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel
+from groupvq_hf.data import demo_images
+from groupvq_hf.tokens import AUGMENTATIONS, decode_tokens, tokenize_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO_ROOT / "scripts" / "tokenize_dataset.py")
+RESOLUTION = 32
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_shutdown_sleep(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset():
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    GroupVQModel(GroupVQConfig.from_preset("tiny")).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """Six real photos (scikit-image's, shrunk to at most 80 px), one undecodable file and one 4 x 4 image."""
+    path = tmp_path_factory.mktemp("photos")
+    for i, image in enumerate(demo_images()[:6]):
+        image.thumbnail((80, 80))
+        image.save(path / f"photo{i}.{'png' if i % 2 else 'jpg'}")
+    (path / "broken.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(path / "tiny.png")
+    return path
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], **env) -> str:
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(**env), capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _rows(folder: Path, split: str = "train") -> list[dict]:
+    """The rows of a token dataset sorted by (key, view)."""
+    import datasets
+
+    rows = list(datasets.load_dataset(str(folder), split=split))
+    return sorted(rows, key=lambda row: (row["key"], row["augmentation"]))
+
+
+def _tokenize(model_dir, dataset, out, **kwargs) -> dict:
+    kwargs.setdefault("progress", False)
+    return tokenize_dataset(str(model_dir), str(dataset), out, RESOLUTION, **kwargs)
+
+
+def _processed(image: Image.Image) -> torch.Tensor:
+    """``processor(image)`` with the model's processor at ``RESOLUTION``: (1, 3, R, R)."""
+    size = {"shortest_edge": RESOLUTION}, {"height": RESOLUTION, "width": RESOLUTION}
+    processor = GroupVQImageProcessor(size=size[0], crop_size=size[1])
+    return processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+
+
+def _expected(model, image: Image.Image, augment: str = "none") -> list[list[int]]:
+    """``model.encode(processor(image)).indices`` of every view, flattened row-major."""
+    pixels = _processed(image)
+    views = [pixels, pixels.flip(-1)] if augment == "flip" else [pixels]
+    with torch.no_grad():
+        return [model.encode(view).indices.flatten(1)[0].tolist() for view in views]
+
+
+# ---------------------------------------------------------------------------------------------------- exactness
+def test_script_tokens_equal_model_encode_of_processed_photos_and_decode_back(model_dir, photo_folder, tmp_path):
+    import datasets
+
+    out = tmp_path / "tokens"
+    log = _run([
+        sys.executable, SCRIPT, "--model", str(model_dir), "--dataset", str(photo_folder), "--resolution",
+        str(RESOLUTION), "--output_dir", str(out), "--augment", "flip", "--batch_size", "3", "--no_progress",
+    ])  # fmt: skip
+    assert "skipped 2 image(s)" in log
+    record = json.loads((out / "tokenization.json").read_text())
+    assert record["token_grid"] == [8, 8] and record["codebook_size"] == 256 and record["num_groups"] == 8
+    assert record["group_sizes"] == [32] * 8 and record["augment"] == "flip" and record["resolution"] == RESOLUTION
+    assert record["num_examples"] == 12 and record["num_skipped"] == 2 and record["resize"] is None
+    assert record["skipped"] == {"too_small": 1, "undecodable:UnidentifiedImageError": 1}
+    assert record["model"]["name_or_path"] == str(model_dir.resolve()) and record["dataset"] == str(photo_folder)
+    card = (out / "README.md").read_text()
+    assert "dataset_info:" in card and "decode_tokens" in card and "images skipped" in card
+
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    rows = _rows(out)
+    assert [row["augmentation"] for row in rows] == ["center", "flip"] * 6
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.features["tokens"] == datasets.List(datasets.Value("int32"), length=64)
+    assert "label" not in ds.features  # an image folder without labels
+    for center, flip in zip(rows[::2], rows[1::2]):
+        assert center["key"] == flip["key"]
+        assert [center["tokens"], flip["tokens"]] == _expected(model, Image.open(center["key"]), "flip")
+    streamed = list(datasets.load_dataset(str(out), split="train", streaming=True))
+    assert sorted(r["tokens"] for r in streamed) == sorted(r["tokens"] for r in rows)
+
+    tokens = torch.tensor(rows[0]["tokens"]).view(1, 8, 8)
+    with torch.no_grad():
+        reference = GroupVQImageProcessor().postprocess(model.decode_indices(tokens).clamp(-1, 1), output_type="np")
+    image = decode_tokens(model, rows[0]["tokens"], token_grid=record["token_grid"])[0]
+    assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image), reference[0])
+    both = decode_tokens(model, [rows[0]["tokens"], rows[1]["tokens"]], token_grid=[8, 8], output_type="np")
+    assert both.shape == (2, 32, 32, 3) and np.array_equal(both[0], reference[0])
+    with pytest.raises(ValueError, match="token_grid"):
+        decode_tokens(model, rows[0]["tokens"], token_grid=[4, 4])
+    with pytest.raises(ValueError, match="codebook of 256"):
+        decode_tokens(model, [300] * 64, token_grid=[8, 8])
+    with pytest.raises(ValueError, match="`tokens` must be integer code indices"):
+        decode_tokens(model, [0.5] * 64, token_grid=[8, 8])
+
+
+def test_ten_crop_views_are_llamagen_crops_of_the_processed_image(model_dir, photo_folder, tmp_path):
+    from torchvision.transforms.v2.functional import five_crop
+
+    out = tmp_path / "ten"
+    record = _tokenize(model_dir, photo_folder, out, augment="ten_crop", max_samples=2)
+    assert record["views"] == list(AUGMENTATIONS["ten_crop"])
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    rows = _rows(out)
+    row = {r["augmentation"]: r for r in rows if r["key"] == rows[0]["key"]}
+    side = int(RESOLUTION * 1.1)
+    processor = GroupVQImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    pixels = processor(Image.open(rows[0]["key"]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    crops = five_crop(pixels, [RESOLUTION, RESOLUTION])
+    with torch.no_grad():
+        for i, crop in enumerate(crops):
+            assert row[f"crop_{i}"]["tokens"] == model.encode(crop[None]).indices.flatten().tolist()
+            assert row[f"crop_{i}_flip"]["tokens"] == model.encode(crop.flip(-1)[None]).indices.flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_loader_workers_and_batch_sizes_give_the_same_dataset(model_dir, photo_folder, tmp_path):
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["--model", str(model_dir), "--dataset", str(photo_folder), "--resolution", str(RESOLUTION), "--augment",
+            "flip", "--no_progress", "--rows_per_shard", "4"]  # fmt: skip
+    log = _run([*launch, SCRIPT, *args, "--output_dir", str(tmp_path / "two"), "--batch_size", "2"])
+    assert "skipped 2 image(s)" in log
+    two = json.loads((tmp_path / "two" / "tokenization.json").read_text())
+    assert two["settings"]["num_processes"] == 2 and two["num_examples"] == 12
+    assert {p.name.split("-")[1] for p in (tmp_path / "two" / "data").glob("*.parquet")} == {"000", "001"}
+    one = _tokenize(model_dir, photo_folder, tmp_path / "one", augment="flip", batch_size=5)
+    workers = _tokenize(model_dir, photo_folder, tmp_path / "workers", augment="flip", batch_size=1,
+                        dataloader_num_workers=2)  # fmt: skip
+    assert one["num_examples"] == workers["num_examples"] == 12
+    reference = _rows(tmp_path / "one")
+    assert _rows(tmp_path / "two") == reference
+    assert _rows(tmp_path / "workers") == reference
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def test_labels_and_class_names_carried_from_an_imagenet_parquet(model_dir, tmp_path):
+    import datasets
+
+    names = ["tench", "goldfish", "great white shark"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    photos = demo_images()[:5]
+    images = []
+    for i, photo in enumerate(photos):
+        photo.thumbnail((64, 64))
+        path = tmp_path / f"n0{i}.JPEG"
+        photo.save(path)
+        images.append({"bytes": path.read_bytes(), "path": path.name})
+    source = tmp_path / "imagenet" / "data" / "validation-00000-of-00001.parquet"
+    source.parent.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(5)]}, features=features).to_parquet(
+        str(source)
+    )
+    out = tmp_path / "tokens"
+    record = _tokenize(model_dir, tmp_path / "imagenet", out, split="validation")
+    assert record["num_examples"] == 5
+    ds = datasets.load_dataset(str(out), split="validation")
+    assert ds.features["label"] == datasets.ClassLabel(names=names)
+    keys = [image["path"] for image in images]  # parquet rows named as the training stream names them
+    from groupvq_hf.data import example_key
+
+    expected = {example_key(image): i % 3 for i, image in enumerate(images)}
+    assert {row["key"]: row["label"] for row in ds} == expected and len(set(expected)) == len(keys)
+    with pytest.raises(ValueError, match=r"`label_column` 'class'.*columns: \['image', 'label'\]"):
+        _tokenize(model_dir, tmp_path / "imagenet", tmp_path / "bad", split="validation", label_column="class")
+
+
+# ---------------------------------------------------------------------------------------------------- resize
+def test_resized_codebook_tokens_index_the_resized_model_and_decode_exactly(model_dir, photo_folder, tmp_path):
+    out = tmp_path / "x2"
+    record = _tokenize(model_dir, photo_folder, out, codebook_size=512, resize_mode="extend")
+    assert record["codebook_size"] == 512 and record["group_sizes"] == [64] * 8
+    trained = {"trained_codebook_size": 256, "trained_group_sizes": [32] * 8}
+    assert record["resize"] == {"mode": "extend", "seed": 0, **trained}
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    model.resize_codebook(512, mode="extend", seed=0)
+    rows = _rows(out)
+    with torch.no_grad():
+        for row in rows:
+            encoded = model.encode(_processed(Image.open(row["key"])))
+            assert row["tokens"] == encoded.indices.flatten().tolist()
+            decoded = decode_tokens(model, row["tokens"], token_grid=[8, 8], output_type="pt")
+            exact = GroupVQImageProcessor().postprocess(model.decode_indices(encoded.indices).clamp(-1, 1), "pt")
+            assert torch.equal(decoded, exact)
+            # the quantized latents are z + (q - z) (straight-through, Eq. 2): q up to float rounding
+            reference = GroupVQImageProcessor().postprocess(model.decode(encoded.quantized).clamp(-1, 1), "pt")
+            assert torch.allclose(decoded, reference, atol=1e-5, rtol=0)
+    assert max(max(row["tokens"]) for row in rows) >= 0
+    # 300 codes do not split over 8 groups: refused before any work
+    with pytest.raises(ValueError, match="`codebook_size` 300 cannot be used"):
+        _tokenize(model_dir, photo_folder, tmp_path / "odd", codebook_size=300)
+    assert not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+class _Killed(BaseException):
+    pass
+
+
+def _shards(folder: Path) -> dict[str, int]:
+    """Complete shards (not temporary files) -> modification time."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "data").glob("*.parquet")) if p.name[0] != "."}
+
+
+def test_kill_while_writing_then_rerun_equals_an_uninterrupted_run(model_dir, photo_folder, tmp_path, monkeypatch):
+    import datasets
+
+    kwargs = {"augment": "flip", "rows_per_shard": 2, "batch_size": 2}  # one image per shard
+    straight = _tokenize(model_dir, photo_folder, tmp_path / "straight", **kwargs)
+    out = tmp_path / "resumed"
+    to_parquet = datasets.Dataset.to_parquet
+    calls = []
+
+    def dying(self, path, *args, **kw):  # the 4th shard dies half-written, under its temporary name
+        calls.append(path)
+        if len(calls) == 4:
+            Path(path).write_bytes(b"half a parquet file")
+            raise _Killed()
+        return to_parquet(self, path, *args, **kw)
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", dying)
+    with pytest.raises(_Killed):
+        _tokenize(model_dir, photo_folder, out, **kwargs)
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", to_parquet)
+    before = _shards(out)
+    assert len(before) == 3 and all(Path(p).name.startswith(".tmp-") for p in calls)
+    assert (out / "data" / ".tmp-train-000-000-00003.parquet").is_file()
+    assert json.loads((out / "tokenization.json").read_text())["status"] == "running"
+    resumed = _tokenize(model_dir, photo_folder, out, **kwargs)
+    after = _shards(out)
+    assert {name: after[name] for name in before} == before  # complete shards were not written again
+    assert set(after) == set(_shards(tmp_path / "straight"))
+    assert not list((out / "data").glob(".tmp-*"))
+    assert _rows(out) == _rows(tmp_path / "straight")
+    drop = ("settings",)
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in straight.items() if k not in drop}
+    again = _tokenize(model_dir, photo_folder, out, **kwargs)  # a complete folder: nothing to redo
+    assert _shards(out) == after and again["num_examples"] == straight["num_examples"]
+
+
+def test_a_folder_made_with_other_settings_is_refused_naming_them_and_overwrite_starts_over(
+    model_dir, photo_folder, tmp_path
+):
+    out = tmp_path / "tokens"
+    _tokenize(model_dir, photo_folder, out, max_samples=2)
+    assert {row["augmentation"] for row in _rows(out)} == {"center"}  # loaded (and cached by datasets) once
+    with pytest.raises(ValueError, match=r"other settings \(resolution: 32 -> 16; augment: 'none' -> 'flip'"):
+        tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2, progress=False)
+    record = tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2,
+                              overwrite=True, progress=False)  # fmt: skip
+    assert record["resolution"] == 16 and record["token_grid"] == [4, 4]
+    assert {row["augmentation"] for row in _rows(out)} == {"center", "flip"}  # the new files, not a stale cache
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no tokenization.json"):
+        _tokenize(model_dir, photo_folder, foreign)
+
+
+def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tmp_path, monkeypatch):
+    encoded = []
+    monkeypatch.setattr(GroupVQModel, "encode", lambda self, *a, **k: encoded.append(1))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="`output_dir` .* is not writable"):
+        _tokenize(model_dir, photo_folder, blocker / "out")
+    with pytest.raises(ValueError, match="`augment` must be one of"):
+        _tokenize(model_dir, photo_folder, tmp_path / "a", augment="rotate")
+    with pytest.raises(ValueError, match="`rows_per_shard` must be a positive int"):
+        _tokenize(model_dir, photo_folder, tmp_path / "b", rows_per_shard=0)
+    with pytest.raises(ValueError, match=r"`label_column` 'label' is not a column of 'demo'"):
+        _tokenize(model_dir, "demo", tmp_path / "c", split="validation", label_column="label")
+    assert not encoded
+
+
+# ---------------------------------------------------------------------------------------------------- hub
+PUSH_AND_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import datasets
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    from groupvq_hf.tokens import tokenization
+    sys.argv = ["tokenize_dataset.py", *sys.argv[1:]]
+    record = tokenization.main()
+    rows = datasets.load_dataset("tester/demo-tokens", split="validation")
+    print("ROWS", json.dumps(sorted([r["key"], r["augmentation"], r["tokens"]] for r in rows)))
+    print("URL", record["hub_url"])
+    """
+)
+
+
+def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
+    from hub_server import HubServer, HubUser
+
+    out = tmp_path / "tokens"
+    args = ["--model", str(model_dir), "--dataset", "demo", "--split", "validation", "--max_samples", "6",
+            "--resolution", str(RESOLUTION), "--output_dir", str(out), "--push_to_hub", "tester/demo-tokens",
+            "--no_progress"]  # fmt: skip
+    with HubServer(tokens={"hf_write": HubUser("tester")}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+               "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
+        log = _run([sys.executable, "-c", PUSH_AND_LOAD, *args], **env)
+        files = hub.dataset_files("tester/demo-tokens")
+        downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    prefix = "/datasets/tester/demo-tokens/resolve/"
+    assert any(path.startswith(prefix) and path.endswith(".parquet") for path in downloads)
+    assert "README.md" in files and "tokenization.json" in files
+    assert any(name.startswith("data/validation-") and name.endswith(".parquet") for name in files)
+    pushed = json.loads(log.split("ROWS ", 1)[1].splitlines()[0])
+    local = sorted([r["key"], r["augmentation"], r["tokens"]] for r in _rows(out, "validation"))
+    assert pushed == local and len(local) == 6
+    assert "datasets/tester/demo-tokens" in log.split("URL ", 1)[1]
