@@ -63,3 +63,121 @@ def test_nested_atomic_directories_write_once_and_stale_nested_leftovers_are_cle
     stale.mkdir()
     recover_directory(tmp_path / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ------------------------------------------------------------------------------------------------ item 2
+class _RunsCode:
+    """A pickle that, when unpickled with weights_only=False, creates a marker file (as os.system could anything)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A tiny run with a checkpoint at step 2 (EMA on), written by the training script's code."""
+    from test_training import _train
+
+    out = tmp_path_factory.mktemp("run")
+    _train(out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0")
+    return out / "checkpoints" / "checkpoint-2"
+
+
+def _resume_copy(checkpoint: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    return out
+
+
+def _resume(out: Path):
+    from test_training import _train
+
+    return _train(out, "--max_train_steps", "3", "--validation_steps", "0", "--resume_from_checkpoint", "latest")
+
+
+def test_checkpoint_holds_the_ema_as_safetensors_and_json_no_pickle(checkpointed_run):
+    from safetensors.torch import load_file
+
+    from groupvq_hf.training import EMA_STATE_FILE, EMA_WEIGHTS_FILE
+
+    names = {p.name for p in checkpointed_run.iterdir()}
+    assert {EMA_WEIGHTS_FILE, EMA_STATE_FILE} <= names and not any(n.startswith("custom_checkpoint") for n in names)
+    weights = load_file(str(checkpointed_run / EMA_WEIGHTS_FILE))
+    model = load_file(str(checkpointed_run / "model.safetensors"))
+    assert set(weights) <= set(model) and "encoder.conv_in.weight" in weights  # keyed by parameter name
+    assert json.loads((checkpointed_run / EMA_STATE_FILE).read_text())["optimization_step"] == 2
+
+
+@pytest.mark.parametrize("victim", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "legacy"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(checkpointed_run, tmp_path, victim):
+    """The earlier release's pickled EMA file (beside the safe files, or alone as in that release's checkpoints)
+    and accelerate's RNG file, replaced by a pickle that would create a marker: refused naming the file."""
+    from groupvq_hf.training import EMA_STATE_FILE, EMA_WEIGHTS_FILE
+
+    out = _resume_copy(checkpointed_run, tmp_path)
+    marker, folder = tmp_path / "pwned", out / "checkpoints" / "checkpoint-2"
+    if victim == "legacy":
+        (folder / EMA_WEIGHTS_FILE).unlink()
+        (folder / EMA_STATE_FILE).unlink()
+        victim = "custom_checkpoint_0.pkl"
+    torch.save({"shadow_params": _RunsCode(marker)}, folder / victim)
+    with pytest.raises(ValueError, match=victim):
+        _resume(out)
+    assert not marker.exists()
+
+
+def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_run, tmp_path):
+    """A checkpoint of the earlier release (EMA pickled by accelerate's custom state): read with weights_only=True,
+    converted to the safe files, and resumed to the same weights as the new format."""
+    from safetensors.torch import load_file
+
+    from groupvq_hf import GroupVQModel
+    from groupvq_hf.training import EMA_STATE_FILE, EMA_WEIGHTS_FILE, ema_parameter_names, resolve_model_config
+
+    reference = _resume_copy(checkpointed_run, tmp_path / "a")
+    _resume(reference)
+    out = _resume_copy(checkpointed_run, tmp_path / "b")
+    folder = out / "checkpoints" / "checkpoint-2"
+    counters = json.loads((folder / EMA_STATE_FILE).read_text())
+    weights = load_file(str(folder / EMA_WEIGHTS_FILE))  # in name order; the pickle held parameter order
+    names = ema_parameter_names(GroupVQModel(resolve_model_config("tiny", 32)))
+    shadow = [weights[name] for name in names]
+    torch.save({**counters, "shadow_params": shadow}, folder / "custom_checkpoint_0.pkl")
+    (folder / EMA_STATE_FILE).unlink()
+    (folder / EMA_WEIGHTS_FILE).unlink()
+    _resume(out)
+    a, b = load_file(str(reference / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["empty_ema", "ema_shape", "ema_counters", "model_keys"])
+def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(checkpointed_run, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from groupvq_hf.training import EMA_STATE_FILE, EMA_WEIGHTS_FILE
+
+    out = _resume_copy(checkpointed_run, tmp_path)
+    folder = out / "checkpoints" / "checkpoint-2"
+    if damage == "empty_ema":
+        save_file({}, folder / EMA_WEIGHTS_FILE)
+        name = EMA_WEIGHTS_FILE
+    elif damage == "ema_shape":
+        weights = load_file(str(folder / EMA_WEIGHTS_FILE))
+        weights["encoder.conv_in.weight"] = weights["encoder.conv_in.weight"][:1].contiguous()
+        save_file(weights, folder / EMA_WEIGHTS_FILE)
+        name = EMA_WEIGHTS_FILE
+    elif damage == "ema_counters":
+        (folder / EMA_STATE_FILE).write_text("{}")
+        name = EMA_STATE_FILE
+    else:
+        weights = load_file(str(folder / "model.safetensors"))
+        weights.pop("encoder.conv_in.weight")
+        save_file(weights, folder / "model.safetensors")
+        name = "model.safetensors"
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        _resume(out)

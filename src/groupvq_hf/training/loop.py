@@ -28,14 +28,18 @@ from ..configuration_groupvq import GroupVQConfig
 from ..data.stream import ResumableBatches
 from .arguments import parse_args, resolve_model_config, steps_per_epoch
 from .checkpoints import (
+    LEGACY_EMA_FILE,
     RUN_ARGS_FILE,
     VALIDATION_LOG_FILE,
+    check_checkpoint_files,
     check_resume_arguments,
     list_checkpoints,
+    load_ema_state,
     load_rank_state,
     resolve_resume_path,
     run_arguments,
     save_checkpoint,
+    save_ema_state,
 )
 
 
@@ -130,6 +134,11 @@ def save_export(model, model_dir: Path, run_args: dict) -> Path:
         model.save_pretrained(tmp)
         (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
     return Path(model_dir)
+
+
+def ema_parameter_names(model) -> list[str]:
+    """Names of ``model.parameters()`` in the order the EMA holds them (its checkpoint keys)."""
+    return [name for name, _ in model.named_parameters()]
 
 
 def build_ema(parameters, decay: float, warmup: bool = False):
@@ -278,9 +287,8 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
     model, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         model, discriminator, opt_g, opt_d, sched_g, sched_d
     )
-    if ema is not None:
+    if ema is not None:  # checkpointed by save_ema_state / load_ema_state (safetensors + JSON), not pickled
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     batches = build_batches(args, rank, world)
     run_args = run_arguments(args, config, world)
     resume = resolve_resume_path(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints")
@@ -390,6 +398,11 @@ def resume_training(run: TrainingRun) -> LoopState:
         saved = load_rank_state(run.resume, accelerator.process_index)  # first: a clear error for a foreign folder
         for warning in check_resume_arguments(run.resume, run.run_args, args.allow_resume_changes):
             logger.warning(warning)
+        check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
+        if run.ema is not None:
+            load_ema_state(run.ema, ema_parameter_names(run.plain_model), run.resume)
+        elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
+            raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
@@ -590,9 +603,10 @@ def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
         "converted_images": state.converted_images,
         "world_size": run.accelerator.num_processes,
     }  # fmt: skip
+    write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, ema_parameter_names(run.plain_model))
     path = save_checkpoint(
         run.accelerator, run.checkpoint_dir, state.global_step, rank_state, run.args.checkpoints_total_limit,
-        run.run_args,
+        run.run_args, write_ema,
     )  # fmt: skip
     run.logger.info(f"Saved checkpoint {path}")
     return path
@@ -844,6 +858,7 @@ __all__ = [
     "build_models",
     "build_optimizers",
     "build_schedulers",
+    "ema_parameter_names",
     "discriminator_step",
     "end_optimizer_step",
     "export_final_model",
