@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT / "src"))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def test_a_kill_during_the_final_export_leaves_no_model_copy_behind(tmp_path):
@@ -53,10 +53,9 @@ def test_a_kill_during_the_final_export_leaves_no_model_copy_behind(tmp_path):
 def test_nested_atomic_directories_write_once_and_stale_nested_leftovers_are_cleaned(tmp_path):
     from groupvq_hf.fileio import atomic_directory, recover_directory
 
-    with atomic_directory(tmp_path / "model") as outer:
-        with atomic_directory(outer) as inner:
-            assert inner == outer  # already invisible to readers: written in place, not copied once more
-            (inner / "weights").write_text("w")
+    with atomic_directory(tmp_path / "model") as outer, atomic_directory(outer) as inner:
+        assert inner == outer  # already invisible to readers: written in place, not copied once more
+        (inner / "weights").write_text("w")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (tmp_path / "model" / "weights").is_file()
     # a leftover of an earlier version's nested save, by a process that no longer runs (pid 0 never is ours)
     stale = tmp_path / ".tmp-.tmp-model.999999999.0123abcd.999999999.4567cdef"
@@ -151,7 +150,7 @@ def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_r
     (folder / EMA_STATE_FILE).unlink()
     (folder / EMA_WEIGHTS_FILE).unlink()
     _resume(out)
-    a, b = load_file(str(reference / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (reference, out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -181,3 +180,29 @@ def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(chec
         name = "model.safetensors"
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         _resume(out)
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+def test_a_kill_during_validation_is_redone_on_resume(tmp_path, monkeypatch):
+    """Killed while validating step 2 (its checkpoint already written): the resumed run validates step 2 again, and
+    its validation log equals the uninterrupted run's."""
+    from test_training import _train
+
+    from groupvq_hf.training import VALIDATION_LOG_FILE, loop
+
+    run = ["--checkpointing_steps", "2", "--validation_steps", "2"]
+    _train(tmp_path / "full", "--max_train_steps", "4", *run)
+    real_append = loop.append_validation_log
+
+    def killed(path, step, usage):
+        raise KeyboardInterrupt("killed during validation")
+
+    monkeypatch.setattr(loop, "append_validation_log", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "split", "--max_train_steps", "4", *run)
+    monkeypatch.setattr(loop, "append_validation_log", real_append)
+    assert not (tmp_path / "split" / VALIDATION_LOG_FILE).exists()
+    _train(tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *run)
+    full = (tmp_path / "full" / VALIDATION_LOG_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in full] == [2, 4]
+    assert (tmp_path / "split" / VALIDATION_LOG_FILE).read_text().splitlines() == full

@@ -150,7 +150,8 @@ def save_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
     shadow = state.pop("shadow_params")
     if len(shadow) != len(names):
         raise ValueError(f"The EMA holds {len(shadow)} tensors for {len(names)} parameter names.")
-    save_file({name: t.detach().cpu().contiguous() for name, t in zip(names, shadow)}, str(Path(folder) / EMA_WEIGHTS_FILE))
+    tensors = {name: t.detach().cpu().contiguous() for name, t in zip(names, shadow)}
+    save_file(tensors, str(Path(folder) / EMA_WEIGHTS_FILE))
     (Path(folder) / EMA_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
@@ -160,7 +161,9 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
     expected = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
     if not isinstance(counters, dict) or set(counters) != set(expected):
         got = sorted(counters) if isinstance(counters, dict) else type(counters).__name__
-        raise ValueError(f"`{state_file}` does not hold this run's EMA state: keys {sorted(expected)} expected, got {got}.")
+        raise ValueError(
+            f"`{state_file}` does not hold this run's EMA state: keys {sorted(expected)} expected, got {got}."
+        )
     for key, value in expected.items():
         if type(counters[key]) is not type(value) and not (isinstance(value, float) and type(counters[key]) is int):
             raise ValueError(f"`{state_file}`: `{key}` must be a {type(value).__name__}, got {counters[key]!r}.")
@@ -194,7 +197,9 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
     if weights_file.is_file() or not legacy.is_file():
         for path in (weights_file, state_file):
             if not path.is_file():
-                raise ValueError(f"`--resume_from_checkpoint` {str(folder)!r} has no {path.name}: this run keeps an EMA.")
+                raise ValueError(
+                    f"`--resume_from_checkpoint` {str(folder)!r} has no {path.name}: this run keeps an EMA."
+                )
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError) as error:
@@ -205,8 +210,8 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
             raise ValueError(f"`{state_file}` is not JSON ({error}).") from None
         if legacy.is_file():  # never unpickled; which EMA would be meant is not for us to guess
             raise ValueError(
-                f"`{legacy}` (a pickle) lies beside {EMA_WEIGHTS_FILE}: this version never unpickles it. If it was left "
-                "by an interrupted conversion of an older checkpoint, delete it to resume."
+                f"`{legacy}` (a pickle) lies beside {EMA_WEIGHTS_FILE}: this version never unpickles it. If it was "
+                "left by an interrupted conversion of an older checkpoint, delete it to resume."
             )
         ema.load_state_dict(_checked_ema_state(ema, names, tensors, counters, weights_file, state_file))
         return
@@ -234,6 +239,8 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
     """Before ``accelerator.load_state``: every model file (``model.safetensors``, ``model_<i>.safetensors``) holds
     exactly the keys and shapes of the run's ``models``, and this process's RNG file loads with
     ``weights_only=True`` (accelerate would skip an unreadable one silently). ValueError naming the file otherwise."""
+    import pickle
+
     from accelerate.utils import load
     from safetensors import SafetensorError, safe_open
 
@@ -259,12 +266,13 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
     if rng.is_file():
         try:
             states = load(rng)
-        except Exception as error:  # UnpicklingError for anything but tensors, arrays and plain values
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:  # not plain values
             raise ValueError(
                 f"`{rng}` is not a plain RNG state (refused by torch.load(weights_only=True), which runs no code: "
                 f"{str(error).splitlines()[0]})."
             ) from None
-        if not isinstance(states, dict) or not {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states):
+        needed = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+        if not isinstance(states, dict) or not needed <= set(states):
             raise ValueError(f"`{rng}` does not hold the random states accelerate writes.")
 
 
@@ -336,8 +344,8 @@ __all__ = [
     "COMPLETE_FILE",
     "EMA_STATE_FILE",
     "EMA_WEIGHTS_FILE",
-    "LEGACY_EMA_FILE",
     "LEGACY_CHECKPOINT_FILES",
+    "LEGACY_EMA_FILE",
     "RESUME_CHANGES_ALWAYS_ALLOWED",
     "RUN_ARGS_FILE",
     "STATE_FILE",

@@ -603,7 +603,8 @@ def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
         "converted_images": state.converted_images,
         "world_size": run.accelerator.num_processes,
     }  # fmt: skip
-    write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, ema_parameter_names(run.plain_model))
+    names = ema_parameter_names(run.plain_model)
+    write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, names)
     path = save_checkpoint(
         run.accelerator, run.checkpoint_dir, state.global_step, rank_state, run.args.checkpoints_total_limit,
         run.run_args, write_ema,
@@ -697,6 +698,8 @@ def train(args: argparse.Namespace) -> dict:
     state = resume_training(run)
     load_validation_images(run, state.global_step)
     start_progress(run, state)
+    if validation_missing(run, state):  # killed while validating the step it resumes from: validate it now
+        validate(run, state)
     run.model.train()
     run.discriminator.train()
     for batch in training_batches(run, state):
@@ -815,6 +818,19 @@ def trim_validation_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def validation_missing(run: TrainingRun, state: LoopState) -> bool:
+    """Main process of a resumed run: whether the checkpoint's step is a validation step that has no entry in
+    ``VALIDATION_LOG_FILE`` (the checkpoint of a step is written before its validation, so a kill while validating
+    leaves a checkpoint without its entry)."""
+    args, step = run.args, state.global_step
+    if run.resume is None or run.usage_pixels is None or not args.validation_steps or step % args.validation_steps:
+        return False
+    path = run.validation_log
+    lines = path.read_text().splitlines() if path.is_file() else []
+    logged = [json.loads(line)["step"] for line in lines if line.strip()]
+    return step not in logged
+
+
 def append_validation_log(path: Path, step: int, usage: dict) -> None:
     """One JSON line per validation step: the EMA model's held-out usage (overall and per group)."""
     record = {"step": step, "codebook_usage": usage["codebook_usage"], "group_usage": usage["group_usage"]}
@@ -885,6 +901,7 @@ __all__ = [
     "usage_stats",
     "validate",
     "validation_images",
+    "validation_missing",
     "validation_usage",
     "weights_digest",
     "window_statistics",
