@@ -206,3 +206,49 @@ def test_a_kill_during_validation_is_redone_on_resume(tmp_path, monkeypatch):
     full = (tmp_path / "full" / VALIDATION_LOG_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in full] == [2, 4]
     assert (tmp_path / "split" / VALIDATION_LOG_FILE).read_text().splitlines() == full
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+@pytest.mark.parametrize("error", ["oserror", "torch_enforce"])
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_space_needed(tmp_path, monkeypatch, error):
+    """The second checkpoint's optimizer file hits a full disk (a write raising ENOSPC, or torch's own
+    `[enforce fail ...]` RuntimeError): the error names that file, the free space and the space a checkpoint takes;
+    the first checkpoint stays the newest complete one and no temporary folder is left."""
+    import errno
+
+    import accelerate.checkpointing
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from groupvq_hf.training import list_checkpoints, save_checkpoint
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(64, 64)
+        model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+        model(torch.ones(1, 64)).sum().backward()
+        optimizer.step()
+        root = tmp_path / "checkpoints"
+        save_checkpoint(accelerator, root, 1, {"global_step": 1}, None, {"seed": 0})
+        size = sum(p.stat().st_size for p in (root / "checkpoint-1").iterdir())
+        real_save = accelerate.checkpointing.save
+
+        def disk_fills(obj, f, *args, **kwargs):
+            if Path(f).name != "optimizer.bin":
+                return real_save(obj, f, *args, **kwargs)
+            Path(f).write_bytes(b"\0" * 100)
+            if error == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4480 vs 4374")
+
+        monkeypatch.setattr(accelerate.checkpointing, "save", disk_fills)
+        with pytest.raises(OSError, match=rf"optimizer\.bin.*free.*about {size:,} bytes") as raised:
+            save_checkpoint(accelerator, root, 2, {"global_step": 2}, None, {"seed": 0})
+        assert raised.value.errno == errno.ENOSPC
+        assert [p.name for p in list_checkpoints(root, complete_only=False)] == ["checkpoint-1"]
+        assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"]
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()

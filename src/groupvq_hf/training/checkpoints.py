@@ -124,16 +124,24 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state_file = tmp / STATE_FILE.format(rank=accelerator.process_index)
-    state_file.write_text(json.dumps(rank_state))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        state_file = tmp / STATE_FILE.format(rank=accelerator.process_index)
+        state_file.write_text(json.dumps(rank_state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if run_args is not None:
+                (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
+    except (OSError, RuntimeError) as error:
+        full = disk_full_error(error, tmp, checkpoint_dir)
+        if full is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the newest complete checkpoint stays
+        raise full from error
     if accelerator.is_main_process:
-        if run_args is not None:
-            (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
-        if write_extra is not None:
-            write_extra(tmp)
-        (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
         replace_directory(tmp, final)
         rotate_checkpoints(checkpoint_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -276,6 +284,39 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
             raise ValueError(f"`{rng}` does not hold the random states accelerate writes.")
 
 
+# torch's zip writer reports a full disk as a RuntimeError "[enforce fail at inline_container.cc...] unexpected pos"
+_TORCH_WRITE_FAILURES = ("enforce fail", "file write failed", "unexpected pos")
+
+
+def disk_full_error(error: BaseException, folder: Path, checkpoint_dir: Path) -> OSError | None:
+    """An ``OSError(ENOSPC)`` saying which file of the checkpoint being written into ``folder`` could not be
+    written, the free space, and the space a checkpoint needs (the newest complete one's size, else more than what
+    was written), when ``error`` is a full disk (ENOSPC, or torch's failed write); None for any other error."""
+    import errno
+
+    if isinstance(error, OSError):
+        if error.errno != errno.ENOSPC:
+            return None
+    elif not any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+        return None
+    written = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    name = getattr(error, "filename", None) or (max(written, key=lambda p: p.stat().st_mtime_ns) if written else folder)
+    done = sum(p.stat().st_size for p in written)
+    previous = list_checkpoints(checkpoint_dir)
+    if previous:
+        size = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
+        needed = f"about {size:,} bytes (the size of {previous[-1].name})"
+    else:
+        needed = f"more than the {done:,} bytes written before the disk filled"
+    free = shutil.disk_usage(checkpoint_dir).free
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device: could not write {name} ({free:,} bytes free in {checkpoint_dir}; a checkpoint of "
+        f"this run needs {needed}). Free some space (or lower --checkpoints_total_limit) and resume with "
+        "--resume_from_checkpoint latest.",
+    )
+
+
 def load_rank_state(checkpoint: Path, rank: int) -> dict:
     """This process's saved step and data position (rank 0's when the number of processes changed)."""
     path = checkpoint / STATE_FILE.format(rank=rank)
@@ -352,6 +393,7 @@ __all__ = [
     "VALIDATION_LOG_FILE",
     "check_checkpoint_files",
     "check_resume_arguments",
+    "disk_full_error",
     "is_complete_checkpoint",
     "is_legacy_checkpoint",
     "list_checkpoints",
