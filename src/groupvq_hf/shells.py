@@ -80,8 +80,10 @@ PIXEL_RANGE_LIMIT = 1.5
 
 def prepare_pixels(pixels, name: str, in_channels: int, downsample_factor: int, dtype: torch.dtype, owner,
                    check_finite: bool = True) -> torch.Tensor:
-    """`check_pixels`, then `pixels` in the model's compute `dtype`: float64 / fp16 / bf16 pixels are converted
-    (as diffusers' pipelines cast their inputs) instead of failing inside the first convolution. With
+    """`check_pixels`, then `pixels` for the encoder whose weights are `dtype`: float64 / fp16 / bf16 pixels are
+    converted to `dtype` (as diffusers' pipelines cast their inputs) instead of failing inside the first
+    convolution; float32 pixels pass as they are (under diffusers' layerwise casting the weights are stored in a
+    lower precision but compute in float32). With
     `check_finite`, pixels clearly outside [-1, 1] (beyond +-`PIXEL_RANGE_LIMIT`, e.g. [0, 255]) warn once per
     `owner` (the model): the model still encodes them, but it was trained on [-1, 1]."""
     check_pixels(pixels, name, in_channels, downsample_factor, check_finite)
@@ -98,7 +100,7 @@ def prepare_pixels(pixels, name: str, in_channels: int, downsample_factor: int, 
                 stacklevel=3,
             )
             owner._warned_pixel_range = True
-    return pixels.to(dtype)
+    return pixels if pixels.dtype == torch.float32 else pixels.to(dtype)
 
 
 def check_loaded_cores(missing_keys, source) -> None:

@@ -193,10 +193,11 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
     return {**counters, "shadow_params": shadow}
 
 
-def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
+def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
     """Restore ``ema`` from `save_ema_state`'s files in ``folder`` (checked: ValueError naming a file that does not
     match this run). A checkpoint of the earlier release holds ``LEGACY_EMA_FILE`` instead: it is read with
-    ``torch.load(weights_only=True)`` (no code runs), checked the same way and rewritten as the two safe files."""
+    ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then True is returned, and once every
+    process has read it the main process calls [`convert_legacy_ema`] (accelerate refuses a folder holding it)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -222,7 +223,7 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
                 "left by an interrupted conversion of an older checkpoint, delete it to resume."
             )
         ema.load_state_dict(_checked_ema_state(ema, names, tensors, counters, weights_file, state_file))
-        return
+        return False
     import pickle
 
     import torch
@@ -239,8 +240,14 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
         raise ValueError(f"`{legacy}` does not hold this run's EMA ({len(names)} shadow tensors expected).")
     counters = {key: value for key, value in state.items() if key != "shadow_params"}
     ema.load_state_dict(_checked_ema_state(ema, names, dict(zip(names, shadow)), counters, legacy, legacy))
-    save_ema_state(ema, names, folder)  # the safe files first, then the pickle goes
-    legacy.unlink()
+    return True
+
+
+def convert_legacy_ema(ema, names: list[str], folder: str | os.PathLike) -> None:
+    """Rewrite a checkpoint's ``LEGACY_EMA_FILE`` as `save_ema_state`'s files (from ``ema``, as
+    [`load_ema_state`] read it): the safe files first, then the pickle goes. Main process only."""
+    save_ema_state(ema, names, folder)
+    (Path(folder) / LEGACY_EMA_FILE).unlink()
 
 
 def check_checkpoint_files(folder: str | os.PathLike, models: list, process_index: int) -> None:
@@ -393,6 +400,7 @@ __all__ = [
     "VALIDATION_LOG_FILE",
     "check_checkpoint_files",
     "check_resume_arguments",
+    "convert_legacy_ema",
     "disk_full_error",
     "is_complete_checkpoint",
     "is_legacy_checkpoint",

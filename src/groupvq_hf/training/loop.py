@@ -33,6 +33,7 @@ from .checkpoints import (
     VALIDATION_LOG_FILE,
     check_checkpoint_files,
     check_resume_arguments,
+    convert_legacy_ema,
     list_checkpoints,
     load_ema_state,
     load_rank_state,
@@ -400,7 +401,12 @@ def resume_training(run: TrainingRun) -> LoopState:
             logger.warning(warning)
         check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
         if run.ema is not None:
-            load_ema_state(run.ema, ema_parameter_names(run.plain_model), run.resume)
+            names = ema_parameter_names(run.plain_model)
+            if load_ema_state(run.ema, names, run.resume):  # the earlier release's pickle, read safely: convert it
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    convert_legacy_ema(run.ema, names, run.resume)
+                accelerator.wait_for_everyone()
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
