@@ -148,6 +148,35 @@ print(json.dumps({{"size": image.size, "same_tokens": result.indices.shape == fi
     assert measured["peak_mb"] < UPLOAD_MEMORY_BOUND_MB, measured
 
 
+def test_a_request_inside_the_model_does_not_hold_up_another(tiny_model):
+    """One request is held inside its encoder; a second request for another image is answered meanwhile (the page's
+    lock covers only its caches, not the model)."""
+    import threading
+
+    tokenizer = DemoTokenizer(tiny_model)
+    entered, release = threading.Event(), threading.Event()
+    real_encode = tiny_model.encode
+
+    def held_encode(pixels, *args, **kwargs):
+        if threading.current_thread().name == "held":
+            entered.set()
+            release.wait(60)  # before the lock was narrowed, the second request waited for this
+        return real_encode(pixels, *args, **kwargs)
+
+    tiny_model.encode = held_encode
+    held = threading.Thread(target=tokenizer.tokenize, args=(demo_images()[1],), name="held")
+    held.start()
+    try:
+        assert entered.wait(120)
+        result = tokenizer.tokenize(demo_images()[2])
+        assert held.is_alive()  # answered while the first request is still inside its encoder
+        np.testing.assert_array_equal(result.indices, api_result(tiny_model, demo_images()[2])[0])
+    finally:
+        release.set()
+        held.join()
+        del tiny_model.encode
+
+
 def test_bounded_image_keeps_the_center_that_the_crop_keeps():
     from groupvq_hf.app.page import bounded_image
 
