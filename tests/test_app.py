@@ -141,7 +141,9 @@ print(json.dumps({{"size": image.size, "same_tokens": result.indices.shape == fi
                   "peak_mb": peak / 1024}}))
 """
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO_ROOT, "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     assert measured["size"] == [8, 8 * MAX_ASPECT_RATIO] and measured["same_tokens"]  # the usual token grid
