@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ from PIL import Image  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
 from groupvq_hf.app.page import (  # noqa: E402
-    MAKE_MODEL_COMMAND, MIN_IMAGE_SIZE, DemoTokenizer, build_demo, load_model, main, off_origin, open_image,
+    MAKE_MODEL_COMMAND, MAX_ASPECT_RATIO, MIN_IMAGE_SIZE, DemoTokenizer, build_demo, load_model, main, off_origin,
+    open_image,
 )
 from groupvq_hf.data import demo_images  # noqa: E402
 from groupvq_hf.evaluation.metrics import ReconstructionMetrics  # noqa: E402
@@ -111,6 +113,83 @@ def test_open_image_gives_messages_for_bad_files(tmp_path):
         open_image(tmp_path / "huge.png")
     image = open_image(tmp_path / "gray_alpha.png")
     assert image.mode == "RGB" and image.size == (20, 12)
+
+
+# An upload's peak memory above the page's steady state (the thin image below; README's demo section states it).
+UPLOAD_MEMORY_BOUND_MB = 200
+
+
+def test_a_thin_image_is_cut_to_what_the_crop_keeps_and_its_memory_is_bounded(tmp_path):
+    """An 8 x 4,900,000 RGB PNG (under the megapixel cap) through the page's own functions (`open_image`, then
+    `DemoTokenizer.tokenize`): its long side is cut to `MAX_ASPECT_RATIO` times the short one before the processor's
+    shorter-side resize would stretch it, and the peak memory of the request (ru_maxrss of a fresh process, above
+    its level after a first image) stays under `UPLOAD_MEMORY_BOUND_MB`."""
+    Image.new("RGB", (8, 4_900_000), (128, 64, 32)).save(tmp_path / "thin.png")
+    code = f"""
+import json, resource, torch
+from groupvq_hf import GroupVQConfig, GroupVQModel
+from groupvq_hf.app.page import DemoTokenizer, open_image
+from groupvq_hf.data import demo_images
+torch.manual_seed(0)
+tokenizer = DemoTokenizer(GroupVQModel(GroupVQConfig.from_preset("tiny")).eval())
+first = tokenizer.tokenize(demo_images()[0])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = open_image({str(tmp_path / "thin.png")!r})
+result = tokenizer.tokenize(image)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({{"size": image.size, "same_tokens": result.indices.shape == first.indices.shape,
+                  "peak_mb": peak / 1024}}))
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO_ROOT, "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert measured["size"] == [8, 8 * MAX_ASPECT_RATIO] and measured["same_tokens"]  # the usual token grid
+    assert measured["peak_mb"] < UPLOAD_MEMORY_BOUND_MB, measured
+
+
+def test_a_request_inside_the_model_does_not_hold_up_another(tiny_model):
+    """One request is held inside its encoder; a second request for another image is answered meanwhile (the page's
+    lock covers only its caches, not the model)."""
+    import threading
+
+    tokenizer = DemoTokenizer(tiny_model)
+    entered, release = threading.Event(), threading.Event()
+    real_encode = tiny_model.encode
+
+    def held_encode(pixels, *args, **kwargs):
+        if threading.current_thread().name == "held":
+            entered.set()
+            release.wait(60)  # before the lock was narrowed, the second request waited for this
+        return real_encode(pixels, *args, **kwargs)
+
+    tiny_model.encode = held_encode
+    held = threading.Thread(target=tokenizer.tokenize, args=(demo_images()[1],), name="held")
+    held.start()
+    try:
+        assert entered.wait(120)
+        result = tokenizer.tokenize(demo_images()[2])
+        assert held.is_alive()  # answered while the first request is still inside its encoder
+        np.testing.assert_array_equal(result.indices, api_result(tiny_model, demo_images()[2])[0])
+    finally:
+        release.set()
+        held.join()
+        del tiny_model.encode
+
+
+def test_bounded_image_keeps_the_center_that_the_crop_keeps():
+    from groupvq_hf.app.page import bounded_image
+
+    wide = Image.fromarray(np.arange(10 * 100, dtype=np.uint8).reshape(10, 100) % 251)
+    cut = bounded_image(wide)
+    assert cut.size == (10 * MAX_ASPECT_RATIO, 10)
+    np.testing.assert_array_equal(np.asarray(cut), np.asarray(wide)[:, 30:70])
+    tall = wide.transpose(Image.Transpose.TRANSPOSE)
+    assert bounded_image(tall).size == (10, 10 * MAX_ASPECT_RATIO)
+    normal = Image.new("RGB", (40, 11))
+    assert bounded_image(normal) is normal  # within the ratio: untouched, so the page shows what the API gives
 
 
 def test_without_a_model_the_page_says_how_to_make_one(tmp_path, monkeypatch):

@@ -18,10 +18,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
+_TMP_SUFFIX = r"\.(\d+)\.[0-9a-f]{8}"  # .<pid>.<random>: what `atomic_directory` appends to a temporary folder
 
 
 def _siblings(path: Path, prefix: str) -> list[Path]:
     return [p for p in path.parent.glob(f"{prefix}{path.name}.*") if p.is_dir()]
+
+
+def is_temporary_directory(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a temporary folder of `atomic_directory` (``.tmp-<name>.<pid>.<random>``): readers never
+    look there, so a save into it is already atomic."""
+    return re.fullmatch(rf"{re.escape(TMP_PREFIX)}.+{_TMP_SUFFIX}", Path(path).name) is not None
+
+
+def _stale_temporaries(path: Path) -> list[Path]:
+    """Temporary folders of ``path`` (nested ones too: ``.tmp-.tmp-<name>...`` left by an earlier version's save
+    inside a save) whose writing process no longer runs."""
+    pattern = re.compile(rf"(?:{re.escape(TMP_PREFIX)})+{re.escape(path.name)}{_TMP_SUFFIX}(?:{_TMP_SUFFIX})*")
+    stale = []
+    for candidate in path.parent.glob(f"{TMP_PREFIX}*{path.name}.*"):
+        match = pattern.fullmatch(candidate.name)
+        if match and candidate.is_dir() and not _pid_alive(int(match.group(1))):
+            stale.append(candidate)
+    return stale
 
 
 def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -60,10 +79,8 @@ def recover_directory(path: str | os.PathLike) -> Path | None:
     Temporary folders of ``path`` left by processes that no longer run are deleted.
     """
     path = Path(path)
-    for stale in _siblings(path, TMP_PREFIX):
-        pid = stale.name[len(TMP_PREFIX) + len(path.name) + 1 :].split(".")[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in _stale_temporaries(path):
+        shutil.rmtree(stale, ignore_errors=True)
     restored = None
     for old in sorted(_siblings(path, OLD_PREFIX), key=lambda p: p.stat().st_mtime, reverse=True):  # newest first
         if not path.exists():
@@ -76,8 +93,16 @@ def recover_directory(path: str | os.PathLike) -> Path | None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_directory("out/model") as tmp: model.save_pretrained(tmp)``: ``out/model`` changes all at once."""
+    """``with atomic_directory("out/model") as tmp: model.save_pretrained(tmp)``: ``out/model`` changes all at once.
+
+    Inside an enclosing atomic write (``path`` is itself one of its temporary folders, see `is_temporary_directory`)
+    the folder is written in place: it is invisible to readers already, and a second temporary copy would be a
+    full model copy that a kill leaves where no recovery looks.
+    """
     path = Path(path)
+    if is_temporary_directory(path) and path.is_dir():
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
     tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -104,4 +129,6 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
     return found
 
 
-__all__ = ["atomic_directory", "recover_directory", "relative_import_files", "replace_directory"]
+__all__ = [
+    "atomic_directory", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
+]

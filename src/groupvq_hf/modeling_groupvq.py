@@ -25,7 +25,8 @@ from .shells import (
     CARRIED_CONFIG_KEYS,
     DIFFUSERS_CONFIG_NAMES,
     check_input,
-    check_pixels,
+    check_loaded_cores,
+    prepare_pixels,
     quantizer_arguments,
     quantizer_config,
     rename_quantizer_keys,
@@ -143,10 +144,12 @@ class GroupVQModel(GroupVQPreTrainedModel):
         self.post_init()
 
     # ----------------------------------------------------------------------------------------- checks
-    def _check_pixels(self, pixel_values) -> None:
-        """The rule GroupVQVAE applies too (`groupvq_hf.shells.check_pixels`): shape, dtype, size, batch, NaN/inf."""
-        config = self.config
-        check_pixels(pixel_values, "pixel_values", config.in_channels, config.downsample_factor, self.check_finite)
+    def _check_pixels(self, pixel_values) -> torch.Tensor:
+        """The rule GroupVQVAE applies too (`groupvq_hf.shells.prepare_pixels`): shape, dtype, size, batch, NaN/inf,
+        range (a warning); returns the pixels in the encoder's dtype (float64 / fp16 / bf16 pixels are converted)."""
+        config, dtype = self.config, next(self.encoder.parameters()).dtype
+        return prepare_pixels(pixel_values, "pixel_values", config.in_channels, config.downsample_factor, dtype, self,
+                              self.check_finite)
 
     @property
     def check_finite(self) -> bool:
@@ -160,7 +163,7 @@ class GroupVQModel(GroupVQPreTrainedModel):
     # ----------------------------------------------------------------------------------------- API
     def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> GroupVQEncoderOutput | tuple:
         """Encode pixels in [-1, 1] to latents, quantised latents and (B, h, w) code indices."""
-        self._check_pixels(pixel_values)
+        pixel_values = self._check_pixels(pixel_values)
         latents = self.quant_conv(self.encoder(pixel_values))
         quantized, loss, (perplexity, _, indices) = self.quantizer(latents)
         out = GroupVQEncoderOutput(
@@ -211,6 +214,15 @@ class GroupVQModel(GroupVQPreTrainedModel):
         for key, value in update.items():  # the same update as GroupVQVAE's (groupvq_hf.shells.resize_codebook)
             setattr(self.config, key, value)
         return sizes
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint without the quantizer's frozen cores
+        (`groupvq_hf.shells.check_loaded_cores`) instead of drawing new ones."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        check_loaded_cores(info.get("missing_keys", ()), pretrained_model_name_or_path)
+        return (model, info) if wants_info else model
 
     def default_image_processor(self) -> GroupVQImageProcessor:
         """The image processor matching this model's training resolution (`config.sample_size`)."""

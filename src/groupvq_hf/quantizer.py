@@ -60,6 +60,16 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_seed(seed) -> int | None:
+    """``seed`` as an int in [0, 2**64) (what ``torch.Generator.manual_seed`` takes), None as None; ValueError
+    naming `seed` otherwise (a float, a bool, a string, a negative or too large number)."""
+    if seed is None:
+        return None
+    if not _is_int(seed) or not 0 <= int(seed) < 2**64:
+        raise ValueError(f"`seed` must be None or an integer in [0, 2**64 - 1], got {seed!r}.")
+    return int(seed)
+
+
 def resolve_groups(
     codebook_size: int,
     num_groups: int | None = 1,
@@ -625,6 +635,7 @@ class GroupVectorQuantizer(nn.Module):
                     f"from {[old_sizes[j] for j in shrunk]} to {[sizes[j] for j in shrunk]} codes. Use mode='resample'."
                 )
         self._check_resize_memory(sizes, ranks)
+        seed = check_seed(seed)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         old_cores = self.cores()
         cores = []

@@ -67,18 +67,64 @@ def check_pixels(pixels, name: str, in_channels: int, downsample_factor: int, ch
 
 
 def check_input(tensor: torch.Tensor, name: str, check_finite: bool = True) -> None:
-    """Raise ValueError naming `name` when `tensor` holds no sample (batch size 0) or, if `check_finite`, NaN/inf.
+    """Raise ValueError naming `name` when `tensor` holds no sample (batch size 0), has an empty grid (a zero height
+    or width) or, if `check_finite`, NaN/inf.
 
     The finiteness check is one reduction over the input; `model.check_finite = False` skips it (and the quantizer's).
     """
     if tensor.shape[0] == 0:
         raise ValueError(f"`{name}` must hold at least one sample, got batch size 0 (shape {tuple(tensor.shape)}).")
+    if tensor.numel() == 0:
+        raise ValueError(
+            f"`{name}` has an empty grid (shape {tuple(tensor.shape)}): height and width must be at least 1, at least "
+            "one token per sample."
+        )
     if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         samples = sorted({int(i) for i in (~torch.isfinite(tensor)).flatten(1).any(1).nonzero().flatten()})
         raise ValueError(
             f"`{name}` holds NaN or inf ({bad} of {tensor.numel()} values, in sample(s) {samples[:8]}); "
             "such an input has no nearest code. Set `model.check_finite = False` to skip this check."
+        )
+
+
+# Pixels beyond this magnitude are clearly not in [-1, 1] (a reconstruction fed back may overshoot 1 a little).
+PIXEL_RANGE_LIMIT = 1.5
+
+
+def prepare_pixels(pixels, name: str, in_channels: int, downsample_factor: int, dtype: torch.dtype, owner,
+                   check_finite: bool = True) -> torch.Tensor:
+    """`check_pixels`, then `pixels` for the encoder whose weights are `dtype`: float64 / fp16 / bf16 pixels are
+    converted to `dtype` (as diffusers' pipelines cast their inputs) instead of failing inside the first
+    convolution; float32 pixels pass as they are (under diffusers' layerwise casting the weights are stored in a
+    lower precision but compute in float32). With
+    `check_finite`, pixels clearly outside [-1, 1] (beyond +-`PIXEL_RANGE_LIMIT`, e.g. [0, 255]) warn once per
+    `owner` (the model): the model still encodes them, but it was trained on [-1, 1]."""
+    check_pixels(pixels, name, in_channels, downsample_factor, check_finite)
+    if check_finite and not getattr(owner, "_warned_pixel_range", False):
+        low, high = (float(v) for v in pixels.aminmax())
+        if low < -PIXEL_RANGE_LIMIT or high > PIXEL_RANGE_LIMIT:
+            import warnings
+
+            warnings.warn(
+                f"`{name}` holds values in [{low:.4g}, {high:.4g}], clearly not in [-1, 1] where the model expects "
+                "pixels (GroupVQImageProcessor maps images there; for values in [0, 255] use x / 127.5 - 1). "
+                "This warning is given once per model.",
+                UserWarning,
+                stacklevel=3,
+            )
+            owner._warned_pixel_range = True
+    return pixels if pixels.dtype == torch.float32 else pixels.to(dtype)
+
+
+def check_loaded_cores(missing_keys, source) -> None:
+    """Raise ValueError when a loaded checkpoint lacked a quantizer core (`quantizer.core`, `quantize.core_3`, ...):
+    the frozen cores are the codebook (Eq. 7), so a freshly drawn one would silently give other codes."""
+    cores = sorted(key for key in missing_keys if re.fullmatch(r"(.+\.)?quantiz\w*\.core(_\d+)?", key))
+    if cores:
+        raise ValueError(
+            f"The checkpoint {str(source)!r} has no {', '.join(cores)}: the frozen cores are the codebook (Eq. 7), "
+            "and a fresh draw would give other codes. Load a complete checkpoint."
         )
 
 
@@ -176,8 +222,11 @@ __all__ = [
     "DIFFUSERS_CONFIG_NAMES",
     "rename_quantizer_keys",
     "CARRIED_CONFIG_KEYS",
+    "PIXEL_RANGE_LIMIT",
     "check_input",
+    "check_loaded_cores",
     "check_pixels",
+    "prepare_pixels",
     "quantizer_arguments",
     "quantizer_config",
     "resize_codebook",

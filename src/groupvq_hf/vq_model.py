@@ -31,7 +31,8 @@ from .quantizer import (
 from .shells import (
     DIFFUSERS_CONFIG_NAMES,
     check_input,
-    check_pixels,
+    check_loaded_cores,
+    prepare_pixels,
     quantizer_arguments,
     quantizer_config,
     rename_quantizer_keys,
@@ -187,9 +188,11 @@ class GroupVQVAE(VQModel):
         self.quantize.check_finite = bool(value)
 
     # ----------------------------------------------------------------------------------------- checks
-    def _check_sample(self, x, name: str = "x") -> None:
-        """The rule GroupVQModel applies too (`groupvq_hf.shells.check_pixels`): shape, dtype, size, batch, NaN/inf."""
-        check_pixels(x, name, self.config.in_channels, self.downsample_factor, self.check_finite)
+    def _check_sample(self, x, name: str = "x") -> torch.Tensor:
+        """The rule GroupVQModel applies too (`groupvq_hf.shells.prepare_pixels`): shape, dtype, size, batch, NaN/inf,
+        range (a warning); returns `x` in the encoder's dtype (float64 / fp16 / bf16 pixels are converted)."""
+        dtype = self.encoder.conv_in.weight.dtype
+        return prepare_pixels(x, name, self.config.in_channels, self.downsample_factor, dtype, self, self.check_finite)
 
     def _check_latents(self, h, check_finite: bool = True) -> None:
         d = self.codebook_dim
@@ -228,8 +231,7 @@ class GroupVQVAE(VQModel):
     # ----------------------------------------------------------------------------------------- VQModel API
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         """Pre-quantisation latents (B, d, h, w) of pixels `x` (B, C, H, W); as `VQModel.encode`."""
-        self._check_sample(x)
-        return super().encode(x, return_dict=return_dict)
+        return super().encode(self._check_sample(x), return_dict=return_dict)
 
     @apply_forward_hook
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True, shape=None):
@@ -254,9 +256,18 @@ class GroupVQVAE(VQModel):
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True):
         """As `VQModel.forward`: `DecoderOutput(sample, commit_loss)`; `sample` is checked as `encode` checks `x`."""
-        self._check_sample(sample, "sample")
+        sample = self._check_sample(sample, "sample")
         dec = self.decode(super().encode(sample).latents)  # VQModel.forward, with `sample` checked once
         return dec if return_dict else (dec.sample, dec.commit_loss)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ModelMixin.from_pretrained`, refusing a checkpoint without the quantizer's frozen cores
+        (`groupvq_hf.shells.check_loaded_cores`, as GroupVQModel) instead of drawing new ones."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        check_loaded_cores(info.get("missing_keys", ()), pretrained_model_name_or_path)
+        return (model, info) if wants_info else model
 
     # ----------------------------------------------------------------------------------------- Group-VQ
     def resize_codebook(self, new_size, mode: str = "extend", seed: int | None = None) -> list[int]:

@@ -42,6 +42,7 @@ MAKE_MODEL_COMMAND = """bash scripts/setup.sh && .venv/bin/accelerate launch --c
   --resolution 64 --train_batch_size 8 --max_train_steps 300 --disc_channels 32 --disc_layers 2 \\
   --dataloader_num_workers 0 --logging_steps 25 --validation_steps 100"""
 MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before they are decoded
+MAX_ASPECT_RATIO = 4  # a longer side beyond 4x the shorter one is cut to its center before processing (bounded_image)
 MAX_CACHED_MODELS = 4  # resized quantizer copies kept (LRU)
 MAX_CACHED_IMAGES = 16  # encoder outputs kept (LRU), so a codebook change re-runs only quantizer and decoder
 DEMO_PREFIX = "demo:"
@@ -102,7 +103,7 @@ def open_image(path) -> Image.Image:
                     f"the demo takes images up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels."
                 )
             image.load()
-            image = ImageOps.exif_transpose(image)
+            image = ImageOps.exif_transpose(bounded_image(image))  # cut before any copy of the whole image
     except Image.DecompressionBombError as error:
         raise ValueError(f"`{name}` is too large to decode safely ({error}).") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
@@ -113,6 +114,25 @@ def open_image(path) -> Image.Image:
             f"`{name}` is {image.size[0]}x{image.size[1]}; the demo needs at least {MIN_IMAGE_SIZE} pixels on each side."
         )
     return to_rgb(image)[0]
+
+
+def bounded_image(image: Image.Image) -> Image.Image:
+    """``image`` with its longer side cut to its center, ``MAX_ASPECT_RATIO`` times the shorter side at most.
+
+    The processor resizes the shorter side to the model's size and center-crops a square: a thin image would have
+    its long side stretched by the same factor (an 8 x 4,900,000 PNG: 64 x 39,200,000 pixels) only for the crop to
+    keep its center. Cut first, a request's work is bounded by the crop it shows, not by the upload's length; an
+    image within the ratio is returned as is (the page then shows exactly what the model's API gives).
+    """
+    width, height = image.size
+    longest = min(width, height) * MAX_ASPECT_RATIO
+    if max(width, height) <= longest:
+        return image
+    if width > height:
+        left = (width - longest) // 2
+        return image.crop((left, 0, left + longest, height))
+    top = (height - longest) // 2
+    return image.crop((0, top, width, top + longest))
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -192,33 +212,39 @@ class DemoTokenizer:
         """``(quantized, indices)`` of ``model.encode(pixels)``; the encoder output is cached per image.
 
         Every resized copy shares the loaded model's encoder, so a codebook change only re-runs the quantizer
-        (Eq. 1) on the cached latents: the same as ``model.encode``, without its most expensive half.
+        (Eq. 1) on the cached latents: the same as ``model.encode``, without its most expensive half. The lock is
+        held only while the cache is read or written, never while the model runs.
         """
         key = hashlib.sha1(pixels.float().cpu().numpy().tobytes()).hexdigest()
-        latents = self._latents.get(key)
+        with self._lock:
+            latents = self._latents.get(key)
+            if latents is not None:
+                self._latents.move_to_end(key)
         if latents is None:
             enc = model.encode(pixels)
-            self._latents[key] = enc.latents
-            while len(self._latents) > MAX_CACHED_IMAGES:
-                self._latents.popitem(last=False)
+            with self._lock:
+                self._latents[key] = enc.latents
+                while len(self._latents) > MAX_CACHED_IMAGES:
+                    self._latents.popitem(last=False)
             return enc.quantized, enc.indices
-        self._latents.move_to_end(key)
         quantized, _, (_, _, indices) = model.quantizer(latents)
         return quantized, indices
 
     def tokenize(self, image: Image.Image, size: int | None = None, mode: str = "extend", seed: int = 0) -> Tokenized:
-        """Crop ``image`` with the processor, encode it with the (resized) codebook, decode, measure."""
-        from torchmetrics.functional.image import (
-            peak_signal_noise_ratio,
-            structural_similarity_index_measure,
-        )
+        """Crop ``image`` with the processor, encode it with the (resized) codebook, decode, measure.
 
+        A thin image is cut to its center first ([`bounded_image`]). The lock serialises only the caches (the
+        resized copies and the encoder outputs); the processor, the encoder and the decoder run outside it, so one
+        request never holds up the others for longer than a cache look-up or a resize.
+        """
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+        pixels = self.processor(bounded_image(image), return_tensors="pt").pixel_values.to(self.model.dtype)
         with self._lock:
             model = self.resized(self.trained_size if size is None else size, mode, seed)
-            pixels = self.processor(image, return_tensors="pt").pixel_values.to(self.model.dtype)
-            with torch.inference_mode():
-                quantized, indices = self._quantize(model, pixels)
-                reconstruction = model.decode(quantized).float().clamp(-1, 1)
+        with torch.inference_mode():
+            quantized, indices = self._quantize(model, pixels)
+            reconstruction = model.decode(quantized).float().clamp(-1, 1)
         pred, ref = to_unit_images(reconstruction, "reconstruction"), to_unit_images(pixels.float(), "pixel_values")
         indices = indices[0].cpu()
         quantizer = model.quantizer
@@ -439,6 +465,6 @@ def main(argv=None) -> None:
 
 __all__ = [
     "MAX_FILE_SIZE",
-    "DEFAULT_MODEL_DIR", "DemoTokenizer", "Tokenized", "build_demo", "demo_parser", "display_image", "load_model", "main",
-    "off_origin", "open_image", "save_screenshot", "token_map_image",
+    "DEFAULT_MODEL_DIR", "MAX_ASPECT_RATIO", "DemoTokenizer", "Tokenized", "bounded_image", "build_demo", "demo_parser",
+    "display_image", "load_model", "main", "off_origin", "open_image", "save_screenshot", "token_map_image",
 ]

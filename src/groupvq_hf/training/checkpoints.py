@@ -19,6 +19,10 @@ STATE_FILE = "training_state_rank{rank}.json"
 VALIDATION_LOG_FILE = "validation_log.jsonl"  # held-out usage at every validation step, in --output_dir
 RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
 COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
+EMA_WEIGHTS_FILE = "ema.safetensors"  # the EMA's shadow weights, keyed by parameter name (main process)
+EMA_STATE_FILE = "ema_state.json"  # the EMA's counters and settings (decay, optimization_step, ...)
+# The earlier release's EMA: accelerate's custom state, a pickle (read here only with weights_only=True).
+LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"
 # Arguments that do not change what a run computes (or that a resume may extend): never compared on resume.
 # (``model_config`` names a preset or a file: what it resolved to is compared, as ``model_config_resolved``.)
 RESUME_CHANGES_ALWAYS_ALLOWED = (
@@ -100,11 +104,13 @@ def save_checkpoint(
     rank_state: dict,
     total_limit: int | None,
     run_args: dict | None = None,
+    write_extra=None,
 ) -> Path:
     """``accelerator.save_state`` into a temporary folder, then swapped in atomically as ``checkpoint-<step>``.
 
     Every process writes its RNG state and ``training_state_rank<r>.json`` (step, data position); the main process
-    then writes ``run_args`` (the arguments that define the run, see [`run_arguments`]) and, last, the
+    then writes ``run_args`` (the arguments that define the run, see [`run_arguments`]), calls ``write_extra(folder)``
+    (state kept outside accelerate, such as the EMA's [`save_ema_state`]) and, last, the
     ``COMPLETE_FILE`` marker, and swaps the folder in with ``fileio.replace_directory`` (old aside, new in, old
     deleted). A kill at any moment leaves the newest complete checkpoint for ``latest``. Old checkpoints are
     rotated to ``total_limit`` after the new one is in place. Needs a file system shared by all processes.
@@ -118,18 +124,204 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    state_file = tmp / STATE_FILE.format(rank=accelerator.process_index)
-    state_file.write_text(json.dumps(rank_state))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        state_file = tmp / STATE_FILE.format(rank=accelerator.process_index)
+        state_file.write_text(json.dumps(rank_state))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if run_args is not None:
+                (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
+    except (OSError, RuntimeError) as error:
+        full = disk_full_error(error, tmp, checkpoint_dir)
+        if full is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the newest complete checkpoint stays
+        raise full from error
     if accelerator.is_main_process:
-        if run_args is not None:
-            (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
-        (tmp / COMPLETE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))  # last: the marker
         replace_directory(tmp, final)
         rotate_checkpoints(checkpoint_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+# ------------------------------------------------------------------------------------------ state that runs no code
+def save_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
+    """Write ``ema`` (diffusers' ``EMAModel`` of the parameters called ``names``) as ``EMA_WEIGHTS_FILE``
+    (safetensors, one tensor per parameter name) and ``EMA_STATE_FILE`` (JSON counters): nothing to unpickle."""
+    from safetensors.torch import save_file
+
+    state = dict(ema.state_dict())
+    shadow = state.pop("shadow_params")
+    if len(shadow) != len(names):
+        raise ValueError(f"The EMA holds {len(shadow)} tensors for {len(names)} parameter names.")
+    tensors = {name: t.detach().cpu().contiguous() for name, t in zip(names, shadow)}
+    save_file(tensors, str(Path(folder) / EMA_WEIGHTS_FILE))
+    (Path(folder) / EMA_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_file: Path, state_file: Path) -> dict:
+    """The ``ema.load_state_dict`` argument, after checking names, shapes and dtypes against the running EMA and
+    the counters' keys and types; ValueError naming the file that does not match."""
+    expected = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
+    if not isinstance(counters, dict) or set(counters) != set(expected):
+        got = sorted(counters) if isinstance(counters, dict) else type(counters).__name__
+        raise ValueError(
+            f"`{state_file}` does not hold this run's EMA state: keys {sorted(expected)} expected, got {got}."
+        )
+    for key, value in expected.items():
+        if type(counters[key]) is not type(value) and not (isinstance(value, float) and type(counters[key]) is int):
+            raise ValueError(f"`{state_file}`: `{key}` must be a {type(value).__name__}, got {counters[key]!r}.")
+    if set(tensors) != set(names):
+        missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
+        raise ValueError(
+            f"`{weights_file}` does not hold this run's EMA weights: missing {missing[:5]} ({len(missing)} in all), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)} in all)."
+        )
+    shadow = []
+    for name, current in zip(names, ema.shadow_params):
+        tensor = tensors[name]
+        if tensor.shape != current.shape or tensor.dtype != current.dtype:
+            raise ValueError(
+                f"`{weights_file}`: `{name}` is {tuple(tensor.shape)} {tensor.dtype}; this run's EMA holds "
+                f"{tuple(current.shape)} {current.dtype}."
+            )
+        shadow.append(tensor.to(current.device))
+    return {**counters, "shadow_params": shadow}
+
+
+def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
+    """Restore ``ema`` from `save_ema_state`'s files in ``folder`` (checked: ValueError naming a file that does not
+    match this run). A checkpoint of the earlier release holds ``LEGACY_EMA_FILE`` instead: it is read with
+    ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then True is returned, and once every
+    process has read it the main process calls [`convert_legacy_ema`] (accelerate refuses a folder holding it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights_file, state_file, legacy = folder / EMA_WEIGHTS_FILE, folder / EMA_STATE_FILE, folder / LEGACY_EMA_FILE
+    if weights_file.is_file() or not legacy.is_file():
+        for path in (weights_file, state_file):
+            if not path.is_file():
+                raise ValueError(
+                    f"`--resume_from_checkpoint` {str(folder)!r} has no {path.name}: this run keeps an EMA."
+                )
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"`{weights_file}` is not a readable safetensors file ({error}).") from None
+        try:
+            counters = json.loads(state_file.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"`{state_file}` is not JSON ({error}).") from None
+        if legacy.is_file():  # never unpickled; which EMA would be meant is not for us to guess
+            raise ValueError(
+                f"`{legacy}` (a pickle) lies beside {EMA_WEIGHTS_FILE}: this version never unpickles it. If it was "
+                "left by an interrupted conversion of an older checkpoint, delete it to resume."
+            )
+        ema.load_state_dict(_checked_ema_state(ema, names, tensors, counters, weights_file, state_file))
+        return False
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        raise ValueError(
+            f"`{legacy}` is not a plain EMA state (refused by torch.load(weights_only=True), which runs no code: "
+            f"{str(error).splitlines()[0]})."
+        ) from None
+    shadow = state.get("shadow_params") if isinstance(state, dict) else None
+    if not isinstance(shadow, list) or len(shadow) != len(names) or not all(torch.is_tensor(t) for t in shadow):
+        raise ValueError(f"`{legacy}` does not hold this run's EMA ({len(names)} shadow tensors expected).")
+    counters = {key: value for key, value in state.items() if key != "shadow_params"}
+    ema.load_state_dict(_checked_ema_state(ema, names, dict(zip(names, shadow)), counters, legacy, legacy))
+    return True
+
+
+def convert_legacy_ema(ema, names: list[str], folder: str | os.PathLike) -> None:
+    """Rewrite a checkpoint's ``LEGACY_EMA_FILE`` as `save_ema_state`'s files (from ``ema``, as
+    [`load_ema_state`] read it): the safe files first, then the pickle goes. Main process only."""
+    save_ema_state(ema, names, folder)
+    (Path(folder) / LEGACY_EMA_FILE).unlink()
+
+
+def check_checkpoint_files(folder: str | os.PathLike, models: list, process_index: int) -> None:
+    """Before ``accelerator.load_state``: every model file (``model.safetensors``, ``model_<i>.safetensors``) holds
+    exactly the keys and shapes of the run's ``models``, and this process's RNG file loads with
+    ``weights_only=True`` (accelerate would skip an unreadable one silently). ValueError naming the file otherwise."""
+    import pickle
+
+    from accelerate.utils import load
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for i, model in enumerate(models):
+        path = folder / f"model{'' if i == 0 else f'_{i}'}.safetensors"
+        if not path.is_file():
+            continue  # a .bin checkpoint: accelerate loads it with weights_only=True
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"`{path}` is not a readable safetensors file ({error}).") from None
+        wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"`{path}` does not match this run's {type(model).__name__}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, other shapes {wrong[:5]}."
+            )
+    rng = folder / f"random_states_{process_index}.pkl"
+    if rng.is_file():
+        try:
+            states = load(rng)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:  # not plain values
+            raise ValueError(
+                f"`{rng}` is not a plain RNG state (refused by torch.load(weights_only=True), which runs no code: "
+                f"{str(error).splitlines()[0]})."
+            ) from None
+        needed = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+        if not isinstance(states, dict) or not needed <= set(states):
+            raise ValueError(f"`{rng}` does not hold the random states accelerate writes.")
+
+
+# torch's zip writer reports a full disk as a RuntimeError "[enforce fail at inline_container.cc...] unexpected pos"
+_TORCH_WRITE_FAILURES = ("enforce fail", "file write failed", "unexpected pos")
+
+
+def disk_full_error(error: BaseException, folder: Path, checkpoint_dir: Path) -> OSError | None:
+    """An ``OSError(ENOSPC)`` saying which file of the checkpoint being written into ``folder`` could not be
+    written, the free space, and the space a checkpoint needs (the newest complete one's size, else more than what
+    was written), when ``error`` is a full disk (ENOSPC, or torch's failed write); None for any other error."""
+    import errno
+
+    if isinstance(error, OSError):
+        if error.errno != errno.ENOSPC:
+            return None
+    elif not any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+        return None
+    written = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    name = getattr(error, "filename", None) or (max(written, key=lambda p: p.stat().st_mtime_ns) if written else folder)
+    done = sum(p.stat().st_size for p in written)
+    previous = list_checkpoints(checkpoint_dir)
+    if previous:
+        size = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
+        needed = f"about {size:,} bytes (the size of {previous[-1].name})"
+    else:
+        needed = f"more than the {done:,} bytes written before the disk filled"
+    free = shutil.disk_usage(checkpoint_dir).free
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on device: could not write {name} ({free:,} bytes free in {checkpoint_dir}; a checkpoint of "
+        f"this run needs {needed}). Free some space (or lower --checkpoints_total_limit) and resume with "
+        "--resume_from_checkpoint latest.",
+    )
 
 
 def load_rank_state(checkpoint: Path, rank: int) -> dict:
@@ -198,19 +390,27 @@ def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -
 __all__ = [
     "CHECKPOINT_PREFIX",
     "COMPLETE_FILE",
+    "EMA_STATE_FILE",
+    "EMA_WEIGHTS_FILE",
     "LEGACY_CHECKPOINT_FILES",
+    "LEGACY_EMA_FILE",
     "RESUME_CHANGES_ALWAYS_ALLOWED",
     "RUN_ARGS_FILE",
     "STATE_FILE",
     "VALIDATION_LOG_FILE",
+    "check_checkpoint_files",
     "check_resume_arguments",
+    "convert_legacy_ema",
+    "disk_full_error",
     "is_complete_checkpoint",
     "is_legacy_checkpoint",
     "list_checkpoints",
+    "load_ema_state",
     "load_rank_state",
     "resolve_resume_path",
     "rotate_checkpoints",
     "run_argument_differences",
     "run_arguments",
     "save_checkpoint",
+    "save_ema_state",
 ]

@@ -29,14 +29,19 @@ from ..data.stream import ResumableBatches
 from ..image_processing_groupvq import to_uint8
 from .arguments import parse_args, resolve_model_config, steps_per_epoch
 from .checkpoints import (
+    LEGACY_EMA_FILE,
     RUN_ARGS_FILE,
     VALIDATION_LOG_FILE,
+    check_checkpoint_files,
     check_resume_arguments,
+    convert_legacy_ema,
     list_checkpoints,
+    load_ema_state,
     load_rank_state,
     resolve_resume_path,
     run_arguments,
     save_checkpoint,
+    save_ema_state,
 )
 
 
@@ -131,6 +136,11 @@ def save_export(model, model_dir: Path, run_args: dict) -> Path:
         model.save_pretrained(tmp)
         (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
     return Path(model_dir)
+
+
+def ema_parameter_names(model) -> list[str]:
+    """Names of ``model.parameters()`` in the order the EMA holds them (its checkpoint keys)."""
+    return [name for name, _ in model.named_parameters()]
 
 
 def build_ema(parameters, decay: float, warmup: bool = False):
@@ -279,9 +289,8 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
     model, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         model, discriminator, opt_g, opt_d, sched_g, sched_d
     )
-    if ema is not None:
+    if ema is not None:  # checkpointed by save_ema_state / load_ema_state (safetensors + JSON), not pickled
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     batches = build_batches(args, rank, world)
     run_args = run_arguments(args, config, world)
     resume = resolve_resume_path(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints")
@@ -391,6 +400,16 @@ def resume_training(run: TrainingRun) -> LoopState:
         saved = load_rank_state(run.resume, accelerator.process_index)  # first: a clear error for a foreign folder
         for warning in check_resume_arguments(run.resume, run.run_args, args.allow_resume_changes):
             logger.warning(warning)
+        check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
+        if run.ema is not None:
+            names = ema_parameter_names(run.plain_model)
+            if load_ema_state(run.ema, names, run.resume):  # the earlier release's pickle, read safely: convert it
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    convert_legacy_ema(run.ema, names, run.resume)
+                accelerator.wait_for_everyone()
+        elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
+            raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
@@ -591,9 +610,11 @@ def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
         "converted_images": state.converted_images,
         "world_size": run.accelerator.num_processes,
     }  # fmt: skip
+    names = ema_parameter_names(run.plain_model)
+    write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, names)
     path = save_checkpoint(
         run.accelerator, run.checkpoint_dir, state.global_step, rank_state, run.args.checkpoints_total_limit,
-        run.run_args,
+        run.run_args, write_ema,
     )  # fmt: skip
     run.logger.info(f"Saved checkpoint {path}")
     return path
@@ -684,6 +705,8 @@ def train(args: argparse.Namespace) -> dict:
     state = resume_training(run)
     load_validation_images(run, state.global_step)
     start_progress(run, state)
+    if validation_missing(run, state):  # killed while validating the step it resumes from: validate it now
+        validate(run, state)
     run.model.train()
     run.discriminator.train()
     for batch in training_batches(run, state):
@@ -803,6 +826,19 @@ def trim_validation_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def validation_missing(run: TrainingRun, state: LoopState) -> bool:
+    """Main process of a resumed run: whether the checkpoint's step is a validation step that has no entry in
+    ``VALIDATION_LOG_FILE`` (the checkpoint of a step is written before its validation, so a kill while validating
+    leaves a checkpoint without its entry)."""
+    args, step = run.args, state.global_step
+    if run.resume is None or run.usage_pixels is None or not args.validation_steps or step % args.validation_steps:
+        return False
+    path = run.validation_log
+    lines = path.read_text().splitlines() if path.is_file() else []
+    logged = [json.loads(line)["step"] for line in lines if line.strip()]
+    return step not in logged
+
+
 def append_validation_log(path: Path, step: int, usage: dict) -> None:
     """One JSON line per validation step: the EMA model's held-out usage (overall and per group)."""
     record = {"step": step, "codebook_usage": usage["codebook_usage"], "group_usage": usage["group_usage"]}
@@ -846,6 +882,7 @@ __all__ = [
     "build_models",
     "build_optimizers",
     "build_schedulers",
+    "ema_parameter_names",
     "discriminator_step",
     "end_optimizer_step",
     "export_final_model",
@@ -872,6 +909,7 @@ __all__ = [
     "usage_stats",
     "validate",
     "validation_images",
+    "validation_missing",
     "validation_usage",
     "weights_digest",
     "window_statistics",
