@@ -229,6 +229,22 @@ def parquet_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("max_samples", [None, 16])
+def test_a_truncated_shard_is_skipped_and_counted_by_name(parquet_folder, tmp_path, max_samples):
+    """Issue 19 item 5: one damaged shard does not end the evaluation; it is named in the skipped counts."""
+    import shutil
+
+    folder = shutil.copytree(parquet_folder, tmp_path / "parquet")
+    damaged = folder / "train-00002-of-00004.parquet"  # rows 8-11, all good images
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    loader = build_eval_dataloader(str(folder), split="train", resolution=16, batch_size=3, max_samples=max_samples)
+    results = evaluate_model(model, loader, metrics="codebook_usage", progress=False, max_samples=max_samples)
+    assert results["num_images"] == 16 - 2 - 4 and results["skipped_images"] == 3
+    assert results["skipped_reasons"] == {"undecodable:UnidentifiedImageError": 2, f"unreadable_shard:{damaged}": 1}
+
+
 @pytest.fixture(scope="module")
 def two_process_run(saved_model, weights, parquet_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")

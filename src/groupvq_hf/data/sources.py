@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ DEMO_CROP_SCALE = (0.01, 1.0)  # area fraction of the training region kept by a 
 DEMO_HOLDOUT = 0.25  # share of each photo's longer side held out for the validation / test crops
 DEMO_EVAL_CROPS = 512  # fixed held-out crops in each of the validation and test splits
 DEMO_MIN_EVAL_SIDE = 16
+SHARDED_FORMATS = ("parquet", "webdataset")  # datasets builders whose data files are read shard by shard
+UNREADABLE_SHARD = "unreadable_shard"  # row column: the shard a marker row stands for ("" in the image rows)
+
+logger = logging.getLogger(__name__)
+
+
+def row_features():
+    """The columns of every source's rows: the stored ``image``, its ``key`` and `UNREADABLE_SHARD`."""
+    import datasets
+
+    return datasets.Features(
+        {"image": datasets.Image(decode=False), "key": datasets.Value("string"), UNREADABLE_SHARD: datasets.Value("string")}
+    )
 
 
 @dataclass(frozen=True)
@@ -175,9 +189,9 @@ def _demo_dataset(split: str):
         boxes = demo_eval_boxes(split)
         rows = [(_demo_url(i, box), f"demo/{DEMO_PHOTOS[i]}/{split}/{n:04d}") for n, (i, box) in enumerate(boxes)]
         shards = DEMO_SHARDS // 4
-    features = datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
     images = [{"bytes": None, "path": url} for url, _ in rows]
-    table = datasets.Dataset.from_dict({"image": images, "key": [key for _, key in rows]}, features=features)
+    columns = {"image": images, "key": [key for _, key in rows], UNREADABLE_SHARD: [""] * len(rows)}
+    table = datasets.Dataset.from_dict(columns, features=row_features())
     return table.to_iterable_dataset(num_shards=shards)
 
 
@@ -262,7 +276,8 @@ def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[st
     there is (with a note in ``notes``); a ValueError listing the splits otherwise."""
     import datasets
 
-    splits = list(datasets.load_dataset(kind, streaming=True, **kwargs))
+    # the resolved data files name the splits without reading any of them (a damaged first shard stays readable)
+    splits = [str(name) for name in datasets.load_dataset_builder(kind, **kwargs).config.data_files]
     for name in (split, *SPLIT_ALIASES.get(split, ())):
         if name in splits:
             return name
@@ -272,9 +287,71 @@ def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[st
     raise ValueError(f"`split` {split!r} is not a split of {where} (splits: {splits}).")
 
 
+def _shard_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged shard raises: arrow errors (truncated parquet: no magic bytes in the footer), tar
+    errors (truncated or garbage .tar), I/O and decoding errors."""
+    import tarfile
+
+    import pyarrow
+
+    return pyarrow.ArrowException, tarfile.TarError, OSError, EOFError, ValueError
+
+
+def _open_shard(kind: str, shard: str, features=None):
+    """One data file read by datasets' own ``kind`` builder, as a streaming dataset (nothing decoded)."""
+    import datasets
+
+    ds = datasets.load_dataset(kind, data_files=[shard], split="train", streaming=True, features=features)
+    return ds.decode(False)
+
+
+def _read_shards(shards: list[str], kind: str, features):
+    """The rows of ``shards`` one shard after the other. A shard that cannot be read (up front or partway) is
+    logged and ends in one marker row whose `UNREADABLE_SHARD` names it; the next shard follows."""
+    for shard in shards:
+        try:
+            # .iter(): every row of the shard, also inside a DataLoader worker (iterating the dataset would split the
+            # shard's rows across workers again; the outer stream already gave this worker its shards)
+            for row in _open_shard(kind, shard, features).iter(batch_size=1):
+                yield {**{name: values[0] for name, values in row.items()}, UNREADABLE_SHARD: ""}
+        except _shard_errors() as err:
+            logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
+            yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
+
+
+def _shard_stream(kind: str, shards: list[str], where: str):
+    """A streaming dataset over the data files ``shards`` that survives damaged ones (see [`_read_shards`]); one
+    shard per dataset shard, so sharding across ranks and loader workers and shard shuffling work as for
+    ``load_dataset``. Features come from the first readable shard; a ValueError names them all when none is."""
+    import datasets
+
+    features, unreadable = None, []
+    for shard in shards:
+        try:
+            features = _open_shard(kind, shard).features
+            break
+        except _shard_errors() as err:
+            unreadable.append(f"{shard} ({type(err).__name__}: {err})")
+    if features is None:
+        raise ValueError(f"Every shard of {where} is unreadable: {'; '.join(unreadable)}.")
+    return datasets.IterableDataset.from_generator(
+        _read_shards,
+        features=datasets.Features({**features, UNREADABLE_SHARD: datasets.Value("string")}),
+        gen_kwargs={"shards": list(shards), "kind": kind, "features": features},
+    )
+
+
 def _load_split(path: str, split: str, streaming: bool, config: str | None = None, **kwargs):
     import datasets
 
+    if streaming:  # parquet and webdataset files are read shard by shard, so that a damaged one is skipped
+        builder = datasets.load_dataset_builder(path, config, **kwargs)
+        files = {str(name): list(shards) for name, shards in (builder.config.data_files or {}).items()}
+        if builder.name in SHARDED_FORMATS and files:
+            for name in (split, *SPLIT_ALIASES.get(split, ())):
+                if name in files:
+                    return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
+            raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
@@ -331,17 +408,16 @@ def load_image_source(
         )
     if ds.features is not None and column not in ds.features:
         raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {list(ds.features)}).")
-    ds = ds.select_columns([column])
+    marked = ds.features is not None and UNREADABLE_SHARD in ds.features  # read by `_shard_stream`
+    ds = ds.select_columns([column, UNREADABLE_SHARD] if marked else [column])
     if column != "image":
         ds = ds.rename_column(column, "image")
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    return ds.map(
-        _empty_key, features=datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
-    )
+    return ds.map(_source_row, features=row_features())
 
 
-def _empty_key(example: dict) -> dict:
-    return {"image": example["image"], "key": ""}
+def _source_row(example: dict) -> dict:
+    return {"image": example["image"], "key": "", UNREADABLE_SHARD: example.get(UNREADABLE_SHARD) or ""}
 
 
 def example_key(image: dict | None) -> str:
@@ -473,6 +549,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         """``(pixels, reason, mode)`` of one raw example: pixels, or None and why (counted in ``skipped``); ``mode``
         is the original mode of a converted image (else ""). ``seed`` seeds the random augmentations."""
         self.decoded += 1
+        if example.get(UNREADABLE_SHARD):  # the marker of a damaged shard (logged where it was read)
+            reason = f"{UNREADABLE_SHARD}:{example[UNREADABLE_SHARD]}"
+            self.skipped[reason] += 1
+            return None, reason, ""
         try:
             image, mode = to_rgb(open_image(example["image"] or {}))
         except Exception as err:  # truncated, corrupt, not an image, decompression bomb, missing file ...
