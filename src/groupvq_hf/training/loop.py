@@ -197,6 +197,14 @@ class TrainingRun:
     resume: Path | None
     eval_pixels: torch.Tensor | None = None
     usage_pixels: torch.Tensor | None = None
+    usage_split: str | None = None  # the split ``usage_pixels`` come from
+
+    @property
+    def usage_images(self) -> str:
+        """What the usage images are, for messages: held out, or the training split's (a source with no other)."""
+        if self.usage_split == self.args.dataset_split:
+            return f"images of the training split {self.usage_split!r} (not held out)"
+        return "held-out images"
 
     @property
     def output_dir(self) -> Path:
@@ -419,7 +427,7 @@ def load_validation_images(run: TrainingRun, step: int) -> None:
     pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
     run.eval_pixels = pixels[: args.num_validation_images].to(run.accelerator.device)
     if args.num_validation_usage_images:
-        run.usage_pixels = pixels[: args.num_validation_usage_images]
+        run.usage_pixels, run.usage_split = pixels[: args.num_validation_usage_images], split
         run.logger.info(
             f"Codebook usage is measured on {len(run.usage_pixels)} images of split {split!r} "
             f"({'held out' if split != args.dataset_split else 'the training split: the source has no other'})."
@@ -664,7 +672,7 @@ def export_final_model(run: TrainingRun, state: LoopState) -> dict:
         run.accelerator.log(usage_stats(val_usage), step=state.global_step)
         groups = val_usage["group_usage"]
         print(
-            f"Codebook usage of the EMA model on {val_usage['num_images']} held-out images: "
+            f"Codebook usage of the EMA model on {val_usage['num_images']} {run.usage_images}: "
             f"{val_usage['codebook_usage']:.3f} (per group: min {min(groups):.3f}, max {max(groups):.3f})"
         )
         result.update(validation_codebook_usage=val_usage["codebook_usage"], validation_group_usage=groups)
