@@ -577,3 +577,22 @@ def test_single_split_folder_validation_is_named_as_the_training_split(tmp_path)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny"))
     model.check_finite = False
     assert export_model(model, None).check_finite and not model.check_finite
+
+
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        (["cat.jpg", "dog.jpg", "owl.jpg"], r"3 x undecodable:FileNotFoundError"),  # paths to files that do not exist
+        ([1, 2, 3], r"`image_column` 'image' of .* holds int64 values, not images"),
+        ([0.5, 1.5, 2.5], r"holds float64 values, not images"),
+    ],
+)
+def test_an_image_column_without_images_says_why(tmp_path, values, reason):
+    import datasets
+
+    from groupvq_hf.training import validation_images
+
+    datasets.Dataset.from_dict({"image": values}).to_parquet(str(tmp_path / "rows.parquet"))
+    args = parse_args(["--dataset", str(tmp_path / "rows.parquet"), "--max_train_steps", "1"])
+    with pytest.raises(ValueError, match=reason):
+        validation_images(args, 2)

@@ -408,12 +408,31 @@ def load_image_source(
         )
     if ds.features is not None and column not in ds.features:
         raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {list(ds.features)}).")
+    _check_image_feature(None if ds.features is None else ds.features[column], column, name)
     marked = ds.features is not None and UNREADABLE_SHARD in ds.features  # read by `_shard_stream`
     ds = ds.select_columns([column, UNREADABLE_SHARD] if marked else [column])
     if column != "image":
         ds = ds.rename_column(column, "image")
     ds = ds.cast_column("image", datasets.Image(decode=False))
     return ds.map(_source_row, features=row_features())
+
+
+def _check_image_feature(feature, column: str, name: str) -> None:
+    """A ValueError when the ``column`` of source ``name`` cannot hold images: an image feature, encoded bytes,
+    file paths (strings) or ``{"bytes", "path"}`` structs can; numbers, labels and lists cannot."""
+    import datasets
+
+    if feature is None or isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
+        return
+    if isinstance(feature, dict) and {"bytes", "path"} & set(feature):
+        return
+    kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    raise ValueError(
+        f"`image_column` {column!r} of {name!r} holds {kind} values, not images (expected an Image feature, encoded "
+        "image bytes or image file paths); pass the column that holds the images."
+    )
 
 
 def _source_row(example: dict) -> dict:

@@ -754,20 +754,24 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
     from ..data.sources import build_image_dataset, collate_pixels
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
-    error = None
+    error, why = None, {}  # why each split gave no image -> the splits it applies to
     for split in (args.validation_split, args.dataset_split):
         try:
             stream = build_image_dataset(args.dataset, split, **kwargs)
             examples = list(stream)
         except Exception as err:  # no such split in this source (the error type depends on the source's format)
-            examples, error = [], err
+            error = err
+            why.setdefault(str(err).rstrip("."), []).append(split)
             continue
         examples = [example for example in examples if example.get("pixel_values") is not None]  # no bad images
         if examples:
             # a local source with a single split reads it for any split (with a note): that is the training split
             return collate_pixels(examples), (args.dataset_split if getattr(stream, "notes", None) else split)
+        counts = ", ".join(f"{count} x {reason}" for reason, count in stream.skipped.items())
+        why.setdefault(f"every image was skipped ({counts})" if counts else "no rows", []).append(split)
+    reasons = "; ".join(f"{' and '.join(map(repr, dict.fromkeys(splits)))}: {text}" for text, splits in why.items())
     raise ValueError(
-        f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r})."
+        f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r}). {reasons}."
     ) from error
 
 
