@@ -400,3 +400,11 @@ def test_every_shard_damaged_is_one_clear_error_naming_them(damaged_mirrors, fmt
     with pytest.raises(ValueError, match="unreadable") as error:
         build_image_dataset(str(folder), resolution=16)
     assert all(str(shard) in str(error.value) for shard in shards)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_epoch_sizes_count_the_readable_shards(damaged_mirrors, fmt):
+    from groupvq_hf.data import dataset_num_examples
+
+    folder, _ = damaged_mirrors[fmt, "garbage"]  # the first of two training shards is garbage
+    assert dataset_num_examples(str(folder)) == {"parquet": 6, "webdataset": 4}[fmt]

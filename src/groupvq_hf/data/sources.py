@@ -287,7 +287,7 @@ def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[st
     raise ValueError(f"`split` {split!r} is not a split of {where} (splits: {splits}).")
 
 
-def _shard_errors() -> tuple[type[BaseException], ...]:
+def shard_errors() -> tuple[type[BaseException], ...]:
     """What reading a damaged shard raises: arrow errors (truncated parquet: no magic bytes in the footer), tar
     errors (truncated or garbage .tar), I/O and decoding errors."""
     import tarfile
@@ -314,7 +314,7 @@ def _read_shards(shards: list[str], kind: str, features):
             # shard's rows across workers again; the outer stream already gave this worker its shards)
             for row in _open_shard(kind, shard, features).iter(batch_size=1):
                 yield {**{name: values[0] for name, values in row.items()}, UNREADABLE_SHARD: ""}
-        except _shard_errors() as err:
+        except shard_errors() as err:
             logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
             yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
 
@@ -330,7 +330,7 @@ def _shard_stream(kind: str, shards: list[str], where: str):
         try:
             features = _open_shard(kind, shard).features
             break
-        except _shard_errors() as err:
+        except shard_errors() as err:
             unreadable.append(f"{shard} ({type(err).__name__}: {err})")
     if features is None:
         raise ValueError(f"Every shard of {where} is unreadable: {'; '.join(unreadable)}.")
@@ -742,5 +742,6 @@ __all__ = [
     "load_image_source",
     "open_image",
     "parse_dataset_spec",
+    "shard_errors",
     "to_rgb",
 ]
