@@ -611,8 +611,9 @@ class ImageStream(torch.utils.data.IterableDataset):
                 return
             yield {"placeholder": True, "worker": worker, "row": skip_rows - 1}
             yielded += 1
-        epoch, pending = (self.epoch if self.train else 0), 0
+        epoch, pending, rows_read = (self.epoch if self.train else 0), 0, 0
         for row, example in self._rows(worker, num_workers):
+            rows_read = row + 1
             if row < skip_rows:
                 continue  # consumed before the resume: not decoded
             if self.max_samples is not None and yielded >= self.max_samples:
@@ -631,6 +632,12 @@ class ImageStream(torch.utils.data.IterableDataset):
                 "row": row,
             }  # fmt: skip
             pending, yielded = 0, yielded + 1
+        if rows_read < skip_rows:  # the dataset lost rows (files deleted) between the checkpoint and this resume
+            logger.warning(
+                f"Process {self.rank}, loader worker {worker}: {skip_rows - rows_read} of the {skip_rows} rows read "
+                f"before the resume are missing (the stream has {rows_read}): files were deleted or the dataset "
+                "changed since the checkpoint; this epoch ends here."
+            )
 
 
 def build_image_dataset(
