@@ -54,6 +54,7 @@ DEMO_HOLDOUT = 0.25  # share of each photo's longer side held out for the valida
 DEMO_EVAL_CROPS = 512  # fixed held-out crops in each of the validation and test splits
 DEMO_MIN_EVAL_SIDE = 16
 SHARDED_FORMATS = ("parquet", "webdataset")  # datasets builders whose data files are read shard by shard
+SHARD_READ_ROWS = 64  # rows read from a shard at a time (a damaged shard loses at most these before its marker)
 UNREADABLE_SHARD = "unreadable_shard"  # row column: the shard a marker row stands for ("" in the image rows)
 
 logger = logging.getLogger(__name__)
@@ -312,8 +313,9 @@ def _read_shards(shards: list[str], kind: str, features):
         try:
             # .iter(): every row of the shard, also inside a DataLoader worker (iterating the dataset would split the
             # shard's rows across workers again; the outer stream already gave this worker its shards)
-            for row in _open_shard(kind, shard, features).iter(batch_size=1):
-                yield {**{name: values[0] for name, values in row.items()}, UNREADABLE_SHARD: ""}
+            for rows in _open_shard(kind, shard, features).iter(batch_size=SHARD_READ_ROWS):
+                for values in zip(*rows.values()):
+                    yield {**dict(zip(rows, values)), UNREADABLE_SHARD: ""}
         except shard_errors() as err:
             logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
             yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
