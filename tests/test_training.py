@@ -596,3 +596,25 @@ def test_an_image_column_without_images_says_why(tmp_path, values, reason):
     args = parse_args(["--dataset", str(tmp_path / "rows.parquet"), "--max_train_steps", "1"])
     with pytest.raises(ValueError, match=reason):
         validation_images(args, 2)
+
+
+def test_training_goes_on_past_a_damaged_shard(tmp_path, caplog):
+    """Issue 19 item 5: a truncated parquet shard is skipped (named in the log, counted), training finishes."""
+    import datasets
+
+    folder = _image_folder(tmp_path / "images", 8)
+    blobs = [{"bytes": path.read_bytes(), "path": None} for path in sorted(folder.glob("*.png"))]
+    features = datasets.Features({"image": datasets.Image()})
+    shards = tmp_path / "shards"
+    for shard in range(2):
+        rows = {"image": blobs[4 * shard : 4 * shard + 4]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(shards / f"train-{shard}.parquet"))
+    damaged = shards / "train-0.parquet"  # the first shard, the one the features would come from
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    with caplog.at_level("WARNING"):
+        result = _train(
+            tmp_path / "run", "--dataset", str(shards), "--max_train_steps", "3", "--train_batch_size", "2",
+            "--num_validation_usage_images", "0", "--validation_steps", "100",
+        )  # fmt: skip
+    assert result["global_step"] == 3
+    assert any(f"Skipping the unreadable shard {damaged}" in record.getMessage() for record in caplog.records)
