@@ -194,7 +194,7 @@ def test_script_with_demo_dataset_writes_usage_frequency(saved_models, tmp_path)
         *SMALL,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "encoded 3 images of demo/validation" in done.stderr
     paths = json.loads(done.stdout[done.stdout.index("{") :])

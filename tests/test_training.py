@@ -347,7 +347,8 @@ def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path
     assert f"Training images skipped (undecodable or too small): {skipped}; converted to RGB: {converted}." in out
     # the folder has a single split: the usage images are training images, and the end of the run says so
     usage = result["validation_codebook_usage"]
-    assert f"Codebook usage of the EMA model on 4 images of the training split 'train' (not held out): {usage:.3f}" in out
+    usage_line = f"Codebook usage of the EMA model on 4 images of the training split 'train' (not held out): {usage:.3f}"
+    assert usage_line in out
     assert "held-out" not in out
 
 

@@ -312,7 +312,7 @@ def test_convert_checkpoint_script(tmp_path, capsys):
     # as a user runs it: `python scripts/convert_checkpoint.py SRC DST` from the repository root
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "scripts/convert_checkpoint.py", str(tmp_path / "tf"), str(tmp_path / "df")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout.strip().splitlines()[-1])
     assert printed == {"saved": str(tmp_path / "df"), "kind": "groupvq_vae"}

@@ -64,9 +64,8 @@ def row_features():
     """The columns of every source's rows: the stored ``image``, its ``key`` and `UNREADABLE_SHARD`."""
     import datasets
 
-    return datasets.Features(
-        {"image": datasets.Image(decode=False), "key": datasets.Value("string"), UNREADABLE_SHARD: datasets.Value("string")}
-    )
+    text = datasets.Value("string")
+    return datasets.Features({"image": datasets.Image(decode=False), "key": text, UNREADABLE_SHARD: text})
 
 
 @dataclass(frozen=True)
