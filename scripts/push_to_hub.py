@@ -21,7 +21,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
-import json
 import math
 
 
@@ -55,13 +54,10 @@ def main(argv=None) -> None:
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    from groupvq_hf.hub import DEFAULT_TIMEOUT, HubAccessError, HubConnectionError, publish
+    from groupvq_hf.hub import DEFAULT_TIMEOUT, HubAccessError, HubConnectionError, publish, read_json
 
-    training = None
-    if args.training_args:
-        with open(args.training_args, encoding="utf-8") as f:
-            training = json.load(f)
     try:
+        training = read_json(args.training_args, "training_args")
         commit = publish(
             args.model,
             args.repo_id,

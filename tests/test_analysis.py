@@ -5,6 +5,8 @@ import io
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,11 +184,19 @@ def test_script_on_self_extended_model_marks_trained_and_new_codes(saved_models,
 
 
 def test_script_with_demo_dataset_writes_usage_frequency(saved_models, tmp_path):
+    """Run as a user runs it (`python scripts/analyze_codebook.py --dataset demo ...`): with scripts/ first on the
+    import path, `import evaluate` inside the package must still find the library, not scripts/evaluate.py."""
     tiny, _ = saved_models
-    paths = _load_script().main(
-        ["--model", str(tiny), "--output_dir", str(tmp_path), "--dataset", "demo", "--split", "validation",
-         "--resolution", "32", "--max_samples", "3", "--batch_size", "2", *SMALL]
-    )
+    command = [
+        sys.executable, "scripts/analyze_codebook.py", "--model", str(tiny), "--output_dir", str(tmp_path),
+        "--dataset", "demo", "--split", "validation", "--resolution", "32", "--max_samples", "3", "--batch_size", "2",
+        *SMALL,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoded 3 images of demo/validation" in done.stderr
+    paths = json.loads(done.stdout[done.stdout.index("{") :])
     _check_png_file(paths["group_frequency"])
     usage = json.loads(open(paths["json"]).read())["usage"]
     assert usage["dataset"] == "demo" and usage["num_images"] == 3

@@ -347,3 +347,64 @@ def test_max_samples_caps_the_stream():
     assert len(list(build_image_dataset("demo", resolution=16, max_samples=4))) == 4
     with pytest.raises(ValueError, match="batch"):
         collate_pixels([])
+
+
+# ---------------------------------------------------------------------------------------------- damaged shards
+def _damage(path, how: str) -> None:
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2] if how == "truncated" else bytes(range(256)) * 8)
+
+
+@pytest.fixture
+def damaged_mirrors(tmp_path, imagenet_mirror, imagenet_wds_mirror):
+    """Copies of the ImageNet parquet and webdataset mirrors (2 training shards each, 6 / 4 rows) with one shard
+    truncated or overwritten with garbage: ``{(format, how): (folder, damaged shard)}``."""
+    import shutil
+
+    mirrors = {}
+    for fmt, source, pattern in (("parquet", imagenet_mirror, "data/train-0000{}-*.parquet"),
+                                 ("webdataset", imagenet_wds_mirror, "imagenet1k-train-000{}.tar")):  # fmt: skip
+        for how, index in (("truncated", 1), ("garbage", 0)):  # the first shard too (the one features come from)
+            folder = tmp_path / f"{fmt}-{how}"
+            shutil.copytree(source, folder)
+            shard = next(folder.glob(pattern.format(index)))
+            _damage(shard, how)
+            mirrors[fmt, how] = folder, shard
+    return mirrors
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+@pytest.mark.parametrize("fmt, rows_per_shard", [("parquet", 6), ("webdataset", 4)])
+def test_a_damaged_shard_is_skipped_named_and_counted(damaged_mirrors, fmt, rows_per_shard, how, caplog):
+    folder, shard = damaged_mirrors[fmt, how]
+    reason = f"unreadable_shard:{shard}"
+    # training: the other shard's rows all come out, the damaged shard is counted as one skipped entry
+    stream = build_image_dataset(str(folder), resolution=16, train=True, seed=1, shuffle_buffer_size=4)
+    with caplog.at_level("WARNING"):
+        examples = list(stream)
+    assert len(examples) >= rows_per_shard  # a truncated shard may give its first rows before it breaks
+    assert stream.skipped[reason] == 1 and sum(e["num_skipped"] for e in examples) <= 1
+    assert any(str(shard) in record.getMessage() for record in caplog.records)
+    # evaluation: the marker reaches the consumer, which counts it under the shard's name
+    evaluation = list(build_image_dataset(str(folder), resolution=16, train=False))
+    assert [e["skipped"] for e in evaluation if e["pixel_values"] is None] == [reason]
+    assert len([e for e in evaluation if e["pixel_values"] is not None]) == len(examples)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_every_shard_damaged_is_one_clear_error_naming_them(damaged_mirrors, fmt):
+    folder, _ = damaged_mirrors[fmt, "garbage"]
+    shards = sorted(p for p in folder.rglob("*train*") if p.is_file())
+    for shard in shards:
+        _damage(shard, "garbage")
+    with pytest.raises(ValueError, match="unreadable") as error:
+        build_image_dataset(str(folder), resolution=16)
+    assert all(str(shard) in str(error.value) for shard in shards)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_epoch_sizes_count_the_readable_shards(damaged_mirrors, fmt):
+    from groupvq_hf.data import dataset_num_examples
+
+    folder, _ = damaged_mirrors[fmt, "garbage"]  # the first of two training shards is garbage
+    assert dataset_num_examples(str(folder)) == {"parquet": 6, "webdataset": 4}[fmt]

@@ -150,6 +150,34 @@ def test_image_folder_with_bad_files_reports_counts_and_the_split_read(saved_mod
     assert json.loads((tmp_path / "results.json").read_text())["skipped_images"] == 2
 
 
+@pytest.mark.parametrize("max_samples", [None, 10])
+@pytest.mark.parametrize(
+    "files, skipped",
+    [
+        ({"a.jpg": "image", "b.jpg": "image", "c.jpg": "image", "d.png": "not an image"}, 1),  # the issue's folder
+        ({"a.jpg": "image", "b.jpg": "image", "c.jpg": "image", "z.jpg": "empty"}, 1),  # zero bytes, last
+        ({"a.jpg": "image", "b.jpg": "empty", "c.jpg": "image", "d.png": "image", "e.png": "not an image"}, 2),
+    ],
+)
+def test_every_bad_image_is_counted_wherever_it_falls_in_a_batch(tmp_path, files, skipped, max_samples):
+    """Bad images after a batch's last good image (and zero-byte files) count, with or without max_samples."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, kind in files.items():
+        if kind == "image":
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(b"" if kind == "empty" else b"not an image")
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    loader = build_eval_dataloader(str(tmp_path), split="train", resolution=16, batch_size=4, max_samples=max_samples)
+    results = evaluate_model(model, loader, metrics="codebook_usage", progress=False, max_samples=max_samples)
+    assert results["num_images"] == len(files) - skipped
+    assert results["skipped_images"] == skipped
+    assert results["skipped_reasons"] == {"undecodable:UnidentifiedImageError": skipped}
+
+
 def test_evaluate_model_matches_a_direct_computation():
     torch.manual_seed(0)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
@@ -199,6 +227,26 @@ def parquet_folder(tmp_path_factory):
             str(root / f"train-{shard:05d}-of-00004.parquet")
         )
     return root
+
+
+@pytest.mark.parametrize("max_samples", [None, 16])
+def test_a_truncated_shard_is_skipped_and_counted_by_name(parquet_folder, tmp_path, max_samples, monkeypatch):
+    """Issue 19 item 5: one damaged shard does not end the evaluation; it is named in the skipped counts."""
+    import shutil
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)  # arrow workaround, not needed here
+
+    folder = shutil.copytree(parquet_folder, tmp_path / "parquet")
+    damaged = folder / "train-00002-of-00004.parquet"  # rows 8-11, all good images
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    loader = build_eval_dataloader(str(folder), split="train", resolution=16, batch_size=3, max_samples=max_samples)
+    results = evaluate_model(model, loader, metrics="codebook_usage", progress=False, max_samples=max_samples)
+    assert results["num_images"] == 16 - 2 - 4 and results["skipped_images"] == 3
+    assert results["skipped_reasons"] == {"undecodable:UnidentifiedImageError": 2, f"unreadable_shard:{damaged}": 1}
 
 
 @pytest.fixture(scope="module")

@@ -378,6 +378,7 @@ def _push_script(model_dir, endpoint, home, *args):
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "HF_HOME": str(home / "hf_home"),
         "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_writer", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
         "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1,localhost",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # the package under test when it is not the installed one
     }
     command = [sys.executable, SCRIPT, "--model", str(model_dir), "--timeout", str(NETWORK_TIMEOUT), *args]
     result = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True, timeout=300)  # a hang fails
@@ -409,6 +410,19 @@ def test_push_to_a_silent_port_ends_in_one_clear_line_after_the_timeout(saved_mo
         code, lines = _push_script(saved_model, endpoint, tmp_path, "--repo_id", "tester/x")
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith(f"push_to_hub: error: the Hub at {endpoint} did not answer within {NETWORK_TIMEOUT} s"), lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--eval_results", "--training_args"])
+def test_a_file_that_is_not_json_is_named_before_any_upload(saved_model, tmp_path, flag):
+    not_json = tmp_path / "results.json"
+    not_json.write_text("psnr: 24.1\n")  # YAML-ish, not JSON
+    with socket.socket() as probe:  # the file is read first: no request is made (this port answers nothing)
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    code, lines = _push_script(saved_model, endpoint, tmp_path, "--repo_id", "tester/x", flag, not_json)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"push_to_hub: error: `{flag[2:]}` file {str(not_json)!r} is not valid JSON: "), lines[0]
+    assert "line 1 column 1" in lines[0]
 
 
 def test_timeout_must_be_positive(saved_model):

@@ -101,3 +101,24 @@ def test_positions_from_other_layouts_are_refused(parquet_folder):
         batches.load_state_dict({"epoch": 1, "batches_in_epoch": 4, "workers": [[3, 9]]})
     with pytest.raises(ValueError, match="no full batch"):
         next(iter(ResumableBatches(build_image_dataset(parquet_folder, resolution=16, max_samples=2), batch_size=4)))
+
+
+def test_rows_deleted_between_a_kill_and_the_resume_are_reported(parquet_folder, tmp_path, caplog):
+    """Files deleted after the checkpoint: the resumed stream ends before the saved position, and says how many of
+    the rows read before the kill are missing instead of passing silently."""
+    import shutil
+
+    first = ResumableBatches(_stream(parquet_folder), 3, seed=4)
+    _take(first, 10)
+    state = first.state_dict()
+    rows_read = state["workers"][0][1]
+    folder = shutil.copytree(parquet_folder, tmp_path / "parquet")
+    for shard in sorted(folder.glob("*.parquet"))[2:]:  # 2 of the 4 shards (24 of 48 rows) deleted
+        shard.unlink()
+    resumed = ResumableBatches(_stream(str(folder)), 3, seed=4)
+    resumed.load_state_dict(state)
+    with caplog.at_level("WARNING"):
+        batch = _take(resumed, 1)[0]  # the rest of epoch 0 is gone: the next batch is epoch 1's first
+    assert resumed.epoch == 1 and batch["pixel_values"].shape[0] == 3
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"{rows_read - 24} of the {rows_read} rows read before the resume are missing" in m for m in messages)

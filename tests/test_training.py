@@ -345,6 +345,11 @@ def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path
     assert converted > 0 and (result["skipped_images"], result["converted_images"]) == (skipped, converted)
     out = capsys.readouterr().out
     assert f"Training images skipped (undecodable or too small): {skipped}; converted to RGB: {converted}." in out
+    # the folder has a single split: the usage images are training images, and the end of the run says so
+    usage = result["validation_codebook_usage"]
+    usage_line = f"Codebook usage of the EMA model on 4 images of the training split 'train' (not held out): {usage:.3f}"
+    assert usage_line in out
+    assert "held-out" not in out
 
 
 # ---------------------------------------------------------------------------------------------------- validation usage
@@ -573,3 +578,44 @@ def test_single_split_folder_validation_is_named_as_the_training_split(tmp_path)
     model = GroupVQModel(GroupVQConfig.from_preset("tiny"))
     model.check_finite = False
     assert export_model(model, None).check_finite and not model.check_finite
+
+
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        (["cat.jpg", "dog.jpg", "owl.jpg"], r"3 x undecodable:FileNotFoundError"),  # paths to files that do not exist
+        ([1, 2, 3], r"`image_column` 'image' of .* holds int64 values, not images"),
+        ([0.5, 1.5, 2.5], r"holds float64 values, not images"),
+    ],
+)
+def test_an_image_column_without_images_says_why(tmp_path, values, reason):
+    import datasets
+
+    from groupvq_hf.training import validation_images
+
+    datasets.Dataset.from_dict({"image": values}).to_parquet(str(tmp_path / "rows.parquet"))
+    args = parse_args(["--dataset", str(tmp_path / "rows.parquet"), "--max_train_steps", "1"])
+    with pytest.raises(ValueError, match=reason):
+        validation_images(args, 2)
+
+
+def test_training_goes_on_past_a_damaged_shard(tmp_path, caplog):
+    """Issue 19 item 5: a truncated parquet shard is skipped (named in the log, counted), training finishes."""
+    import datasets
+
+    folder = _image_folder(tmp_path / "images", 8)
+    blobs = [{"bytes": path.read_bytes(), "path": None} for path in sorted(folder.glob("*.png"))]
+    features = datasets.Features({"image": datasets.Image()})
+    shards = tmp_path / "shards"
+    for shard in range(2):
+        rows = {"image": blobs[4 * shard : 4 * shard + 4]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(shards / f"train-{shard}.parquet"))
+    damaged = shards / "train-0.parquet"  # the first shard, the one the features would come from
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    with caplog.at_level("WARNING"):
+        result = _train(
+            tmp_path / "run", "--dataset", str(shards), "--max_train_steps", "3", "--train_batch_size", "2",
+            "--num_validation_usage_images", "0", "--validation_steps", "100",
+        )  # fmt: skip
+    assert result["global_step"] == 3
+    assert any(f"Skipping the unreadable shard {damaged}" in record.getMessage() for record in caplog.records)

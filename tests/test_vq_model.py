@@ -309,9 +309,20 @@ def test_convert_checkpoint_script(tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     tiny_groupvq_model().save_pretrained(tmp_path / "tf")
-    script.main([str(tmp_path / "tf"), str(tmp_path / "df")])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # as a user runs it: `python scripts/convert_checkpoint.py SRC DST` from the repository root
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "scripts/convert_checkpoint.py", str(tmp_path / "tf"), str(tmp_path / "df")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
     assert printed == {"saved": str(tmp_path / "df"), "kind": "groupvq_vae"}
+    # the same folder as source and destination is refused (a diffusers folder converted in place no longer loads)
+    before = (tmp_path / "df" / "config.json").read_text()
+    for same in (tmp_path / "df", tmp_path / "df" / "."):
+        with pytest.raises(ValueError, match="`dst`.*same folder as `src`"):
+            script.main([str(tmp_path / "df"), str(same)])
+    assert (tmp_path / "df" / "config.json").read_text() == before
+    GroupVQVAE.from_pretrained(tmp_path / "df")
     assert json.loads((tmp_path / "df" / "config.json").read_text())["_class_name"] == "GroupVQVAE"
     script.main([str(tmp_path / "df"), str(tmp_path / "tf2"), "--to", "groupvq_model"])
     assert json.loads((tmp_path / "tf2" / "config.json").read_text())["model_type"] == "groupvq"

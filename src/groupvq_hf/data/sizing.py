@@ -14,22 +14,32 @@ KNOWN_DATASET_SIZES = {
 }  # fmt: skip
 
 
+def _count_shard_rows(kind: str, shard: str) -> int:
+    """Rows of one local parquet file (from its metadata) or images in one tar shard; 0 for an unreadable one
+    (the stream skips it and names it)."""
+    from ..data.sources import IMAGE_EXTENSIONS, shard_errors
+
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(shard).metadata.num_rows
+        import tarfile
+
+        with tarfile.open(shard) as tar:
+            return sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
+    except shard_errors():
+        return 0
+
+
 def _count_local_rows(kind: str, files: list[str]) -> int:
-    """Rows of local parquet files (from their metadata), images of an image folder, or images in tar shards."""
+    """Rows of local parquet files, images of an image folder, or images in tar shards (readable shards only)."""
     from ..data.sources import IMAGE_EXTENSIONS
 
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.endswith(".parquet"))
+        return sum(_count_shard_rows(kind, f) for f in files if f.endswith(".parquet"))
     if kind == "webdataset":
-        import tarfile
-
-        total = 0
-        for f in files:
-            with tarfile.open(f) as tar:
-                total += sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
-        return total
+        return sum(_count_shard_rows(kind, f) for f in files)
     return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 

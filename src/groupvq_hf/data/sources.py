@@ -36,6 +36,7 @@ import functools
 import hashlib
 import io
 import math
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -62,6 +63,19 @@ DEMO_EVAL_CROPS = 512  # fixed held-out crops in each of the validation and test
 DEMO_MIN_EVAL_SIDE = 16
 # Shorter side, in pixels, below which an image is skipped (training, evaluation) or refused (the demo page).
 MIN_IMAGE_SIZE = 8
+SHARDED_FORMATS = ("parquet", "webdataset")  # datasets builders whose data files are read shard by shard
+SHARD_READ_ROWS = 64  # rows read from a shard at a time (a damaged shard loses at most these before its marker)
+UNREADABLE_SHARD = "unreadable_shard"  # row column: the shard a marker row stands for ("" in the image rows)
+
+logger = logging.getLogger(__name__)
+
+
+def row_features():
+    """The columns of every source's rows: the stored ``image``, its ``key`` and `UNREADABLE_SHARD`."""
+    import datasets
+
+    text = datasets.Value("string")
+    return datasets.Features({"image": datasets.Image(decode=False), "key": text, UNREADABLE_SHARD: text})
 
 
 @dataclass(frozen=True)
@@ -185,9 +199,9 @@ def _demo_dataset(split: str):
         boxes = demo_eval_boxes(split)
         rows = [(_demo_url(i, box), f"demo/{DEMO_PHOTOS[i]}/{split}/{n:04d}") for n, (i, box) in enumerate(boxes)]
         shards = DEMO_SHARDS // 4
-    features = datasets.Features({"image": datasets.Image(decode=False), "key": datasets.Value("string")})
     images = [{"bytes": None, "path": url} for url, _ in rows]
-    table = datasets.Dataset.from_dict({"image": images, "key": [key for _, key in rows]}, features=features)
+    columns = {"image": images, "key": [key for _, key in rows], UNREADABLE_SHARD: [""] * len(rows)}
+    table = datasets.Dataset.from_dict(columns, features=row_features())
     return table.to_iterable_dataset(num_shards=shards)
 
 
@@ -272,7 +286,8 @@ def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[st
     there is (with a note in ``notes``); a ValueError listing the splits otherwise."""
     import datasets
 
-    splits = list(datasets.load_dataset(kind, streaming=True, **kwargs))
+    # the resolved data files name the splits without reading any of them (a damaged first shard stays readable)
+    splits = [str(name) for name in datasets.load_dataset_builder(kind, **kwargs).config.data_files]
     for name in (split, *SPLIT_ALIASES.get(split, ())):
         if name in splits:
             return name
@@ -282,9 +297,72 @@ def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[st
     raise ValueError(f"`split` {split!r} is not a split of {where} (splits: {splits}).")
 
 
+def shard_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged shard raises: arrow errors (truncated parquet: no magic bytes in the footer), tar
+    errors (truncated or garbage .tar), I/O and decoding errors."""
+    import tarfile
+
+    import pyarrow
+
+    return pyarrow.ArrowException, tarfile.TarError, OSError, EOFError, ValueError
+
+
+def _open_shard(kind: str, shard: str, features=None):
+    """One data file read by datasets' own ``kind`` builder, as a streaming dataset (nothing decoded)."""
+    import datasets
+
+    ds = datasets.load_dataset(kind, data_files=[shard], split="train", streaming=True, features=features)
+    return ds.decode(False)
+
+
+def _read_shards(shards: list[str], kind: str, features):
+    """The rows of ``shards`` one shard after the other. A shard that cannot be read (up front or partway) is
+    logged and ends in one marker row whose `UNREADABLE_SHARD` names it; the next shard follows."""
+    for shard in shards:
+        try:
+            # .iter(): every row of the shard, also inside a DataLoader worker (iterating the dataset would split the
+            # shard's rows across workers again; the outer stream already gave this worker its shards)
+            for rows in _open_shard(kind, shard, features).iter(batch_size=SHARD_READ_ROWS):
+                for values in zip(*rows.values()):
+                    yield {**dict(zip(rows, values)), UNREADABLE_SHARD: ""}
+        except shard_errors() as err:
+            logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
+            yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
+
+
+def _shard_stream(kind: str, shards: list[str], where: str):
+    """A streaming dataset over the data files ``shards`` that survives damaged ones (see [`_read_shards`]); one
+    shard per dataset shard, so sharding across ranks and loader workers and shard shuffling work as for
+    ``load_dataset``. Features come from the first readable shard; a ValueError names them all when none is."""
+    import datasets
+
+    features, unreadable = None, []
+    for shard in shards:
+        try:
+            features = _open_shard(kind, shard).features
+            break
+        except shard_errors() as err:
+            unreadable.append(f"{shard} ({type(err).__name__}: {err})")
+    if features is None:
+        raise ValueError(f"Every shard of {where} is unreadable: {'; '.join(unreadable)}.")
+    return datasets.IterableDataset.from_generator(
+        _read_shards,
+        features=datasets.Features({**features, UNREADABLE_SHARD: datasets.Value("string")}),
+        gen_kwargs={"shards": list(shards), "kind": kind, "features": features},
+    )
+
+
 def _load_split(path: str, split: str, streaming: bool, config: str | None = None, **kwargs):
     import datasets
 
+    if streaming:  # parquet and webdataset files are read shard by shard, so that a damaged one is skipped
+        builder = datasets.load_dataset_builder(path, config, **kwargs)
+        files = {str(name): list(shards) for name, shards in (builder.config.data_files or {}).items()}
+        if builder.name in SHARDED_FORMATS and files:
+            for name in (split, *SPLIT_ALIASES.get(split, ())):
+                if name in files:
+                    return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
+            raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
@@ -350,16 +428,18 @@ def load_image_source(
     if ds.features is not None and column not in ds.features:
         raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {list(ds.features)}).")
     label = _resolve_label_column(label_column, source, ds.features, name)
-    ds = ds.select_columns([column] + ([label] if label else []))
+    _check_image_feature(None if ds.features is None else ds.features[column], column, name)
+    marked = ds.features is not None and UNREADABLE_SHARD in ds.features  # read by `_shard_stream`
+    ds = ds.select_columns([column] + ([label] if label else []) + ([UNREADABLE_SHARD] if marked else []))
     if column != "image":
         ds = ds.rename_column(column, "image")
     if label and label != "label":
         ds = ds.rename_column(label, "label")
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    features = {"image": datasets.Image(decode=False), "key": datasets.Value("string")}
+    features = row_features()
     if label:
         features["label"] = ds.features["label"] if ds.features is not None else datasets.Value("int64")
-    return ds.map(_empty_key, features=datasets.Features(features))
+    return ds.map(_source_row, features=features)
 
 
 def _resolve_label_column(label_column: str | None, source: DataSource | None, features, name: str) -> str | None:
@@ -382,8 +462,27 @@ def _resolve_label_column(label_column: str | None, source: DataSource | None, f
     return None
 
 
-def _empty_key(example: dict) -> dict:
-    return {**example, "key": ""}
+def _check_image_feature(feature, column: str, name: str) -> None:
+    """A ValueError when the ``column`` of source ``name`` cannot hold images: an image feature, encoded bytes,
+    file paths (strings) or ``{"bytes", "path"}`` structs can; numbers, labels and lists cannot."""
+    import datasets
+
+    if feature is None or isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
+        return
+    if isinstance(feature, dict) and {"bytes", "path"} & set(feature):
+        return
+    kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    raise ValueError(
+        f"`image_column` {column!r} of {name!r} holds {kind} values, not images (expected an Image feature, encoded "
+        "image bytes or image file paths); pass the column that holds the images."
+    )
+
+
+def _source_row(example: dict) -> dict:
+    row = {"image": example["image"], "key": "", UNREADABLE_SHARD: example.get(UNREADABLE_SHARD) or ""}
+    return {**row, "label": example["label"]} if "label" in example else row
 
 
 def example_key(image: dict | None) -> str:
@@ -685,6 +784,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         """``(pixels, reason, mode)`` of one raw example: pixels, or None and why (counted in ``skipped``); ``mode``
         is the original mode of a converted image (else ""). ``seed`` seeds the random augmentations."""
         self.decoded += 1
+        if example.get(UNREADABLE_SHARD):  # the marker of a damaged shard (logged where it was read)
+            reason = f"{UNREADABLE_SHARD}:{example[UNREADABLE_SHARD]}"
+            self.skipped[reason] += 1
+            return None, reason, ""
         try:
             with _seeded_cpu_rng(seed):
                 image = decode_image(example["image"], self.transform, self.full_decode, self.min_image_size)
@@ -722,8 +825,9 @@ class ImageStream(torch.utils.data.IterableDataset):
                 return
             yield {"placeholder": True, "worker": worker, "row": skip_rows - 1}
             yielded += 1
-        epoch, pending = (self.epoch if self.train else 0), 0
+        epoch, pending, rows_read = (self.epoch if self.train else 0), 0, 0
         for row, example in self._rows(worker, num_workers):
+            rows_read = row + 1
             if row < skip_rows:
                 continue  # consumed before the resume: not decoded
             if self.max_samples is not None and yielded >= self.max_samples:
@@ -743,6 +847,12 @@ class ImageStream(torch.utils.data.IterableDataset):
                 "row": row, **labelled,
             }  # fmt: skip
             pending, yielded = 0, yielded + 1
+        if rows_read < skip_rows:  # the dataset lost rows (files deleted) between the checkpoint and this resume
+            logger.warning(
+                f"Process {self.rank}, loader worker {worker}: {skip_rows - rows_read} of the {skip_rows} rows read "
+                f"before the resume are missing (the stream has {rows_read}): files were deleted or the dataset "
+                "changed since the checkpoint; this epoch ends here."
+            )
 
 
 def build_image_dataset(
@@ -878,5 +988,6 @@ __all__ = [
     "parse_dataset_spec",
     "plan_crop",
     "render_crop",
+    "shard_errors",
     "to_rgb",
 ]

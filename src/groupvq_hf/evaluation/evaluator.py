@@ -151,9 +151,9 @@ def evaluate_model(
                 seen += min(len(step_rows), remaining)
             elif batch is None:
                 break
-            else:  # one process: batches arrive in stream order
-                left = len(rows) if cap is None else cap - num_images
-                cutoff = rows[left - 1] if 0 < left <= len(rows) else float("inf")
+            else:  # batches arrive in stream order; with a cap, the rows after its last image are not evaluated
+                left = None if cap is None else cap - num_images
+                cutoff = rows[left - 1] if left is not None and 0 < left <= len(rows) else float("inf")
             keep = [i for i, r in enumerate(rows) if r <= cutoff]
             skipped.update(reason for row, reason in bad if row < cutoff)
             modes = info.get("modes", ())

@@ -49,7 +49,10 @@ def read_json(value, name: str):
         raise ValueError(f"`{name}` must be a dict/list or the path of a JSON file, got {value!r} (no such file).")
     if path.suffix == ".md":
         return path.read_text(encoding="utf-8")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"`{name}` file {str(path)!r} is not valid JSON: {err}") from None
 
 
 def normalize_eval_results(results) -> dict | None:

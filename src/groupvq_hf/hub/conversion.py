@@ -65,6 +65,12 @@ def convert_checkpoint(
       with `vq_kwargs` (`num_vq_embeddings`, `num_groups`, `codebook_rank`, `group_sizes`, `group_ranks`,
       `projector`, `commitment_beta`, and the runtime keys of `GroupVQVAE.from_groupvq`).
     """
+    source = os.path.join(src, subfolder) if subfolder else src
+    if os.path.realpath(source) == os.path.realpath(dst):
+        raise ValueError(
+            f"`dst` {str(dst)!r} is the same folder as `src` {str(source)!r}: converting in place would replace the "
+            "model it reads with a model of another format; pass a new output folder."
+        )
     kind = checkpoint_kind(src, subfolder)
     to = DEFAULT_TARGET[kind] if to is None else to
     allowed = ("groupvq_model", "groupvq_vae") if kind != "vqmodel" else ("groupvq_vae",)

@@ -42,6 +42,7 @@ from .cards import (
     describe_recipe,
     model_index_entries,
     normalize_eval_results,
+    read_json,
     resize_study_markdown,
 )
 
@@ -380,6 +381,8 @@ def publish(
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").is_file():
         raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {model}).")
     timeout = check_timeout(timeout)
+    for name, value in (("eval_results", eval_results), ("resize_study", resize_study)):
+        read_json(value, name)  # before any request: a missing or malformed card file is named first
     token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token)
     with hub_timeout(timeout), hub_network_errors(api.endpoint, timeout):

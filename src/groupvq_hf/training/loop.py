@@ -208,6 +208,14 @@ class TrainingRun:
     resume: Path | None
     eval_pixels: torch.Tensor | None = None
     usage_pixels: torch.Tensor | None = None
+    usage_split: str | None = None  # the split ``usage_pixels`` come from
+
+    @property
+    def usage_images(self) -> str:
+        """What the usage images are, for messages: held out, or the training split's (a source with no other)."""
+        if self.usage_split == self.args.dataset_split:
+            return f"images of the training split {self.usage_split!r} (not held out)"
+        return "held-out images"
 
     @property
     def output_dir(self) -> Path:
@@ -439,7 +447,7 @@ def load_validation_images(run: TrainingRun, step: int) -> None:
     pixels, split = validation_images(args, max(args.num_validation_images, args.num_validation_usage_images))
     run.eval_pixels = pixels[: args.num_validation_images].to(run.accelerator.device)
     if args.num_validation_usage_images:
-        run.usage_pixels = pixels[: args.num_validation_usage_images]
+        run.usage_pixels, run.usage_split = pixels[: args.num_validation_usage_images], split
         run.logger.info(
             f"Codebook usage is measured on {len(run.usage_pixels)} images of split {split!r} "
             f"({'held out' if split != args.dataset_split else 'the training split: the source has no other'})."
@@ -686,7 +694,7 @@ def export_final_model(run: TrainingRun, state: LoopState) -> dict:
         run.accelerator.log(usage_stats(val_usage), step=state.global_step)
         groups = val_usage["group_usage"]
         print(
-            f"Codebook usage of the EMA model on {val_usage['num_images']} held-out images: "
+            f"Codebook usage of the EMA model on {val_usage['num_images']} {run.usage_images}: "
             f"{val_usage['codebook_usage']:.3f} (per group: min {min(groups):.3f}, max {max(groups):.3f})"
         )
         result.update(validation_codebook_usage=val_usage["codebook_usage"], validation_group_usage=groups)
@@ -771,20 +779,24 @@ def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
     kwargs.update(full_decode=True)  # a measurement: the same pixels whatever --full_decode says
-    error = None
+    error, why = None, {}  # why each split gave no image -> the splits it applies to
     for split in (args.validation_split, args.dataset_split):
         try:
             stream = build_image_dataset(args.dataset, split, **kwargs)
             examples = list(stream)
         except Exception as err:  # no such split in this source (the error type depends on the source's format)
-            examples, error = [], err
+            error = err
+            why.setdefault(str(err).rstrip("."), []).append(split)
             continue
         examples = [example for example in examples if example.get("pixel_values") is not None]  # no bad images
         if examples:
             # a local source with a single split reads it for any split (with a note): that is the training split
             return collate_pixels(examples), (args.dataset_split if getattr(stream, "notes", None) else split)
+        counts = ", ".join(f"{count} x {reason}" for reason, count in stream.skipped.items())
+        why.setdefault(f"every image was skipped ({counts})" if counts else "no rows", []).append(split)
+    reasons = "; ".join(f"{' and '.join(map(repr, dict.fromkeys(splits)))}: {text}" for text, splits in why.items())
     raise ValueError(
-        f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r})."
+        f"`--dataset` {args.dataset!r} yielded no validation image (split {args.validation_split!r}). {reasons}."
     ) from error
 
 
