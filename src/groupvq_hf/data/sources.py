@@ -440,6 +440,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         crop_scale: tuple[float, float] | None = None,
         blocks: tuple[int, int, int] | None = None,
         notes: list[str] | None = None,
+        transform=None,
     ):
         super().__init__()
         self.examples = examples
@@ -451,7 +452,7 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.rank = rank
         self.blocks = blocks
         self.notes = list(notes or [])
-        self.transform = image_transform(resolution, train, crop_scale)
+        self.transform = transform if transform is not None else image_transform(resolution, train, crop_scale)
         self.resume_at: dict[int, tuple[int, int]] | None = None
         self.skipped: Counter = Counter()
         self.converted: Counter = Counter()
@@ -548,6 +549,7 @@ def build_image_dataset(
     min_image_size: int = 8,
     shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
     block_size: int | None = None,
+    transform=None,
 ) -> ImageStream:
     """A stream of ``{"pixel_values": (3, resolution, resolution) in [-1, 1], "key", "num_skipped", ...}`` for one
     rank (see [`ImageStream`]).
@@ -557,7 +559,9 @@ def build_image_dataset(
     the examples this rank yields per epoch (per DataLoader worker when read through workers). Evaluation streams
     (``train=False``) are not shuffled; with ``block_size`` they are split across ranks and loader workers by
     blocks of rows in stream order instead of by shards. Images whose shorter side is below ``min_image_size`` are
-    skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``).
+    skipped. The demo's training split uses random-resized crops (``DEMO_CROP_SCALE``). ``transform`` (an RGB PIL
+    image -> (3, R, R) in [-1, 1]) replaces [`image_transform`], e.g. an evaluation protocol's preprocessing
+    (`groupvq_hf.evaluation.protocol_transform`).
     """
     from datasets import interleave_datasets
     from datasets.distributed import split_dataset_by_node
@@ -589,6 +593,7 @@ def build_image_dataset(
     return ImageStream(
         ds, resolution, train, min_image_size=min_image_size, max_samples=max_samples, seed=seed, rank=rank,
         crop_scale=crop_scale, blocks=None if block_size is None else (rank, world_size, block_size), notes=notes,
+        transform=transform,
     )  # fmt: skip
 
 
