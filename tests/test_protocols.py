@@ -256,7 +256,7 @@ def _two_processes(args, hub_cache):
 def _single(model_path, folder, protocol, resolution, **kwargs):
     model = GroupVQModel.from_pretrained(model_path).eval()
     loader = build_eval_dataloader(
-        str(folder), resolution=resolution, batch_size=3, transform=protocol_transform(protocol, resolution),
+        str(folder), resolution=resolution, batch_size=2, transform=protocol_transform(protocol, resolution),
         ordered=True,
     )  # fmt: skip
     return evaluate_model(model, loader, protocol=protocol, progress=False, **kwargs)

@@ -251,8 +251,8 @@ def update_model_card(card_path: str | os.PathLike, results: dict, model_name: s
     data = card.data
     old = list(data.eval_results or [])
 
-    def key(entry):
-        return (entry.task_type, entry.dataset_type, entry.dataset_split, entry.metric_type)
+    def key(entry):  # entries of another protocol stay
+        return (entry.task_type, entry.dataset_type, entry.dataset_split, entry.metric_type, entry.metric_config)
 
     replaced = {key(e) for e in new}
     data.eval_results = [e for e in old if key(e) not in replaced] + new
