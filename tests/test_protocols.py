@@ -281,8 +281,11 @@ def test_simvq_script_two_processes_equal_one(saved_model, photo_folder, hub_cac
     single = _single(saved_model, photo_folder, "simvq", 32, metrics="psnr,psnr_simvq,ssim,lpips_alex,lpips_vgg,codebook_usage")
     metrics = record["metrics"]
     assert set(metrics) == {"psnr", "psnr_simvq", "ssim", "lpips_alex", "lpips_vgg", "codebook_usage", "perplexity"}
-    for key in ("psnr", "psnr_simvq", "ssim", "lpips_alex", "lpips_vgg", "perplexity"):
+    for key in ("psnr", "psnr_simvq", "lpips_alex", "lpips_vgg", "perplexity"):
         assert metrics[key] == pytest.approx(single[key], rel=1e-5), key
+    # SSIM of this random model is ~5e-4: a reconstruction pixel whose float differs in its last bits between the
+    # runs (threads) can truncate to the next uint8 level, which moves so small an SSIM by ~1e-6.
+    assert metrics["ssim"] == pytest.approx(single["ssim"], abs=1e-5)
     assert metrics["codebook_usage"] == single["codebook_usage"]
 
     # --save_images: the crops of the stream (rows in the folder's order; row 3 is the bad file) as PNG pairs
