@@ -278,7 +278,9 @@ def test_simvq_script_two_processes_equal_one(saved_model, photo_folder, hub_cac
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["protocol"] == "simvq" and record["num_samples"] == 7 and record["skipped_images"] == 1
     monkeypatch.setenv("TORCH_HOME", str(hub_cache))
-    single = _single(saved_model, photo_folder, "simvq", 32, metrics="psnr,psnr_simvq,ssim,lpips_alex,lpips_vgg,codebook_usage")
+    single = _single(
+        saved_model, photo_folder, "simvq", 32, metrics="psnr,psnr_simvq,ssim,lpips_alex,lpips_vgg,codebook_usage"
+    )
     metrics = record["metrics"]
     assert set(metrics) == {"psnr", "psnr_simvq", "ssim", "lpips_alex", "lpips_vgg", "codebook_usage", "perplexity"}
     for key in ("psnr", "psnr_simvq", "lpips_alex", "lpips_vgg", "perplexity"):
@@ -298,7 +300,8 @@ def test_simvq_script_two_processes_equal_one(saved_model, photo_folder, hub_cac
     for example in stream:
         if example.get("pixel_values") is not None:
             saved = np.asarray(Image.open(tmp_path / "pngs" / "references" / f"{example['row']:08d}.png"))
-            assert np.array_equal(saved, ((example["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+            crop = ((example["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+            assert np.array_equal(saved, crop)
 
     from huggingface_hub import ModelCard
 
@@ -313,7 +316,8 @@ def test_adm_script_writes_the_evaluator_inputs_and_two_processes_equal_one(
     weights = hub_cache / "hub" / "checkpoints"
     _two_processes([
         "--model", str(saved_model), "--dataset", str(photo_folder), "--resolution", "16", "--batch_size", "2",
-        "--protocol", "adm", "--npz_dir", str(tmp_path / "npz"), "--lpips_weights", str(weights / BACKBONE_FILES["vgg"]),
+        "--protocol", "adm", "--npz_dir", str(tmp_path / "npz"),
+        "--lpips_weights", str(weights / BACKBONE_FILES["vgg"]),
         "--output", str(tmp_path / "results.json"), "--no_progress",
     ], hub_cache)  # fmt: skip
     record = json.loads((tmp_path / "results.json").read_text())

@@ -97,8 +97,9 @@ def _lpips_key(key: str, slice_ends: tuple[int, ...] = _VGG_SLICE_ENDS, backbone
         parts = parts[1:]
     if not parts or not parts[0].isdigit():
         raise ValueError(
-            f"`weights` has an unexpected key {key!r}: expected torchvision {backbone} keys ('features.0.weight', ...), "
-            f"{backbone} features keys ('0.weight', ...) or LPIPS keys ('net.slice1.0.weight', 'lin0.model.1.weight', ...)."
+            f"`weights` has an unexpected key {key!r}: expected torchvision {backbone} keys ('features.0.weight', "
+            f"...), {backbone} features keys ('0.weight', ...) or LPIPS keys ('net.slice1.0.weight', "
+            "'lin0.model.1.weight', ...)."
         )
     layer = int(parts[0])
     slice_id = next((s for s, end in enumerate(slice_ends, 1) if layer < end), None)
@@ -317,7 +318,9 @@ def pytorch_fid_inception_network(weights: str | os.PathLike | None = None) -> F
         raise ValueError(f"`weights` is not a pytorch-fid FID Inception-v3 state dict: {err}") from err
 
 
-def save_pytorch_fid_inception_weights(path: str | os.PathLike, dtype: torch.dtype | None = None, seed: int = 0) -> Path:
+def save_pytorch_fid_inception_weights(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, seed: int = 0
+) -> Path:
     """Write random weights of pytorch-fid's FID Inception-v3, in the key layout of its weights file (tests)."""
     from pytorch_fid import inception as fid
     from torchvision.models import Inception3

@@ -87,7 +87,8 @@ class _SimVQTransform:
 
 
 class _ADMTransform:
-    """ADM's evaluation images: [`center_crop_arr`], then ``x.astype(float32) / 127.5 - 1`` as its dataset; (3, S, S)."""
+    """ADM's evaluation images: [`center_crop_arr`], then ``x.astype(float32) / 127.5 - 1`` as its dataset does;
+    (3, S, S)."""
 
     def __init__(self, resolution: int):
         self.resolution = resolution
@@ -187,7 +188,8 @@ class SimVQMetrics:
         self.metrics = check_metric_names(metrics, SIMVQ_METRICS)
         self.device = torch.device(device)
         self.psnr_batch_size = psnr_batch_size
-        self.lpips_nets = {net: lpips_nets[net].to(self.device) for net in ("alex", "vgg") if f"lpips_{net}" in self.metrics}
+        wanted = [net for net in ("alex", "vgg") if f"lpips_{net}" in self.metrics]
+        self.lpips_nets = {net: lpips_nets[net].to(self.device) for net in wanted}
         # per-image means: float64 sums over this process's images (summed across processes in ``compute``)
         self.sums = {name: 0.0 for name in ("psnr", "ssim", "lpips_alex", "lpips_vgg") if name in self.metrics}
         fid = PytorchFIDDistance(feature=inception_net.to(self.device)) if "rfid" in self.metrics else None
@@ -208,8 +210,10 @@ class SimVQMetrics:
         if self.fid is not None:
             self.fid.update(images, real=True)
             self.fid.update(recs, real=False)
-        rgb_restored = (recs * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy().astype(np.float32) / 255.0
-        rgb_gt = (images * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy().astype(np.float32) / 255.0
+        # SimVQ's PSNR / SSIM inputs: truncated to uint8, back to float32 in [0, 1]
+        rgb_restored = (recs * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+        rgb_gt = (images * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+        rgb_restored, rgb_gt = rgb_restored.astype(np.float32) / 255.0, rgb_gt.astype(np.float32) / 255.0
         ssim, psnr = [], []
         for key, restored, gt in zip(keys, rgb_restored, rgb_gt):
             if "ssim" in self.metrics:
@@ -313,7 +317,9 @@ def pack_npz(
     total, paths = len(order), {}
     for name in NPZ_NAMES:
         maps = [
-            np.memmap(_part(directory, name, r), dtype=np.uint8, mode="r", shape=(len(k), *image_shape)) if len(k) else None
+            np.memmap(_part(directory, name, r), dtype=np.uint8, mode="r", shape=(len(k), *image_shape))
+            if len(k)
+            else None
             for r, k in enumerate(keys)
         ]
 
