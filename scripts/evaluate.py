@@ -3,6 +3,9 @@
 
     accelerate launch scripts/evaluate.py --model PATH_OR_REPO --dataset imagenet --split validation \\
         --resolution 128 --output results.json
+
+`--protocol simvq` reproduces SimVQ's evaluation.py, `--protocol adm --npz_dir DIR` writes the ADM evaluator's
+inputs; `--save_images DIR` writes the PNG pairs (see the README's table of protocols).
 """
 
 import os

@@ -886,7 +886,8 @@ def build_image_dataset(
     image in full, for protocols that must match a reference preprocessing. ``label_column`` adds each example's
     ``label`` (see `load_image_source`; ``"auto"`` reads none from a mix of sources); ``transform`` (a PIL RGB image
     -> tensor) replaces the resize and crop (`image_transform`), as ``groupvq_hf.tokens`` does with the model's own
-    image processor, and then always sees the fully decoded image.
+    image processor, or an evaluation protocol's preprocessing (`groupvq_hf.evaluation.protocol_transform`), and
+    then always sees the fully decoded image.
     """
     from datasets import interleave_datasets
     from datasets.distributed import split_dataset_by_node

@@ -27,17 +27,20 @@ from ..quantizer import check_positive_int, sum_across_processes
 from .metrics import (
     RECONSTRUCTION_METRICS,
     CodebookUsage,
-    ReconstructionMetrics,
     check_metric_names,
 )
+from .protocols import PROTOCOL_METRICS, PROTOCOLS, ProtocolMetrics, adm_evaluator_command, protocol_transform
 
 ALL_METRICS = (*RECONSTRUCTION_METRICS, "codebook_usage")
 DATA_COUNTS = ("skipped_images", "skipped_reasons", "converted_images", "converted_modes")  # not metrics
 
 
-def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of `ALL_METRICS`)."""
-    return check_metric_names(metrics, ALL_METRICS)
+def parse_metrics(metrics: str | Iterable[str] | None, protocol: str = "default") -> tuple[str, ...]:
+    """``"psnr,ssim"`` or a list -> validated tuple of metric names (default: all of ``protocol``'s, see
+    `groupvq_hf.evaluation.PROTOCOL_METRICS`, and ``codebook_usage``; `ALL_METRICS` for ``default``)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {list(PROTOCOLS)}, got {protocol!r}.")
+    return check_metric_names(metrics, (*PROTOCOL_METRICS[protocol], "codebook_usage"))
 
 
 def build_eval_dataloader(
@@ -51,6 +54,8 @@ def build_eval_dataloader(
     image_column: str | None = None,
     num_workers: int = 0,
     seed: int = 0,
+    transform=None,
+    ordered: bool = False,
 ) -> torch.utils.data.DataLoader:
     """This rank's evaluation batches (`groupvq_hf.data.collate_examples` dicts: center crops ``pixel_values``
     (B, 3, R, R) in [-1, 1], their stream ``rows``, the bad images ``skipped`` and the ``converted`` modes).
@@ -58,7 +63,10 @@ def build_eval_dataloader(
     With ``max_samples`` every rank and loader worker reads the stream in order and keeps blocks of ``batch_size``
     rows in turn, so the k-th batches of all ranks cover consecutive rows and [`evaluate_model`] (given the same
     ``max_samples``) evaluates exactly the first ``max_samples`` images whatever the number of processes. Without
-    it the ranks read disjoint shards. ``loader.dataset.notes`` holds notes on the split read.
+    it the ranks read disjoint shards, unless ``ordered`` (blocks as with ``max_samples``: the stream rows, the keys
+    of order-dependent outputs, are then the same whatever the number of processes). ``transform``: the
+    preprocessing of an evaluation protocol (`groupvq_hf.evaluation.protocol_transform`; default the stream's).
+    ``loader.dataset.notes`` holds notes on the split read.
     """
     from ..data.sources import build_image_dataset, collate_examples
 
@@ -67,7 +75,8 @@ def build_eval_dataloader(
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed,
         rank=rank, world_size=world_size, streaming=True,
-        block_size=None if max_samples is None else batch_size, full_decode=True,  # the reference preprocessing
+        block_size=None if max_samples is None and not ordered else batch_size, transform=transform,
+        full_decode=True,  # the reference preprocessing
     )  # fmt: skip
     return torch.utils.data.DataLoader(
         stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=num_workers
@@ -103,6 +112,10 @@ def evaluate_model(
     progress: bool = True,
     total: int | None = None,
     max_samples: int | None = None,
+    protocol: str = "default",
+    lpips_alex_weights: str | None = None,
+    npz_dir: str | os.PathLike | None = None,
+    save_images: str | os.PathLike | None = None,
 ) -> dict:
     """Reconstruct every batch of ``dataloader`` and return the requested metrics over all processes.
 
@@ -116,17 +129,26 @@ def evaluate_model(
     needs batches of [`build_eval_dataloader`] built with the same ``max_samples`` (the processes exchange the
     rows of each step's batches to find the cut). ``total``: this process's number of images; batches beyond it
     are not used.
+
+    ``protocol`` (`groupvq_hf.evaluation.PROTOCOLS`) picks the metric definitions and networks
+    (`groupvq_hf.evaluation.ProtocolMetrics`; the dataloader should apply its preprocessing,
+    `protocol_transform`): ``simvq`` returns ``psnr``, ``psnr_simvq``, ``ssim``, ``lpips_alex``, ``lpips_vgg``,
+    ``rfid`` (``lpips_alex_weights``: its AlexNet backbone); ``adm`` writes ``references.npz`` and
+    ``reconstructions.npz`` to ``npz_dir`` (their paths under ``"npz"``). ``save_images``: a folder for the
+    reference / reconstruction PNG pairs. Images are keyed by their stream rows (batches of
+    [`build_eval_dataloader`]) or, for plain tensors, by their order in this process.
     """
     from tqdm.auto import tqdm
 
-    names = parse_metrics(metrics)
+    names = parse_metrics(metrics, protocol)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     show = progress and (accelerator is None or accelerator.is_local_main_process)
-    recon_names = [m for m in names if m in RECONSTRUCTION_METRICS]
-    recon = ReconstructionMetrics(
-        metrics=recon_names or None, lpips_weights=lpips_weights, inception_weights=inception_weights,
-        lpips_net=lpips_net, inception_net=inception_net, device=device,
-    ) if recon_names else None  # fmt: skip
+    recon_names = [m for m in names if m != "codebook_usage"]
+    recon = ProtocolMetrics(
+        protocol, recon_names, device=device, lpips_weights=lpips_weights, inception_weights=inception_weights,
+        lpips_alex_weights=lpips_alex_weights, lpips_net=lpips_net, inception_net=inception_net, npz_dir=npz_dir,
+        save_images=save_images,
+    ) if recon_names or npz_dir is not None or save_images is not None else None  # fmt: skip
     usage = CodebookUsage(codebook_size=model.config.codebook_size, group_sizes=model.quantizer.group_sizes)
     model.eval()
     num_images, seen = 0, 0  # this process's images; images of all processes before this step (max_samples)
@@ -163,7 +185,8 @@ def evaluate_model(
                 pixels = pixels.to(device)
                 out = model(pixels)
                 if recon is not None:
-                    recon.add_batch(predictions=out.reconstruction.clamp(-1, 1), references=pixels)
+                    keys = [rows[i] for i in keep] if info else range(num_images, num_images + len(keep))
+                    recon.add_batch(pixels, out.reconstruction.clamp(-1, 1), keys)
                 usage.add_batch(predictions=out.indices)
                 num_images += pixels.shape[0]
                 bar.update(pixels.shape[0] if not lockstep else 0)
@@ -229,8 +252,8 @@ def update_model_card(card_path: str | os.PathLike, results: dict, model_name: s
     data = card.data
     old = list(data.eval_results or [])
 
-    def key(entry):
-        return (entry.task_type, entry.dataset_type, entry.dataset_split, entry.metric_type)
+    def key(entry):  # entries of another protocol stay
+        return (entry.task_type, entry.dataset_type, entry.dataset_split, entry.metric_type, entry.metric_config)
 
     replaced = {key(e) for e in new}
     data.eval_results = [e for e in old if key(e) not in replaced] + new
@@ -369,14 +392,19 @@ def _common_arguments(parser) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="Images per batch and process.")
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument(
-        "--metrics", default=",".join(ALL_METRICS), help=f"Comma-separated subset of {','.join(ALL_METRICS)}."
-    )
+        "--metrics", default=None,
+        help=f"Comma-separated subset of {','.join(ALL_METRICS)} (protocol default), of "
+        f"{','.join((*PROTOCOL_METRICS['simvq'], 'codebook_usage'))} (simvq) or of "
+        f"{','.join((*PROTOCOL_METRICS['adm'], 'codebook_usage'))} (adm); default: all of them.",
+    )  # fmt: skip
     parser.add_argument(
         "--lpips_weights", default=None, help="Local VGG16/LPIPS weights file (offline; see groupvq_hf.evaluation.pretrained)."
     )
     parser.add_argument(
-        "--inception_weights", default=None, help="Local torch-fidelity Inception weights file (offline)."
-    )
+        "--inception_weights", default=None,
+        help="Local Inception weights file (offline): torch-fidelity's for --protocol default, pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth for --protocol simvq.",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="Seed of the codebook resampling draws.")
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
@@ -397,6 +425,23 @@ def evaluate_parser():
         choices=("extend", "resample"),
         default="extend",
         help="How --codebook_size resizes (Algorithm 2).",
+    )
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="default",
+        help="Whose numbers to reproduce: default (groupvq-hf's), simvq (SimVQ's evaluation.py), adm (the inputs "
+        "of OpenAI's ADM evaluator, with --npz_dir); see the README's table of protocols.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--npz_dir", default=None,
+        help="--protocol adm: write references.npz and reconstructions.npz (arr_0: uint8 (N, H, W, 3)) here.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--save_images", default=None, metavar="DIR",
+        help="Write every reference and reconstruction crop as DIR/{references,reconstructions}/ROW.png.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lpips_alex_weights", default=None,
+        help="--protocol simvq: local AlexNet weights file for LPIPS(AlexNet) (e.g. alexnet-owt-7be5be79.pth).",
     )
     parser.add_argument("--output", default="results.json", help="Where to write the results JSON.")
     parser.add_argument(
@@ -434,8 +479,13 @@ def _dataloader_factory(args, accelerator):
             args.dataset, split=args.split, resolution=args.resolution, batch_size=args.batch_size,
             max_samples=args.max_samples, rank=accelerator.process_index, world_size=accelerator.num_processes,
             image_column=args.image_column, num_workers=args.num_workers,
+            transform=protocol_transform(protocol, args.resolution), ordered=ordered,
         )  # fmt: skip
 
+    protocol = getattr(args, "protocol", "default")
+    # The order-dependent outputs (psnr_simvq, the npz files, PNG names) need stream rows that do not depend on
+    # the number of processes: read in blocks.
+    ordered = protocol != "default" or getattr(args, "save_images", None) is not None
     return make
 
 
@@ -458,10 +508,16 @@ def run_evaluate(args, accelerator=None) -> dict:
 
     Returns the results record (see [`results_record`]) on every process.
     """
-    names = parse_metrics(args.metrics)
+    names = parse_metrics(args.metrics, args.protocol)
+    if (args.npz_dir is not None) != (args.protocol == "adm"):
+        raise ValueError(f"`--npz_dir` goes with `--protocol adm` (and adm needs it), got --protocol {args.protocol} "
+                         f"and --npz_dir {args.npz_dir}.")  # fmt: skip
     accelerator = accelerator or build_accelerator()
     model = load_model(args.model, accelerator.device)
-    context = {"model": str(args.model), "dataset": args.dataset, "split": args.split, "resolution": args.resolution}
+    context = {
+        "model": str(args.model), "protocol": args.protocol, "dataset": args.dataset, "split": args.split,
+        "resolution": args.resolution,
+    }  # fmt: skip
     if args.codebook_size is not None:
         old = model.config.codebook_size
         model.resize_codebook(args.codebook_size, mode=args.resize_mode, seed=args.seed)
@@ -480,11 +536,19 @@ def run_evaluate(args, accelerator=None) -> dict:
     results = evaluate_model(
         model, loader, metrics=names, accelerator=accelerator,
         lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
-        progress=not args.no_progress, max_samples=args.max_samples,
+        progress=not args.no_progress, max_samples=args.max_samples, protocol=args.protocol,
+        lpips_alex_weights=args.lpips_alex_weights, npz_dir=args.npz_dir, save_images=args.save_images,
     )  # fmt: skip
+    if "npz" in results:
+        context["npz"] = results["npz"]
+        context["rfid_command"] = adm_evaluator_command(results["npz"])
+    if args.save_images is not None:
+        context["save_images"] = str(args.save_images)
     record = results_record(results, **context)
     if accelerator.is_main_process:
         _report_data(record, notes)
+        if "rfid_command" in record:
+            print(f"rFID: run ADM's evaluator in a guided-diffusion checkout: {record['rfid_command']}")
         write_json(record, args.output)
         if args.model_card:
             update_model_card(args.model_card, record, model_name=Path(str(args.model)).name)

@@ -146,7 +146,9 @@ class FrechetDistance(FrechetInceptionDistance):
     trace term of [`trace_sqrt_product`]. ``feature`` is any module mapping a batch to (N, D) features and
     exposing ``num_features`` (e.g. [`groupvq_hf.evaluation.InceptionFeatures`])."""
 
-    def compute(self) -> torch.Tensor:
+    def statistics(self) -> list[torch.Tensor]:
+        """``[mean, covariance]`` of the references' then the predictions' features, float64 (the unbiased
+        covariance, as ``numpy.cov``), from the sums of this process (across processes inside ``compute``)."""
         n_real, n_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
         if n_real < 2 or n_fake < 2:
             raise ValueError(
@@ -159,7 +161,10 @@ class FrechetDistance(FrechetInceptionDistance):
         ):
             mean = total / n
             stats += [mean, (outer - n * torch.outer(mean, mean)) / (n - 1)]
-        return torch.tensor(frechet_distance(*stats), dtype=torch.float64)
+        return stats
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(frechet_distance(*self.statistics()), dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------ ReconstructionMetrics

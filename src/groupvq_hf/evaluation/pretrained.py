@@ -1,4 +1,5 @@
-"""Pretrained feature networks for evaluation and the perceptual loss: LPIPS(VGG16) and Inception-v3 pool3.
+"""Pretrained feature networks for evaluation and the perceptual loss: LPIPS(VGG16) and Inception-v3 pool3, and
+for SimVQ's evaluation protocol the ``lpips`` package's LPIPS (AlexNet, VGG16) and pytorch-fid's Inception-v3.
 
 Both load the standard way when the weights are reachable (torchvision's VGG16 ImageNet weights, torch-fidelity's
 FID Inception weights, fetched once through ``torch.hub`` and cached under ``torch.hub.get_dir()/checkpoints``) and
@@ -84,8 +85,9 @@ def _kaiming_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _lpips_key(key: str) -> str | None:
-    """Map a VGG16 / LPIPS state-dict key to torchmetrics' ``_LPIPS`` key (``None``: not part of LPIPS)."""
+def _lpips_key(key: str, slice_ends: tuple[int, ...] = _VGG_SLICE_ENDS, backbone: str = "VGG16") -> str | None:
+    """Map a backbone (torchvision ``features``) / LPIPS state-dict key to the LPIPS module key (``None``: not part
+    of LPIPS); ``slice_ends``: where each LPIPS slice of ``features`` ends."""
     if key.startswith(("net.slice", "lin")):
         return key
     if key.startswith(("classifier.", "scaling_layer.")):  # VGG classifier; LPIPS' constant input scaling
@@ -95,11 +97,12 @@ def _lpips_key(key: str) -> str | None:
         parts = parts[1:]
     if not parts or not parts[0].isdigit():
         raise ValueError(
-            f"`weights` has an unexpected key {key!r}: expected torchvision VGG16 keys ('features.0.weight', ...), "
-            "VGG16 features keys ('0.weight', ...) or LPIPS keys ('net.slice1.0.weight', 'lin0.model.1.weight', ...)."
+            f"`weights` has an unexpected key {key!r}: expected torchvision {backbone} keys ('features.0.weight', "
+            f"...), {backbone} features keys ('0.weight', ...) or LPIPS keys ('net.slice1.0.weight', "
+            "'lin0.model.1.weight', ...)."
         )
     layer = int(parts[0])
-    slice_id = next((s for s, end in enumerate(_VGG_SLICE_ENDS, 1) if layer < end), None)
+    slice_id = next((s for s, end in enumerate(slice_ends, 1) if layer < end), None)
     if slice_id is None:
         return None
     return ".".join(["net", f"slice{slice_id}", *parts])
@@ -154,17 +157,23 @@ def lpips_network(weights: str | os.PathLike | None = None) -> LPIPSNetwork:
         )
     else:
         state = _load_file(weights, "weights")
-    mapped = {}
-    for key, value in state.items():
-        new_key = _lpips_key(key)
-        if new_key is not None:
-            mapped[new_key] = value
-
     # torchmetrics builds a full torchvision VGG16 for its backbone; hand it the features stack only.
     with mock.patch.object(tm_lpips, "_get_tv_model_features", lambda net, pretrained=False: vgg16_features()):
         module = tm_lpips._LPIPS(pretrained=True, net="vgg", pnet_rand=True)  # bundled LPIPS linear layers
-    # torchmetrics registers each linear layer twice (``lin0`` and ``lins.0``, one shared module): load ``lin<i>``,
-    # taking ``lins.<i>`` only where the file has no ``lin<i>``.
+    _load_lpips_state(module, state, _VGG_SLICE_ENDS, "VGG16")
+    return LPIPSNetwork(module)
+
+
+def _load_lpips_state(module: nn.Module, state: dict, slice_ends: tuple[int, ...], backbone: str) -> None:
+    """Load a backbone / LPIPS ``state`` (keys mapped by `_lpips_key`) into an LPIPS ``module`` (torchmetrics' or the
+    ``lpips`` package's: same layout); its linear layers stay the bundled ones where ``state`` has none."""
+    mapped = {}
+    for key, value in state.items():
+        new_key = _lpips_key(key, slice_ends, backbone)
+        if new_key is not None:
+            mapped[new_key] = value
+    # Each linear layer is registered twice (``lin0`` and ``lins.0``, one shared module): load ``lin<i>``, taking
+    # ``lins.<i>`` only where the file has no ``lin<i>``.
     for key in [k for k in mapped if k.startswith("lins.")]:
         value = mapped.pop(key)
         index, rest = key[len("lins.") :].split(".", 1)
@@ -173,23 +182,22 @@ def lpips_network(weights: str | os.PathLike | None = None) -> LPIPSNetwork:
     missing = sorted(expected_backbone - mapped.keys())
     if missing:
         raise ValueError(
-            f"`weights` lacks {len(missing)} VGG16 backbone tensors (first: {missing[:3]}); "
-            "expected a VGG16 (features) or LPIPS state dict."
+            f"`weights` lacks {len(missing)} {backbone} backbone tensors (first: {missing[:3]}); "
+            f"expected a {backbone} (features) or LPIPS state dict."
         )
     unexpected = sorted(set(mapped) - set(module.state_dict()))
     if unexpected:
-        raise ValueError(f"`weights` has keys that are not part of LPIPS(VGG16): {unexpected[:5]}.")
+        raise ValueError(f"`weights` has keys that are not part of LPIPS({backbone}): {unexpected[:5]}.")
     module.load_state_dict(mapped, strict=False)
-    return LPIPSNetwork(module)
 
 
 def save_lpips_weights(
     path: str | os.PathLike, network: nn.Module | None = None, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write a weights file that [`lpips_network`] reads offline; returns its path.
+    """Write a weights file that [`lpips_network`] (and [`lpips_package_network`]) reads offline; returns its path.
 
-    ``network`` may be an [`LPIPSNetwork`] (writes the VGG16 features and the LPIPS linear layers), a VGG16 /
-    its ``features`` stack, or ``None`` for randomly initialised VGG16 features (for tests). ``dtype`` (e.g.
+    ``network`` may be an [`LPIPSNetwork`] (writes the backbone features and the LPIPS linear layers), a VGG16 or
+    AlexNet / its ``features`` stack, or ``None`` for randomly initialised VGG16 features (for tests). ``dtype`` (e.g.
     ``torch.float16``) shrinks the file; values are cast back to float32 on load.
     """
     if network is None:
@@ -205,6 +213,129 @@ def save_lpips_weights(
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+# ------------------------------------------------------------------------ the `lpips` package (SimVQ protocol)
+
+# torchvision's AlexNet ImageNet weights (``AlexNet_Weights.IMAGENET1K_V1``), the backbone of LPIPS(AlexNet).
+ALEXNET_WEIGHTS_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+# Backbone weights and the ``features`` index where each of the five LPIPS slices ends, per ``lpips`` network.
+LPIPS_BACKBONES = {"alex": (ALEXNET_WEIGHTS_URL, (2, 5, 8, 10, 12)), "vgg": (VGG16_WEIGHTS_URL, _VGG_SLICE_ENDS)}
+
+
+def lpips_package_network(net: str = "vgg", weights: str | os.PathLike | None = None) -> LPIPSNetwork:
+    """The ``lpips`` package's ``LPIPS(net=net)`` (AlexNet or VGG16 backbone, the package's bundled linear
+    layers, version 0.1), frozen, in eval mode: what SimVQ's evaluation.py builds. ``net(x, y)`` on images in
+    [-1, 1] -> distances (N,).
+
+    The package itself would download torchvision's ImageNet backbone; here the backbone comes from torch hub's
+    cache (``weights=None``: ``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``, downloaded once when online)
+    or from ``weights=PATH`` in the key layouts [`lpips_network`] reads (torchvision, ``features`` only, LPIPS).
+    """
+    import lpips
+
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"`net` must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}.")
+    url, slice_ends = LPIPS_BACKBONES[net]
+    if weights is None:
+        flag = "--lpips_alex_weights" if net == "alex" else "--lpips_weights"
+        state = _hub_state_dict(
+            url, f"LPIPS({net}) backbone (torchvision ImageNet)",
+            f"`lpips_package_network({net!r}, weights=PATH)` / `{flag} PATH` with a torchvision state dict such as "
+            f"{os.path.basename(url)} (see `groupvq_hf.evaluation.save_lpips_weights`)",
+        )  # fmt: skip
+    else:
+        state = _load_file(weights, "weights")
+    module = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # random backbone (no download), bundled lin layers
+    _load_lpips_state(module, state, slice_ends, net)
+    return LPIPSNetwork(module)
+
+
+# -------------------------------------------------------------------- pytorch-fid's Inception (SimVQ protocol)
+
+
+class FIDInceptionFeatures(nn.Module):
+    """pytorch-fid's ``InceptionV3`` (the 2048-d pool3 block, FID weights): float images (N, 3, H, W) in [0, 1]
+    -> features (N, 2048), float32. It resizes to 299 (bilinear) and maps to [-1, 1] itself, as in SimVQ's
+    evaluation.py. ``num_features`` lets torchmetrics' FID state use it directly."""
+
+    num_features = 2048
+
+    def __init__(self, inception: nn.Module):
+        super().__init__()
+        self.inception = inception
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FIDInceptionFeatures:
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point() or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"pytorch-fid Inception inputs must be float images (N, 3, H, W) in [0, 1], got {images.dtype} "
+                f"{tuple(images.shape)}."
+            )
+        (features,) = self.inception(images)
+        return features.reshape(images.shape[0], -1).float()
+
+
+def _pytorch_fid_inception(state: dict | None) -> nn.Module:
+    """pytorch-fid's ``InceptionV3([3])`` with ``state`` as its FID weights (``None``: its random init kept)."""
+    from pytorch_fid import inception as fid
+    from torchvision.models import Inception3
+
+    # pytorch-fid fetches FID_WEIGHTS_URL itself; hand it ``state`` instead.
+    with mock.patch.object(fid, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        if state is not None:
+            return fid.InceptionV3([fid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        with mock.patch.object(Inception3, "load_state_dict", lambda self, *args, **kwargs: None):
+            return fid.InceptionV3([fid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+
+
+def pytorch_fid_inception_network(weights: str | os.PathLike | None = None) -> FIDInceptionFeatures:
+    """pytorch-fid's FID Inception-v3 (2048-d pool3 features). ``weights=None`` reads pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` from torch hub's cache (downloaded once when online), where
+    pytorch-fid itself would look; ``weights=PATH`` reads that state dict (or one of
+    [`save_pytorch_fid_inception_weights`]) from a file."""
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    if weights is None:
+        state = _hub_state_dict(
+            FID_WEIGHTS_URL, "FID Inception-v3 (pytorch-fid)",
+            "`pytorch_fid_inception_network(weights=PATH)` / `--inception_weights PATH` (protocol simvq) with "
+            "pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
+        )  # fmt: skip
+    else:
+        state = _load_file(weights, "weights")
+    try:
+        return FIDInceptionFeatures(_pytorch_fid_inception(state))
+    except RuntimeError as err:
+        raise ValueError(f"`weights` is not a pytorch-fid FID Inception-v3 state dict: {err}") from err
+
+
+def save_pytorch_fid_inception_weights(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, seed: int = 0
+) -> Path:
+    """Write random weights of pytorch-fid's FID Inception-v3, in the key layout of its weights file (tests)."""
+    from pytorch_fid import inception as fid
+    from torchvision.models import Inception3
+
+    built = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        with mock.patch.object(fid, "load_state_dict_from_url", lambda *args, **kwargs: {}), mock.patch.object(
+            Inception3, "load_state_dict", lambda self, *args, **kwargs: built.append(self)
+        ):
+            fid.fid_inception_v3()
+        _kaiming_init(built[0])
+    state = built[0].state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
@@ -304,6 +435,12 @@ def save_inception_weights(
 
 
 __all__ = [
+    "ALEXNET_WEIGHTS_URL",
+    "FIDInceptionFeatures",
+    "LPIPS_BACKBONES",
+    "lpips_package_network",
+    "pytorch_fid_inception_network",
+    "save_pytorch_fid_inception_weights",
     "INCEPTION_FEATURE",
     "INCEPTION_NAME",
     "InceptionFeatures",

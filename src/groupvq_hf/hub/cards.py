@@ -28,6 +28,9 @@ METRICS = {
     "rfid": ("fid", "rFID", True),
     "lpips": ("lpips", "LPIPS", True),
     "psnr": ("psnr", "PSNR", False),
+    "psnr_simvq": ("psnr_simvq", "PSNR (SimVQ, per 64-image batch)", False),
+    "lpips_alex": ("lpips_alex", "LPIPS (AlexNet)", True),
+    "lpips_vgg": ("lpips_vgg", "LPIPS (VGG)", True),
     "ssim": ("ssim", "SSIM", False),
     "codebook_usage": ("codebook_usage", "Codebook usage", False),
     "perplexity": ("perplexity", "Perplexity", False),
@@ -61,7 +64,8 @@ def normalize_eval_results(results) -> dict | None:
     Metrics may sit at the top level or under ``"metrics"``/``"results"``; known names are `METRICS`' keys
     (``rfid``, ``lpips``, ``psnr``, ``ssim``, ``codebook_usage``, ``perplexity``; ``fid`` is read as ``rfid``);
     non-finite values (PSNR of identical images) are left out. Context keys read when present: ``dataset``,
-    ``split``, ``resolution``, ``max_samples``/``num_samples``.
+    ``split``, ``resolution``, ``max_samples``/``num_samples``, ``protocol`` (`groupvq_hf.evaluation.PROTOCOLS`;
+    ``"default"`` when absent, as in results written before protocols existed).
     """
     results = read_json(results, "eval_results")
     if results is None:
@@ -82,6 +86,7 @@ def normalize_eval_results(results) -> dict | None:
         "split": results.get("split"),
         "resolution": results.get("resolution"),
         "num_samples": results.get("num_samples", results.get("max_samples")),
+        "protocol": results.get("protocol", "default"),
     }
 
 
@@ -91,7 +96,8 @@ def dataset_id(name: str) -> str:
 
 
 def model_index_entries(eval_results) -> list[EvalResult]:
-    """`scripts/evaluate.py` results as `huggingface_hub.EvalResult`s for a card's `model-index` (empty if None)."""
+    """`scripts/evaluate.py` results as `huggingface_hub.EvalResult`s for a card's `model-index` (empty if None).
+    Each names the evaluation protocol: ``metric_config`` ``"protocol=NAME"`` and the metric name's suffix."""
     evals = normalize_eval_results(eval_results)
     if evals is None:
         return []
@@ -104,7 +110,8 @@ def model_index_entries(eval_results) -> list[EvalResult]:
             dataset_name=DATASET_NAMES.get(dataset, dataset),
             dataset_split=evals["split"],
             metric_type=METRICS[key][0],
-            metric_name=METRICS[key][1],
+            metric_name=f"{METRICS[key][1]} ({evals['protocol']} protocol)",
+            metric_config=f"protocol={evals['protocol']}",
             metric_value=value,
         )
         for key, value in evals["metrics"].items()
