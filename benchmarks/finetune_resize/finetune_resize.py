@@ -59,21 +59,49 @@ def finetune_arguments(variant: dict, trainable: str, base_model: str, run_dir: 
     return argv
 
 
-def finetune_run(variant: dict, trainable: str, base_model: str, args, trends_args) -> dict:
-    """One fine-tune in a subprocess (one thread, as the reproduction's runs); returns its timing and model folder."""
-    name = f"{variant['name'].replace('/', '')}-{trainable.replace('+', '-')}"
+def run_name(variant: dict, trainable: str | None) -> str:
+    return variant["name"].replace("/", "") + ("" if trainable is None else "-" + trainable.replace("+", "-"))
+
+
+def job(variant: dict, trainable: str | None, base_model: str, args, trends_args) -> dict:
+    """One subprocess (one thread, as the reproduction's runs): with ``trainable``, fine-tune then measure the export;
+    without, measure the base resized as ``--init_from`` resizes it (the "before" column)."""
+    name = run_name(variant, trainable)
     run_dir = Path(args.output_dir) / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"train": None, "model_dir": base_model, "resize": None if variant["mode"] is None else variant,
+            "num_test_images": args.num_test_images, "out": str(run_dir / "metrics.json")}  # fmt: skip
+    if trainable is not None:
+        spec.update(train=finetune_arguments(variant, trainable, base_model, run_dir, args, trends_args),
+                    model_dir=str(run_dir / "model"), resize=None)  # fmt: skip
+    (run_dir / "job.json").write_text(json.dumps(spec, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "import sys, torch; torch.set_num_threads(1); from groupvq_hf.training import main; main(sys.argv[1:])"
-    command = [sys.executable, "-c", code, *finetune_arguments(variant, trainable, base_model, run_dir, args, trends_args)]
+    code = "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); import finetune_resize as f; f.child(sys.argv[2])"
     start = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
-        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(run_dir / "job.log", "w") as log:
+        done = subprocess.run([sys.executable, "-c", code, str(HERE), str(run_dir / "job.json")], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
     if done.returncode:
-        raise RuntimeError(f"Fine-tune {name} failed (exit {done.returncode}); see {run_dir / 'train.log'}.")
-    return {"name": name, "variant": variant["name"], "trainable": trainable, "model_dir": str(run_dir / "model"),
-            "train_seconds": time.perf_counter() - start}  # fmt: skip
+        raise RuntimeError(f"Job {name} failed (exit {done.returncode}); see {run_dir / 'job.log'}.")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"name": name, "variant": variant["name"], "trainable": trainable, "model_dir": spec["model_dir"],
+            "seconds": time.perf_counter() - start, **metrics}  # fmt: skip
+
+
+def child(spec_path: str) -> None:
+    """Inside a job's subprocess: train (``spec["train"]``, scripts/train.py's flags) when asked, then measure
+    ``spec["model_dir"]`` (resized by ``spec["resize"]`` when given) and write the metrics and the training time."""
+    spec = json.loads(Path(spec_path).read_text())
+    train_seconds = None
+    if spec["train"] is not None:
+        from groupvq_hf.training import main as train
+
+        start = time.perf_counter()
+        train(spec["train"])
+        train_seconds = time.perf_counter() - start
+    trends_args = argparse.Namespace(num_test_images=spec["num_test_images"])
+    metrics = before_finetune(spec["model_dir"], spec["resize"], trends_args)
+    Path(spec["out"]).write_text(json.dumps({"metrics": metrics, "train_seconds": train_seconds}))
 
 
 def measure(model, trends_args) -> dict:
@@ -84,16 +112,17 @@ def measure(model, trends_args) -> dict:
     return {key: results[key] for key in ("psnr", "ssim", "l1", "codebook_usage")}
 
 
-def before_finetune(base_model: str, variant: dict, trends_args) -> dict:
-    """The base model resized as ``--init_from`` resizes it (same call, same seed), measured without training."""
+def before_finetune(model_dir: str, resize: dict | None, trends_args) -> dict:
+    """The model of ``model_dir``, resized as ``--init_from`` resizes it (same call, same seed) when ``resize`` is
+    given, measured."""
     import torch
 
     from groupvq_hf.evaluation import load_model
 
-    model = load_model(base_model)
-    if variant["mode"] is not None:
+    model = load_model(model_dir)
+    if resize is not None:
         with torch.no_grad():
-            model.resize_codebook(variant["codebook_size"], mode=variant["mode"], seed=RESIZE_SEED)
+            model.resize_codebook(resize["codebook_size"], mode=resize["mode"], seed=RESIZE_SEED)
     return measure(model, trends_args)
 
 
@@ -132,15 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="outputs/finetune_resize")
     p.add_argument("--base_model", default=None, help="a trained k = 8 model of the reproduction (default: train it)")
-    p.add_argument("--finetune_steps", type=int, default=300)
+    p.add_argument("--finetune_steps", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2, help="fine-tunes at once (one thread each)")
-    p.add_argument("--num_test_images", type=int, default=512)
+    p.add_argument("--num_test_images", type=int, default=256, help="held-out test crops (the reproduction used 512)")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     args = build_parser().parse_args(argv)
     for name in ("finetune_steps", "jobs", "num_test_images"):
         if getattr(args, name) < 1:
@@ -156,27 +183,29 @@ def main(argv: list[str] | None = None) -> dict:
         base_model, source = base["model_dir"], f"trained here in {base['train_seconds']:.0f} s"
     else:
         base_model, source = args.base_model, f"`{args.base_model}`"
+    # held-out usage is measured on the test crops below: the runs' own validation usage is off
     ft_args = argparse.Namespace(**{**vars(base_args), "max_train_steps": args.finetune_steps, "seed": 1,
-                                    "validation_steps": args.finetune_steps})  # fmt: skip
+                                    "validation_steps": args.finetune_steps, "num_usage_images": 0})  # fmt: skip
     from groupvq_hf import GroupVQConfig
 
     size = GroupVQConfig.from_pretrained(base_model).codebook_size
-    plan = [(variant, trainable) for variant in variants(size) for trainable in TRAINABLE]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda item: finetune_run(*item, base_model, args, ft_args), plan))
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    before = {v["name"]: before_finetune(base_model, v, base_args) for v in variants(size)}
-    from groupvq_hf.evaluation import load_model
-
+    base_steps = json.loads((Path(base_model) / "run_args.json").read_text())["max_train_steps"]
+    plan = [(variant, trainable) for variant in variants(size) for trainable in (*TRAINABLE, None)]
+    with ThreadPoolExecutor(args.jobs) as pool:  # fine-tunes first (the longest), measurements of the resizes last
+        done = list(pool.map(lambda item: job(*item, base_model, args, ft_args), sorted(plan, key=lambda i: i[1] is None)))
+    before = {run["variant"]: run["metrics"] for run in done if run["trainable"] is None}
     rows = []
-    for (variant, trainable), run in zip(plan, runs):
-        rows.append({**run, "codebook_size": variant["codebook_size"], "mode": variant["mode"],
-                     "before": before[variant["name"]], "after": measure(load_model(run["model_dir"]), base_args)})  # fmt: skip
+    for run in done:
+        if run["trainable"] is not None:
+            variant = next(v for v in variants(size) if v["name"] == run["variant"])
+            after = run.pop("metrics")
+            rows.append({**run, "codebook_size": variant["codebook_size"], "mode": variant["mode"],
+                         "before": before[run["variant"]], "after": after})  # fmt: skip
     results = {
         "command": "python benchmarks/finetune_resize/finetune_resize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, one torch thread per "
-        f"fine-tune, {args.jobs} at once",
-        "settings": {**vars(args), "base_steps": base_args.max_train_steps, "train_batch_size": base_args.train_batch_size},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"one torch thread per job, {args.jobs} jobs at once",
+        "settings": {**vars(args), "base_steps": base_steps, "train_batch_size": base_args.train_batch_size},
         "base": {"model_dir": base_model, "source": source, "metrics": before["control"]},
         "rows": rows,
         "wall_seconds": time.perf_counter() - start,
