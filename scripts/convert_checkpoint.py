@@ -13,7 +13,7 @@ pipeline's GroupVQVAE components between library and remote-code form. Logic: `g
     # (EMA weights by default when the checkpoint has them; --no_ema for the raw ones). Logic: groupvq_hf.hub.simvq_conversion
     python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq
     # ... keeping SimVQ's discriminator (discriminator.safetensors) for `scripts/train.py --init_from simvq-groupvq`
-    python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq \
+    python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq \\
         --keep_discriminator
 """
 
@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="use the EMA weights (model_ema.*); the default when the checkpoint has them")
     ema.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
     simvq.add_argument("--keep_discriminator", action="store_true",
-                       help="also keep SimVQ's discriminator (loss.discriminator.*) as discriminator.safetensors, which "
-                            "scripts/train.py --init_from loads")
+                       help="also keep SimVQ's discriminator (loss.discriminator.*) as discriminator.safetensors, "
+                            "which scripts/train.py --init_from loads")
     group = parser.add_argument_group("new Group-VQ quantizer (importing a plain VQModel)")
     group.add_argument("--num_vq_embeddings", type=int, default=None, help="codebook size (default: the VQModel's)")
     group.add_argument("--num_groups", type=int, default=None)

@@ -39,8 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
     parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
     parser.add_argument("--include_discriminator", action="store_true",
-                        help="Also upload the training run's discriminator.safetensors from --model (named in the card), "
-                             "so `scripts/train.py --init_from REPO` continues the GAN.")
+                        help="Also upload the training run's discriminator.safetensors from --model (named in the "
+                             "card), so `scripts/train.py --init_from REPO` continues the GAN.")
     parser.add_argument("--commit_message", default="Upload Group-VQ tokenizer")
     parser.add_argument("--timeout", type=float, default=None,
                         help="Seconds each Hub request may wait to connect, send or receive "

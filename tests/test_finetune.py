@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer, HubUser
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_training import TINY_RUN
 
 from groupvq_hf import GroupVQModel, GroupVQVAE

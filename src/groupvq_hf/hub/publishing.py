@@ -437,12 +437,14 @@ def included_discriminator(model) -> tuple[Path, dict]:
     """The discriminator file of a saved `model` folder and its settings, for ``include_discriminator``; ValueError
     when there is none (or it is unreadable)."""
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError("`include_discriminator` needs `model` to be a saved folder (the discriminator file is read from it).")
+        raise ValueError(
+            "`include_discriminator` needs `model` to be a saved folder (the discriminator file is read from it)."
+        )
     path = Path(model) / DISCRIMINATOR_FILE
     if not path.is_file():
         raise ValueError(
-            f"`include_discriminator`: {str(model)!r} holds no {DISCRIMINATOR_FILE} (the export of a `scripts/train.py` "
-            "run with the GAN on, or a SimVQ conversion with `--keep_discriminator`, has one)."
+            f"`include_discriminator`: {str(model)!r} holds no {DISCRIMINATOR_FILE} (the export of a "
+            "`scripts/train.py` run with the GAN on, or a SimVQ conversion with `--keep_discriminator`, has one)."
         )
     return path, discriminator_settings(load_discriminator(path))
 

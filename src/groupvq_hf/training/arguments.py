@@ -96,7 +96,9 @@ def _add_model_arguments(g) -> None:
         help="scale the GAN loss by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer",
     )
     g.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator and the GAN loss start")
-    g.add_argument("--disc_layers", type=int, default=None, help="default: 3, or the saved discriminator's (--init_from)")
+    g.add_argument(
+        "--disc_layers", type=int, default=None, help="default: 3, or the saved discriminator's (--init_from)"
+    )
     g.add_argument(
         "--disc_channels", type=int, default=None, help="default: 64, or the saved discriminator's (--init_from)"
     )

@@ -105,8 +105,8 @@ def patchgan_settings(state: dict) -> dict:
     layers = sum(1 for key in state if key.endswith(".running_mean"))
     if layers < 1:
         raise ValueError(
-            f"not a PatchGAN discriminator with BatchNorm layers (taming's NLayerDiscriminator with use_actnorm=False): "
-            f"keys {sorted(state)}."
+            "not a PatchGAN discriminator with BatchNorm layers (taming's NLayerDiscriminator with "
+            f"use_actnorm=False): keys {sorted(state)}."
         )
     return {"in_channels": int(first.shape[1]), "disc_channels": int(first.shape[0]), "disc_layers": layers}
 
@@ -153,7 +153,10 @@ def resolve_init_source(init_from: str, subfolder: str | None = None) -> InitSou
     repo_id = commit = None
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"`--init_from` {init_from!r} is a file; expected a folder saved with `save_pretrained` or a Hub repo id.")
+            raise ValueError(
+                f"`--init_from` {init_from!r} is a file; expected a folder saved with `save_pretrained` or a Hub "
+                "repo id."
+            )
         root = path
     else:
         from huggingface_hub import snapshot_download
@@ -168,11 +171,13 @@ def resolve_init_source(init_from: str, subfolder: str | None = None) -> InitSou
         try:
             root = Path(snapshot_download(init_from))
         except Exception as err:
-            raise ValueError(f"`--init_from` {init_from!r}: cannot download it from the Hub ({type(err).__name__}: {err}).") from err
+            raise ValueError(
+                f"`--init_from` {init_from!r}: cannot download it from the Hub ({type(err).__name__}: {err})."
+            ) from err
         repo_id, commit = init_from, root.name  # <cache>/snapshots/<commit>
     folder = root / subfolder if subfolder else root
-    return InitSource(init_from=init_from, folder=folder, kind=model_kind(folder, init_from, subfolder), repo_id=repo_id,
-                      commit=commit)  # fmt: skip
+    kind = model_kind(folder, init_from, subfolder)
+    return InitSource(init_from=init_from, folder=folder, kind=kind, repo_id=repo_id, commit=commit)
 
 
 def model_kind(folder: Path, init_from: str, subfolder: str | None) -> str:
@@ -184,7 +189,9 @@ def model_kind(folder: Path, init_from: str, subfolder: str | None) -> str:
     if not folder.is_dir():
         raise ValueError(f"{where}: no folder {str(folder)!r}.")
     if not (folder / "config.json").is_file() and (folder / "model_index.json").is_file():
-        raise ValueError(f"{where} is a diffusers pipeline folder: name its Group-VQ component with `--subfolder` (e.g. vqvae).")
+        raise ValueError(
+            f"{where} is a diffusers pipeline folder: name its Group-VQ component with `--subfolder` (e.g. vqvae)."
+        )
     try:
         kind = checkpoint_kind(folder)
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -217,7 +224,8 @@ def load_init_model(source: InitSource):
         ) from err
     problems = {key: value for key, value in info.items() if key != "error_msgs" and value}
     if problems or info.get("error_msgs"):
-        raise ValueError(f"`--init_from` {source.init_from!r}: its weights do not match its config: {problems or info['error_msgs']}.")
+        detail = problems or info["error_msgs"]
+        raise ValueError(f"`--init_from` {source.init_from!r}: its weights do not match its config: {detail}.")
     return model.float()
 
 
@@ -304,7 +312,9 @@ def add_init_arguments(g) -> None:
         help="start from a saved GroupVQModel or GroupVQVAE (folder or Hub repo id) with its config and, when present, "
         f"its {DISCRIMINATOR_FILE}; --model_config is then optional and must agree with it",
     )
-    g.add_argument("--subfolder", default=None, help="the model's subfolder in --init_from (a diffusers pipeline: vqvae)")
+    g.add_argument(
+        "--subfolder", default=None, help="the model's subfolder in --init_from (a diffusers pipeline: vqvae)"
+    )
     g.add_argument(
         "--codebook_size",
         type=int,
@@ -317,7 +327,8 @@ def add_init_arguments(g) -> None:
         "--trainable",
         default="all",
         help=f"the parts that train: {' | '.join(TRAINABLE_CHOICES)} ('quantizer': the projectors W_j, b_j; the "
-        "cores are always frozen). Frozen parts get no optimizer state; the discriminator trains whenever the GAN is on",
+        "cores are always frozen). Frozen parts get no optimizer state; the discriminator trains whenever the GAN "
+        "is on",
     )
     g.add_argument(
         "--no_init_discriminator",
@@ -344,8 +355,8 @@ def check_init_arguments(args: argparse.Namespace) -> None:
     if args.init_from is None:
         if args.codebook_size is not None:
             raise ValueError(
-                "`--codebook_size` resizes a model loaded with `--init_from`; the codebook size of a fresh model is set "
-                "in `--model_config` (its `codebook_size`)."
+                "`--codebook_size` resizes a model loaded with `--init_from`; the codebook size of a fresh model is "
+                "set in `--model_config` (its `codebook_size`)."
             )
         given = [name for name in INIT_ONLY_FLAGS if getattr(args, name) not in (None, False)]
         if given:

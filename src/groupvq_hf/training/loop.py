@@ -454,7 +454,8 @@ def start_progress(run: TrainingRun, state: LoopState) -> None:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     trainable = sum(p.numel() for p in run.plain_model.parameters() if p.requires_grad)
     run.logger.info(
-        f"Training {args.model_config or args.init_from} ({trainable:,} trainable parameters) on {args.dataset} at {args.resolution}px; "
+        f"Training {args.model_config or args.init_from} ({trainable:,} trainable parameters) on {args.dataset} at "
+        f"{args.resolution}px; "
         f"{run.images_per_step} images per step ({args.train_batch_size} x {accelerator.num_processes} processes x "
         f"{args.gradient_accumulation_steps} accumulation), up to {args.max_train_steps or 'unlimited'} steps"
         f"{'' if args.num_epochs is None else f' / {args.num_epochs} epochs'}."
