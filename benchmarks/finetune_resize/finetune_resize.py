@@ -1,7 +1,8 @@
 """Does a brief fine-tune recover or improve quality after resizing the codebook (Algorithm 2)? An experiment at CPU
 scale on the demo photos, kept beside its results (issue 22, item 5; the reviewers' question).
 
-    python benchmarks/finetune_resize/finetune_resize.py --output_dir outputs/finetune_resize   # ~15 min, 2 cores
+    python benchmarks/finetune_resize/finetune_resize.py --output_dir outputs/finetune_resize
+    # 24 min measured on 2 CPU cores shared with other jobs (13 of them training the base), see RESULTS.md
 
 Start: the k = 8 model of the CPU-scale reproduction (``benchmarks/trends/reproduce_trends.py``: 256 codes, d = 16,
 32 px, 400 steps). ``--base_model`` names a trained one; without it the driver trains it first in
@@ -76,7 +77,8 @@ def job(variant: dict, trainable: str | None, base_model: str, args, trends_args
                     model_dir=str(run_dir / "model"), resize=None)  # fmt: skip
     (run_dir / "job.json").write_text(json.dumps(spec, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); import finetune_resize as f; f.child(sys.argv[2])"
+    code = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+            "import finetune_resize as f; f.child(sys.argv[2])")
     start = time.perf_counter()
     with open(run_dir / "job.log", "w") as log:
         done = subprocess.run([sys.executable, "-c", code, str(HERE), str(run_dir / "job.json")], env=env, stdout=log,
@@ -135,8 +137,8 @@ def markdown(results: dict) -> str:
         f"Base: the k = 8 model of `benchmarks/trends` ({results['base']['source']}: 256 codes in 8 groups, "
         f"{s['base_steps']} steps). Each row starts from it, resized with Algorithm 2 (`--resize_seed {RESIZE_SEED}`; "
         "the control is not resized), then fine-tunes with `scripts/train.py --init_from` for "
-        f"{s['finetune_steps']} steps of {s['train_batch_size']} crops (the reproduction's recipe: demo recipe, GAN and "
-        "LPIPS off; data seed 1): `quantizer` trains the projectors W_j, b_j only (encoder, decoder and cores "
+        f"{s['finetune_steps']} steps of {s['train_batch_size']} crops (the reproduction's recipe: demo recipe, GAN "
+        "and LPIPS off; data seed 1): `quantizer` trains the projectors W_j, b_j only (encoder, decoder and cores "
         "bit-identical), `quantizer+decoder` also the decoder and post_quant_conv. Metrics of the exported EMA model "
         f"on {s['num_test_images']} held-out test crops (a band of every photo training never reads). "
         "\"vs control\": PSNR after, minus the control's PSNR after the same fine-tune (the gain of the same extra "
@@ -176,9 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # The reproduction's settings (its defaults), with this driver's fine-tune length and data seed.
-    base_args = trends.build_parser().parse_args(["--output_dir", str(out), "--num_test_images", str(args.num_test_images)])
+    base_args = trends.build_parser().parse_args(
+        ["--output_dir", str(out), "--num_test_images", str(args.num_test_images)]
+    )
     if args.base_model is None:
-        run = next(run for run in trends.plan_runs(before=False, encoder_lr_projectors=False) if run["name"] == BASE_RUN)
+        reproduction = trends.plan_runs(before=False, encoder_lr_projectors=False)
+        run = next(run for run in reproduction if run["name"] == BASE_RUN)
         base = trends.train_run(run, base_args)
         base_model, source = base["model_dir"], f"trained here in {base['train_seconds']:.0f} s"
     else:
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_steps = json.loads((Path(base_model) / "run_args.json").read_text())["max_train_steps"]
     plan = [(variant, trainable) for variant in variants(size) for trainable in (*TRAINABLE, None)]
     with ThreadPoolExecutor(args.jobs) as pool:  # fine-tunes first (the longest), measurements of the resizes last
-        done = list(pool.map(lambda item: job(*item, base_model, args, ft_args), sorted(plan, key=lambda i: i[1] is None)))
+        ordered = sorted(plan, key=lambda item: item[1] is None)
+        done = list(pool.map(lambda item: job(*item, base_model, args, ft_args), ordered))
     before = {run["variant"]: run["metrics"] for run in done if run["trainable"] is None}
     rows = []
     for run in done:
@@ -202,9 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({**run, "codebook_size": variant["codebook_size"], "mode": variant["mode"],
                          "before": before[run["variant"]], "after": after})  # fmt: skip
     results = {
-        "command": "python benchmarks/finetune_resize/finetune_resize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
-        f"one torch thread per job, {args.jobs} jobs at once",
+        "command": "python benchmarks/finetune_resize/finetune_resize.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
+        f"jobs), one torch thread per job, {args.jobs} jobs at once",
         "settings": {**vars(args), "base_steps": base_steps, "train_batch_size": base_args.train_batch_size},
         "base": {"model_dir": base_model, "source": source, "metrics": before["control"]},
         "rows": rows,
