@@ -12,6 +12,9 @@ pipeline's GroupVQVAE components between library and remote-code form. Logic: `g
     # a SimVQ Lightning checkpoint (youngsheen/SimVQ) -> a k = 1 GroupVQModel with the "simvq" backbone
     # (EMA weights by default when the checkpoint has them; --no_ema for the raw ones). Logic: groupvq_hf.hub.simvq_conversion
     python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq
+    # ... keeping SimVQ's discriminator (discriminator.safetensors) for `scripts/train.py --init_from simvq-groupvq`
+    python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq \\
+        --keep_discriminator
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="use the EMA weights (model_ema.*); the default when the checkpoint has them")
     ema.add_argument("--no_ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
+    simvq.add_argument("--keep_discriminator", action="store_true",
+                       help="also keep SimVQ's discriminator (loss.discriminator.*) as discriminator.safetensors, "
+                            "which scripts/train.py --init_from loads")
     group = parser.add_argument_group("new Group-VQ quantizer (importing a plain VQModel)")
     group.add_argument("--num_vq_embeddings", type=int, default=None, help="codebook size (default: the VQModel's)")
     group.add_argument("--num_groups", type=int, default=None)
@@ -61,15 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--from_simvq needs --config YAML and exactly one positional OUTPUT_DIR.")
     elif args.src is None or args.dst is None:
         parser.error("the arguments SRC and DST are required (or --from_simvq CKPT --config YAML OUTPUT_DIR).")
-    elif args.config is not None or args.ema is not None:
-        parser.error("--config and --ema/--no_ema apply to --from_simvq only.")
+    elif args.config is not None or args.ema is not None or args.keep_discriminator:
+        parser.error("--config, --ema/--no_ema and --keep_discriminator apply to --from_simvq only.")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.from_simvq is not None:
-        print(json.dumps(convert_simvq(args.from_simvq, args.config, args.src, ema=args.ema)))
+        summary = convert_simvq(args.from_simvq, args.config, args.src, ema=args.ema,
+                                keep_discriminator=args.keep_discriminator)
+        print(json.dumps(summary))
         return
     if args.pipeline_components:
         changed = copy_pipeline(args.src, args.dst, remote_code=args.pipeline_components == "remote_code")

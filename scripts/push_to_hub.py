@@ -3,7 +3,7 @@
 
     python scripts/push_to_hub.py --model outputs/model --repo_id you/groupvq-imagenet \
         --eval_results results.json [--resize_study resize_study.json] [--private] \
-        [--codebook_size 131072 --resize_mode extend] [--diffusers] [--timeout 60]
+        [--codebook_size 131072 --resize_mode extend] [--diffusers] [--include_discriminator] [--timeout 60]
 
 Uses HF_TOKEN or the saved login (`hf auth login`) and HF_ENDPOINT. Every failure (no or read-only token, an endpoint
 that refuses, drops or never answers a request within --timeout seconds, an HTTP error) ends in one line on stderr
@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resize_mode", choices=("extend", "resample"), default="extend")
     parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
     parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
+    parser.add_argument("--include_discriminator", action="store_true",
+                        help="Also upload the training run's discriminator.safetensors from --model (named in the "
+                             "card), so `scripts/train.py --init_from REPO` continues the GAN.")
     parser.add_argument("--commit_message", default="Upload Group-VQ tokenizer")
     parser.add_argument("--timeout", type=float, default=None,
                         help="Seconds each Hub request may wait to connect, send or receive "
@@ -72,6 +75,7 @@ def main(argv=None) -> None:
             diffusers=args.diffusers,
             commit_message=args.commit_message,
             timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
+            include_discriminator=args.include_discriminator,
         )
     except (LocalTokenNotFoundError, HubAccessError, HubConnectionError, ValueError) as err:
         sys.exit(f"push_to_hub: error: {err}")

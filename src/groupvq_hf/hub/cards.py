@@ -184,6 +184,24 @@ def describe_recipe(training: dict | None) -> str:
     of ``scripts/train.py``, e.g. its ``run_args.json``) changed."""
     if not training or not any(name in training for name in RECIPE_ARGUMENTS):
         return SIMVQ_RECIPE + " The training arguments of this checkpoint were not supplied."
+    return _describe_changes(training) + describe_start(training)
+
+
+def describe_start(training: dict) -> str:
+    """What a run started from (``scripts/train.py --init_from``): the model, its Hub commit, the resize and the parts
+    that trained; empty for a run from scratch."""
+    if not training.get("init_from"):
+        return ""
+    commit = f" (commit `{training['init_from_commit']}`)" if training.get("init_from_commit") else ""
+    text = f" **Fine-tuned from** `{training['init_from']}`{commit}"
+    if training.get("codebook_size"):
+        text += (f", its codebook resized to {training['codebook_size']:,} codes by {training.get('resize_mode')} "
+                 f"(Algorithm 2, seed {training.get('resize_seed')}) before the first step")  # fmt: skip
+    trainable = training.get("trainable", "all")
+    return text + (", training everything." if trainable == "all" else f", training only the {trainable}.")
+
+
+def _describe_changes(training: dict) -> str:
     parser = build_parser()
     changed = []
     for name in RECIPE_ARGUMENTS:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..data.sources import parse_dataset_spec
 from ..fileio import atomic_directory
 from ..image_processing_groupvq import GroupVQImageProcessor
 from ..modeling_groupvq import GroupVQModel
+from ..training.finetune import DISCRIMINATOR_FILE, discriminator_settings, load_discriminator
 from .cards import (
     DATASET_NAMES,
     METRICS,
@@ -156,6 +158,7 @@ def render_model_card(
     license: str = "apache-2.0",
     tags: list[str] | None = None,
     template_path: str | os.PathLike | None = None,
+    discriminator: dict | None = None,
 ) -> ModelCard:
     """The model card (`README.md`) of a Group-VQ checkpoint, from `model_cards/groupvq.md`.
 
@@ -236,6 +239,7 @@ def render_model_card(
         training_rows=sorted((str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in (training or {}).items()),
         example_size=2 * int(cfg.codebook_size),
         resize_study=resize_study_markdown(resize_study),
+        discriminator=discriminator,
     )
 
 
@@ -356,6 +360,7 @@ def publish(
     endpoint: str | None = None,
     save_directory: str | os.PathLike | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    include_discriminator: bool = False,
 ):
     """Save a Group-VQ tokenizer with its model card and upload it to `repo_id`; returns the `CommitInfo`.
 
@@ -372,6 +377,9 @@ def publish(
         timeout: seconds each Hub request may wait (see [`hub_timeout`]); a refused, dropped or silent connection
             raises `HubConnectionError` naming the endpoint. A failed upload changes nothing on the Hub (one
             commit): calling `publish` again completes it.
+        include_discriminator: also upload the training run's `discriminator.safetensors` from the `model` folder
+            (which must hold one: the export of a run with a GAN), and name it in the card, so `scripts/train.py
+            --init_from` continues the GAN.
     """
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"`repo_id` must be a non-empty string 'namespace/name', got {repo_id!r}.")
@@ -380,6 +388,7 @@ def publish(
         raise ValueError(f"`resize_mode` must be 'extend' or 'resample', got {resize_mode!r}.")
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").is_file():
         raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {model}).")
+    discriminator = included_discriminator(model) if include_discriminator else None
     timeout = check_timeout(timeout)
     for name, value in (("eval_results", eval_results), ("resize_study", resize_study)):
         read_json(value, name)  # before any request: a missing or malformed card file is named first
@@ -402,7 +411,7 @@ def publish(
         card = render_model_card(
             model.config, repo_id, eval_results=eval_results, resize_study=resize_study, resize=resize,
             training=training, diffusers=diffusers, num_parameters=sum(p.numel() for p in model.parameters()),
-            datasets=datasets,
+            datasets=datasets, discriminator=None if discriminator is None else discriminator[1],
         )
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(save_directory) if save_directory is not None else Path(tmp) / "upload"
@@ -412,6 +421,8 @@ def publish(
                 if diffusers and not (staging / "preprocessor_config.json").exists():
                     GroupVQImageProcessor.for_resolution(model.config.sample_size).save_pretrained(staging)
                 card.save(staging / "README.md")
+                if discriminator is not None:
+                    shutil.copyfile(discriminator[0], staging / DISCRIMINATOR_FILE)
             files = upload_file_list(folder)
             check_no_secrets(folder, files, token)
             try:  # one commit: it lands whole or not at all
@@ -421,6 +432,22 @@ def publish(
                 )
             except HfHubHTTPError as err:  # includes RepositoryNotFoundError
                 _raise_access(err, repo_id)
+
+
+def included_discriminator(model) -> tuple[Path, dict]:
+    """The discriminator file of a saved `model` folder and its settings, for ``include_discriminator``; ValueError
+    when there is none (or it is unreadable)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(
+            "`include_discriminator` needs `model` to be a saved folder (the discriminator file is read from it)."
+        )
+    path = Path(model) / DISCRIMINATOR_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"`include_discriminator`: {str(model)!r} holds no {DISCRIMINATOR_FILE} (the export of a "
+            "`scripts/train.py` run with the GAN on, or a SimVQ conversion with `--keep_discriminator`, has one)."
+        )
+    return path, discriminator_settings(load_discriminator(path))
 
 
 def _raise_access(err: HfHubHTTPError, repo_id: str):
@@ -445,6 +472,7 @@ __all__ = [
     "check_write_access",
     "hub_network_errors",
     "hub_timeout",
+    "included_discriminator",
     "load_for_publishing",
     "model_index_entries",
     "network_failure",

@@ -11,7 +11,8 @@ the core, its trained `quantize.embedding_proj` (codebook = E W^T + b) the proje
 with `core_std = d**-0.5` recorded in the config, so Algorithm 2 (`resize_codebook`) draws new core rows from SimVQ's
 own N(0, 1/d). The EMA weights (`model_ema.<parameter name without dots>`, SimVQ's `LitEma`) replace the trained
 parameters by default when the checkpoint has them; the frozen core has no shadow and is taken as stored.
-The discriminator and LPIPS weights (`loss.*`, their shadows, `lpips_*`/`inception_model`) are dropped; any other
+The discriminator and LPIPS weights (`loss.*`, their shadows, `lpips_*`/`inception_model`) are dropped (the raw
+discriminator is kept, checked key by key, with `keep_discriminator` / `--keep_discriminator`); any other
 key, or a key the model needs and the checkpoint lacks, is an error naming it. Checkpoints are read with
 `torch.load(..., weights_only=True)`: one holding pickled objects other than tensors and plain containers is refused.
 """
@@ -26,6 +27,8 @@ import torch
 
 from ..configuration_groupvq import GroupVQConfig
 from ..modeling_groupvq import GroupVQModel
+from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings, save_discriminator
+from ..training.losses import PatchGANDiscriminator
 
 EMA_PREFIX = "model_ema."
 # LitEma's own counters, stored beside the shadows.
@@ -38,6 +41,7 @@ QUANTIZER_RENAMES = {
     "quantize.embedding_proj.bias": "quantizer.bias",
 }
 FROZEN_KEYS = ("quantize.embedding.weight",)  # no EMA shadow
+DISCRIMINATOR_PREFIX = "loss.discriminator."  # kept with keep_discriminator (taming's NLayerDiscriminator)
 
 
 def _model_section(config: Mapping) -> Mapping:
@@ -200,29 +204,59 @@ def from_simvq(
     `checkpoint`: SimVQ's Lightning `.ckpt`; `config`: its YAML (path or mapping); `ema`: see `simvq_state_dict`.
     The model's encoder, quantizer and decoder reproduce SimVQ's `encode`/`decode` (indices exactly).
     """
-    return _from_simvq(checkpoint, config, ema)[0]
+    return _from_simvq(load_simvq_checkpoint(checkpoint), config, ema)[0]
 
 
-def _from_simvq(checkpoint, config, ema) -> tuple[GroupVQModel, bool]:
+def _from_simvq(state, config, ema) -> tuple[GroupVQModel, bool]:
     model = GroupVQModel(simvq_config(config))
-    mapped, used_ema = simvq_state_dict(load_simvq_checkpoint(checkpoint), model, ema=ema)
+    mapped, used_ema = simvq_state_dict(state, model, ema=ema)
     model.load_state_dict(mapped, strict=True)
     return model.eval(), used_ema
 
 
+def simvq_discriminator(state: Mapping[str, torch.Tensor]) -> PatchGANDiscriminator:
+    """The `PatchGANDiscriminator` holding a SimVQ state dict's discriminator (`loss.discriminator.*`, the raw
+    weights: taming's `NLayerDiscriminator`, which has its layout key for key).
+
+    Its settings (input and base channels, layers) are read from the keys (`training.finetune.patchgan_settings`);
+    every key must then be one of the discriminator's with its shape: ValueError naming the first unknown, missing or
+    misshapen `loss.discriminator.` key.
+    """
+    source = "`checkpoint` discriminator (`loss.discriminator.*`)"
+    weights = {k[len(DISCRIMINATOR_PREFIX):]: v for k, v in state.items() if k.startswith(DISCRIMINATOR_PREFIX)}
+    if not weights:
+        raise ValueError("`checkpoint` holds no discriminator (`loss.discriminator.*` keys) to keep.")
+    try:
+        settings = patchgan_settings(weights)
+    except ValueError as err:
+        raise ValueError(f"{source} is {err}") from None
+    discriminator = PatchGANDiscriminator(settings["in_channels"], settings["disc_channels"], settings["disc_layers"])
+    discriminator.load_state_dict(checked_state_dict(discriminator, weights, source, prefix=DISCRIMINATOR_PREFIX))
+    return discriminator
+
+
 def convert_simvq(
     checkpoint: str | os.PathLike, config: str | os.PathLike | Mapping, output_dir: str | os.PathLike,
-    ema: bool | None = None,
+    ema: bool | None = None, keep_discriminator: bool = False,
 ) -> dict:
-    """Convert a SimVQ checkpoint (see `from_simvq`) and `save_pretrained` it to `output_dir`, written atomically.
+    """Convert a SimVQ checkpoint (see `from_simvq`) and `save_pretrained` it to `output_dir`, written atomically;
+    with `keep_discriminator`, SimVQ's discriminator too (`simvq_discriminator`), as the `discriminator.safetensors`
+    that `scripts/train.py --init_from` loads.
 
     Returns a summary: `{"saved": output_dir, "ema": whether the EMA weights were used, "codebook_size": n,
-    "codebook_dim": d}`.
+    "codebook_dim": d, "discriminator": its settings or None}`.
     """
-    model, used_ema = _from_simvq(checkpoint, config, ema)
+    state = load_simvq_checkpoint(checkpoint)
+    model, used_ema = _from_simvq(state, config, ema)
+    discriminator = simvq_discriminator(state) if keep_discriminator else None  # checked before anything is written
     model.save_pretrained(output_dir)  # written beside and swapped in (shells.save_folder); other files are kept
+    if discriminator is not None:
+        save_discriminator(discriminator, output_dir)
     return {"saved": str(output_dir), "ema": used_ema, "codebook_size": model.config.codebook_size,
-            "codebook_dim": model.config.codebook_dim}
+            "codebook_dim": model.config.codebook_dim,
+            "discriminator": None if discriminator is None else discriminator_settings(discriminator)}
 
 
-__all__ = ["convert_simvq", "from_simvq", "load_simvq_checkpoint", "simvq_config", "simvq_state_dict"]
+__all__ = [
+    "convert_simvq", "from_simvq", "load_simvq_checkpoint", "simvq_config", "simvq_discriminator", "simvq_state_dict",
+]

@@ -10,6 +10,7 @@ from ..configuration_groupvq import PRESETS, GroupVQConfig
 from ..data.sizing import dataset_num_examples
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 from .checkpoints import RESUME_CHANGES_ALWAYS_ALLOWED
+from .finetune import add_init_arguments, check_init_arguments
 
 DEFAULT_DEMO_STEPS = 300
 # The CPU-scale recipe: what `--dataset demo` changes in SimVQ's recipe when the flag is not given. A few hundred steps
@@ -30,13 +31,14 @@ def _flag_value(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``scripts/train.py``, in four groups: data, model and loss, optimisation, checkpoints
-    and logging."""
+    """The command line of ``scripts/train.py``, in five groups: data, model and loss, optimisation, checkpoints
+    and logging, fine-tuning from trained weights."""
     p = argparse.ArgumentParser(description="Train a Group-VQ tokenizer (VQGAN recipe of the paper) with accelerate.")
     _add_data_arguments(p.add_argument_group("data"))
     _add_model_arguments(p.add_argument_group("model and loss"))
     _add_optimisation_arguments(p.add_argument_group("optimisation"))
     _add_checkpoint_arguments(p.add_argument_group("checkpoints and logging"))
+    add_init_arguments(p.add_argument_group("fine-tuning from trained weights"))
     return p
 
 
@@ -100,8 +102,12 @@ def _add_model_arguments(g) -> None:
         help="scale the GAN loss by VQGAN's adaptive weight ||grad L_rec|| / ||grad L_G|| at the decoder's last layer",
     )
     g.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator and the GAN loss start")
-    g.add_argument("--disc_layers", type=int, default=3)
-    g.add_argument("--disc_channels", type=int, default=64)
+    g.add_argument(
+        "--disc_layers", type=int, default=None, help="default: 3, or the saved discriminator's (--init_from)"
+    )
+    g.add_argument(
+        "--disc_channels", type=int, default=None, help="default: 64, or the saved discriminator's (--init_from)"
+    )
     g.add_argument("--commitment_weight", type=float, default=1.0)
 
 
@@ -231,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.dataset != "demo":
             raise ValueError("Give `--max_train_steps` or `--num_epochs`.")
         args.max_train_steps = DEFAULT_DEMO_STEPS
-    if args.model_config is None:
+    check_init_arguments(args)
+    if args.model_config is None and args.init_from is None:  # with --init_from the loaded model's config is used
         first = args.dataset.split("+")[0].split(":")[0]
         args.model_config = {"demo": "tiny", "coco": "coco"}.get(first, "imagenet")
     if args.dataset == "demo":
@@ -268,12 +275,17 @@ def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
         raise ValueError(
             f"`--model_config` must be a preset ({', '.join(PRESETS)}), a config JSON or a model folder, got {model_config!r}."
         )
+    check_resolution(config, resolution)
+    config.sample_size = resolution
+    return config
+
+
+def check_resolution(config: GroupVQConfig, resolution: int) -> None:
+    """ValueError unless ``--resolution`` is divisible by the model's downsampling factor."""
     if resolution % config.downsample_factor:
         raise ValueError(
             f"`--resolution` {resolution} must be divisible by the model's downsampling factor {config.downsample_factor}."
         )
-    config.sample_size = resolution
-    return config
 
 
 def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
@@ -304,6 +316,7 @@ __all__ = [
     "DEMO_RECIPE",
     "build_parser",
     "parse_args",
+    "check_resolution",
     "resolve_model_config",
     "steps_per_epoch",
 ]

@@ -30,6 +30,7 @@ RESUME_CHANGES_ALWAYS_ALLOWED = (
     "checkpointing_steps", "checkpoints_total_limit", "report_to", "tracker_project_name", "logging_steps",
     "validation_steps", "num_validation_images", "num_validation_usage_images", "log_example_keys",
     "max_nonfinite_steps", "lpips_weights", "torch_compile",
+    "init_from_commit",  # the Hub commit --init_from resolved to: a resume takes every weight from the checkpoint
 )  # fmt: skip
 
 

@@ -27,7 +27,7 @@ import torch
 from ..configuration_groupvq import GroupVQConfig
 from ..data.stream import ResumableBatches
 from ..image_processing_groupvq import to_uint8
-from .arguments import parse_args, resolve_model_config, steps_per_epoch
+from .arguments import check_resolution, parse_args, resolve_model_config, steps_per_epoch
 from .checkpoints import (
     LEGACY_EMA_FILE,
     RUN_ARGS_FILE,
@@ -43,6 +43,7 @@ from .checkpoints import (
     save_checkpoint,
     save_ema_state,
 )
+from .finetune import InitWeights, freeze_parts, load_initial_weights, save_discriminator
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -127,14 +128,17 @@ def build_loss_fn(args: argparse.Namespace, perceptual=None):
     )  # fmt: skip
 
 
-def save_export(model, model_dir: Path, run_args: dict) -> Path:
-    """``model.save_pretrained`` plus ``RUN_ARGS_FILE`` into a temporary folder swapped in as ``model_dir``
-    (``fileio.atomic_directory``): a kill or an error leaves the previous export or this one, never a mix."""
+def save_export(model, model_dir: Path, run_args: dict, discriminator=None) -> Path:
+    """``model.save_pretrained`` plus ``RUN_ARGS_FILE`` (and, for a run with a GAN, the ``discriminator``'s
+    ``discriminator.safetensors``) into a temporary folder swapped in as ``model_dir`` (``fileio.atomic_directory``):
+    a kill or an error leaves the previous export or this one, never a mix."""
     from ..fileio import atomic_directory
 
     with atomic_directory(model_dir) as tmp:
         model.save_pretrained(tmp)
         (tmp / RUN_ARGS_FILE).write_text(json.dumps(run_args, indent=2, sort_keys=True))
+        if discriminator is not None:
+            save_discriminator(discriminator, tmp)
     return Path(model_dir)
 
 
@@ -285,8 +289,8 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
     accelerator, logger = start_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed)
-    config = resolve_model_config(args.model_config, args.resolution)
-    model, discriminator, loss_fn = build_models(args, config, accelerator.device)
+    config, init = initial_config(args)
+    model, discriminator, loss_fn = build_models(args, config, accelerator.device, init)
     opt_g, opt_d = build_optimizers(args, model, discriminator)
     if args.max_train_steps is None:  # --num_epochs alone: the schedule spans the epochs' real number of steps
         epoch_steps = steps_per_epoch(args, world)
@@ -328,18 +332,33 @@ def start_accelerator(args: argparse.Namespace):
     return accelerator, logger
 
 
-def build_models(args: argparse.Namespace, config: GroupVQConfig, device):
-    """``(model, discriminator, loss_fn)``: the [`GroupVQModel`] of ``config``, the PatchGAN discriminator and the
-    [`build_loss_fn`] loss (LPIPS on ``device`` when ``--perceptual_weight`` > 0). With ``--torch_compile`` the
-    encoder and decoder are compiled in place."""
+def initial_config(args: argparse.Namespace) -> tuple[GroupVQConfig, InitWeights | None]:
+    """The run's model config and, with ``--init_from``, the loaded weights ([`load_initial_weights`]: checked
+    against ``--model_config`` when given, resized when asked); without it, ``--model_config`` resolved."""
+    if args.init_from is None:
+        return resolve_model_config(args.model_config, args.resolution), None
+    given = None if args.model_config is None else resolve_model_config(args.model_config, args.resolution)
+    init = load_initial_weights(args, given)
+    check_resolution(init.model.config, args.resolution)
+    return init.model.config, init
+
+
+def build_models(args: argparse.Namespace, config: GroupVQConfig, device, init: InitWeights | None = None):
+    """``(model, discriminator, loss_fn)``: the [`GroupVQModel`] of ``config`` (or ``init``'s loaded model and
+    discriminator), only the ``--trainable`` parts trainable, the PatchGAN discriminator and the [`build_loss_fn`]
+    loss (LPIPS on ``device`` when ``--perceptual_weight`` > 0). With ``--torch_compile`` the encoder and decoder
+    are compiled in place."""
     from ..modeling_groupvq import GroupVQModel
     from .losses import PatchGANDiscriminator
 
-    model = GroupVQModel(config)
+    model = GroupVQModel(config) if init is None else init.model
+    freeze_parts(model, args.trainable)
     # A NaN/inf step is the NonFiniteGuard's to skip (and fp16's GradScaler's), on every rank alike: no ValueError
     # on one rank while the others wait in the all-reduce. The export turns the check back on.
     model.check_finite = False
     discriminator = PatchGANDiscriminator(config.out_channels, args.disc_channels, args.disc_layers)
+    if init is not None and init.discriminator is not None:
+        discriminator = init.discriminator
     perceptual = None
     if args.perceptual_weight > 0:
         from ..evaluation.pretrained import lpips_network
@@ -463,7 +482,8 @@ def start_progress(run: TrainingRun, state: LoopState) -> None:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     trainable = sum(p.numel() for p in run.plain_model.parameters() if p.requires_grad)
     run.logger.info(
-        f"Training {args.model_config} ({trainable:,} trainable parameters) on {args.dataset} at {args.resolution}px; "
+        f"Training {args.model_config or args.init_from} ({trainable:,} trainable parameters) on {args.dataset} at "
+        f"{args.resolution}px; "
         f"{run.images_per_step} images per step ({args.train_batch_size} x {accelerator.num_processes} processes x "
         f"{args.gradient_accumulation_steps} accumulation), up to {args.max_train_steps or 'unlimited'} steps"
         f"{'' if args.num_epochs is None else f' / {args.num_epochs} epochs'}."
@@ -681,7 +701,8 @@ def export_final_model(run: TrainingRun, state: LoopState) -> dict:
     (``reconstructions.png`` and the trackers) and its held-out usage. Returns ``model_dir``, ``grid_path`` and,
     with usage images, ``validation_codebook_usage`` and ``validation_group_usage``."""
     final = export_model(run.plain_model, run.ema)
-    model_dir = save_export(final, run.output_dir / "model", run.run_args)
+    gan = run.plain_disc if run.args.disc_weight > 0 else None  # the discriminator travels with the model
+    model_dir = save_export(final, run.output_dir / "model", run.run_args, gan)
     grid_path = run.output_dir / "reconstructions.png"
     grid = reconstruction_grid(run.eval_pixels, reconstruct(final, run.eval_pixels))
     grid.save(grid_path)
@@ -818,12 +839,14 @@ def validation_usage(model, pixels: torch.Tensor, batch_size: int) -> dict:
 
 def build_generator_optimizer(model, args: argparse.Namespace) -> torch.optim.Adam:
     """Adam over the model: encoder, decoder and convs at ``--learning_rate`` (group 0), the quantizer's projectors
-    W_j, b_j at ``--quantizer_learning_rate`` (group 1; the cores are frozen buffers)."""
+    W_j, b_j at ``--quantizer_learning_rate`` (group 1; the cores are frozen buffers); parameters ``--trainable``
+    froze are left out."""
     quantizer_params = list(model.quantizer.parameters())
     quantizer_ids = {id(param) for param in quantizer_params}
+    # frozen parameters (--trainable) get no optimizer state: a group may be empty
     groups = [
-        {"params": [param for param in model.parameters() if id(param) not in quantizer_ids]},
-        {"params": quantizer_params, "lr": args.quantizer_learning_rate},
+        {"params": [p for p in model.parameters() if id(p) not in quantizer_ids and p.requires_grad]},
+        {"params": [p for p in quantizer_params if p.requires_grad], "lr": args.quantizer_learning_rate},
     ]
     betas = (args.adam_beta1, args.adam_beta2)
     return torch.optim.Adam(groups, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)

@@ -32,6 +32,7 @@ class PatchGANDiscriminator(nn.Module):
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        self.in_channels, self.base_channels, self.num_layers = in_channels, base_channels, num_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, num_layers + 1):
