@@ -526,8 +526,14 @@ def main(argv=None) -> dict:
                                                                  "no_progress")}  # fmt: skip
     if options["label_column"] == "none":
         options["label_column"] = None
-    return tokenize_dataset(args.model, args.dataset, args.output_dir, args.resolution, progress=not args.no_progress,
-                            **options)  # fmt: skip
+    from ..evaluation import build_accelerator
+
+    accelerator = build_accelerator()
+    try:
+        return tokenize_dataset(args.model, args.dataset, args.output_dir, args.resolution,
+                                progress=not args.no_progress, accelerator=accelerator, **options)  # fmt: skip
+    finally:  # the process group is torn down before the interpreter exits (no gloo thread left running at exit)
+        accelerator.end_training()
 
 
 __all__ = [
