@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_data import write_imagenet_shards
+from bench_data import imagenet_size_jpegs, write_imagenet_shards
 from common import interleaved_times, markdown_table, median, peak_memory_in_subprocess, print_header
 
 MiB = 1 << 20
@@ -125,7 +125,7 @@ def tokenize_factory(images: int, batch_size: int, rows_per_shard: int):
     from groupvq_hf.tokens import tokenize_dataset
 
     root = Path(tempfile.mkdtemp())
-    write_imagenet_shards(root / "src", images)
+    write_imagenet_shards(root / "src", imagenet_size_jpegs(images))
     model = _model("tiny", "cpu")
     runs = iter(range(1_000_000))
 
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imagenet-1k"
-        write_imagenet_shards(folder, args.images, shards=max(2, args.workers))
+        write_imagenet_shards(folder, imagenet_size_jpegs(args.images), shards=max(2, args.workers))
         for preset in args.presets.split(","):
             rows += bench_preset(preset.strip(), folder, args.images, args, accelerator)
     print(markdown_table(["preset", "resolution", "loop", "s per pass", "images/s", "end to end / slower stage"], rows))

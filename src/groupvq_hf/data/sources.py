@@ -426,7 +426,7 @@ def load_image_source(
             "or a Hub repo id 'owner/name'."
         )
     if ds.features is not None and column not in ds.features:
-        raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {list(ds.features)}).")
+        raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {_columns(ds.features)}).")
     label = _resolve_label_column(label_column, source, ds.features, name)
     _check_image_feature(None if ds.features is None else ds.features[column], column, name)
     marked = ds.features is not None and UNREADABLE_SHARD in ds.features  # read by `_shard_stream`
@@ -442,6 +442,11 @@ def load_image_source(
     return ds.map(_source_row, features=features)
 
 
+def _columns(features) -> list[str]:
+    """The source's own columns, as errors name them (not the shard reader's marker column)."""
+    return [column for column in features if column != UNREADABLE_SHARD]
+
+
 def _resolve_label_column(label_column: str | None, source: DataSource | None, features, name: str) -> str | None:
     """The column holding labels (see `load_image_source`), or None; a ValueError naming the columns when a given
     ``label_column`` is not one of them."""
@@ -451,7 +456,7 @@ def _resolve_label_column(label_column: str | None, source: DataSource | None, f
         return None
     if label_column != "auto":
         if features is not None and label_column not in features:
-            columns = list(features)
+            columns = _columns(features)
             raise ValueError(f"`label_column` {label_column!r} is not a column of {name!r} (columns: {columns}).")
         return label_column
     if source is not None and source.label_column and (features is None or source.label_column in features):
