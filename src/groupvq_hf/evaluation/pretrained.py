@@ -108,7 +108,20 @@ def _lpips_key(key: str, slice_ends: tuple[int, ...] = _VGG_SLICE_ENDS, backbone
     return ".".join(["net", f"slice{slice_id}", *parts])
 
 
-class LPIPSNetwork(nn.Module):
+class FrozenNetwork(nn.Module):
+    """A pretrained network wrapped as a measurement: parameters frozen, always in eval mode (``train()`` does not
+    switch dropout or batch-norm updates on), still differentiable w.r.t. its inputs. Subclasses call ``freeze()``
+    at the end of ``__init__``."""
+
+    def freeze(self) -> FrozenNetwork:
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> FrozenNetwork:
+        return super().train(False)
+
+
+class LPIPSNetwork(FrozenNetwork):
     """LPIPS(VGG16) (Zhang et al., 2018): ``net(x, y)`` on images in [-1, 1] (N, 3, H, W) -> distances (N,).
 
     Frozen and always in eval mode (``train()`` does not switch dropout on), differentiable w.r.t. its inputs,
@@ -118,11 +131,7 @@ class LPIPSNetwork(nn.Module):
     def __init__(self, lpips: nn.Module):
         super().__init__()
         self.lpips = lpips
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> LPIPSNetwork:
-        return super().train(False)
+        self.freeze()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
@@ -258,7 +267,7 @@ def lpips_package_network(net: str = "vgg", weights: str | os.PathLike | None = 
 # -------------------------------------------------------------------- pytorch-fid's Inception (SimVQ protocol)
 
 
-class FIDInceptionFeatures(nn.Module):
+class FIDInceptionFeatures(FrozenNetwork):
     """pytorch-fid's ``InceptionV3`` (the 2048-d pool3 block, FID weights): float images (N, 3, H, W) in [0, 1]
     -> features (N, 2048), float32. It resizes to 299 (bilinear) and maps to [-1, 1] itself, as in SimVQ's
     evaluation.py. ``num_features`` lets torchmetrics' FID state use it directly."""
@@ -268,11 +277,7 @@ class FIDInceptionFeatures(nn.Module):
     def __init__(self, inception: nn.Module):
         super().__init__()
         self.inception = inception
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> FIDInceptionFeatures:
-        return super().train(False)
+        self.freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not images.is_floating_point() or images.dim() != 4 or images.shape[1] != 3:
@@ -345,7 +350,7 @@ def save_pytorch_fid_inception_weights(
 # -------------------------------------------------------------------------------------------------- Inception
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(FrozenNetwork):
     """torch-fidelity's FID Inception-v3: uint8 images (N, 3, H, W) -> 2048-d pool3 features (N, 2048), float32.
 
     Images are resized to 299 inside (TF1-compatible bilinear), exactly as torch-fidelity computes FID.
@@ -357,11 +362,7 @@ class InceptionFeatures(nn.Module):
     def __init__(self, extractor: nn.Module):
         super().__init__()
         self.extractor = extractor
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> InceptionFeatures:
-        return super().train(False)
+        self.freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -435,6 +436,7 @@ def save_inception_weights(
 
 
 __all__ = [
+    "FrozenNetwork",
     "ALEXNET_WEIGHTS_URL",
     "FIDInceptionFeatures",
     "LPIPS_BACKBONES",
