@@ -25,9 +25,15 @@ from typing import Any
 import torch
 
 from ..configuration_groupvq import GroupVQConfig
+from ..data.sizing import dataset_num_examples
 from ..data.stream import ResumableBatches
 from ..image_processing_groupvq import to_uint8
-from .arguments import check_resolution, parse_args, resolve_model_config, steps_per_epoch
+from .arguments import (
+    check_resolution,
+    parse_args,
+    resolve_model_config,
+    steps_per_epoch,
+)
 from .checkpoints import (
     LEGACY_EMA_FILE,
     RUN_ARGS_FILE,
@@ -43,7 +49,12 @@ from .checkpoints import (
     save_checkpoint,
     save_ema_state,
 )
-from .finetune import InitWeights, freeze_parts, load_initial_weights, save_discriminator
+from .finetune import (
+    InitWeights,
+    freeze_parts,
+    load_initial_weights,
+    save_discriminator,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -213,6 +224,7 @@ class TrainingRun:
     eval_pixels: torch.Tensor | None = None
     usage_pixels: torch.Tensor | None = None
     usage_split: str | None = None  # the split ``usage_pixels`` come from
+    dataset_rows: int | None = None  # rows of --dataset's training split when the run started (None: not known)
 
     @property
     def usage_images(self) -> str:
@@ -310,8 +322,18 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
         args=args, accelerator=accelerator, logger=logger, config=config, model=model, discriminator=discriminator,
         plain_model=accelerator.unwrap_model(model), plain_disc=accelerator.unwrap_model(discriminator),
         loss_fn=loss_fn, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d, ema=ema, batches=batches,
-        run_args=run_args, resume=resume,
+        run_args=run_args, resume=resume, dataset_rows=count_dataset_rows(args),
     )  # fmt: skip
+
+
+def count_dataset_rows(args: argparse.Namespace) -> int | None:
+    """Rows of ``--dataset``'s training split as [`dataset_num_examples`] counts them (local files by name, named
+    sources by their known size), or None when that is not known; saved in every checkpoint so a resume can tell
+    that rows went missing (files deleted) since."""
+    try:
+        return dataset_num_examples(args.dataset, args.dataset_split)
+    except Exception:  # noqa: BLE001  (a count that cannot be made is simply not compared)
+        return None
 
 
 def start_accelerator(args: argparse.Namespace):
@@ -441,6 +463,13 @@ def resume_training(run: TrainingRun) -> LoopState:
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
         run.batches.load_state_dict(saved["data"])
+        before, now = saved.get("dataset_rows"), run.dataset_rows
+        if before is not None and now is not None and now < before:
+            logger.warning(
+                f"`--dataset` {args.dataset!r} (split {args.dataset_split!r}) has {before - now} rows fewer than when "
+                f"{run.resume.name} was written ({before} then, {now} now): files were deleted since, so the resumed "
+                "stream is not the one the run was reading (its rows shift)."
+            )
         if run.ema is not None:
             run.ema.to(accelerator.device)
         logger.info(f"Resumed from {run.resume} at step {state.global_step} (data position {saved['data']}).")
@@ -636,7 +665,7 @@ def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
     rank_state = {
         "global_step": state.global_step, "data": run.batches.state_dict(), "skipped_images": state.skipped_images,
         "converted_images": state.converted_images,
-        "world_size": run.accelerator.num_processes,
+        "world_size": run.accelerator.num_processes, "dataset_rows": run.dataset_rows,
     }  # fmt: skip
     names = ema_parameter_names(run.plain_model)
     write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, names)
@@ -905,6 +934,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 __all__ = [
+    "count_dataset_rows",
     "LoopState",
     "NonFiniteGuard",
     "TrainingRun",
