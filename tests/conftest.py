@@ -33,3 +33,55 @@ def tiny_model(tiny_config):
 def pixels():
     generator = torch.Generator().manual_seed(0)
     return torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+
+
+def reset_accelerate_state():
+    """Forget accelerate's process-wide state (AcceleratorState, GradientState, PartialState), so that the next
+    `Accelerator` (or training run in this process) starts afresh and none is left behind for other tests."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """A fresh accelerate state for the test, reset again after it; yields the reset function for resets within."""
+    reset_accelerate_state()
+    yield reset_accelerate_state
+    reset_accelerate_state()
+
+
+# ------------------------------------------------------------------------- tiny GroupVQVAE / GroupVQModel (test_vq_model*)
+# diffusers' own VQModel test configuration (tests/models/autoencoders/test_models_vq.py).
+VQ_TEST_INIT = {
+    "block_out_channels": [8, 16],
+    "norm_num_groups": 8,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 3,
+}
+TINY = dict(VQ_TEST_INIT, latent_channels=8, num_vq_embeddings=64, num_groups=4, codebook_rank=4)
+
+
+def dummy_inputs():
+    generator = torch.Generator("cpu").manual_seed(0)
+    return {"sample": torch.randn(4, 3, 32, 32, generator=generator)}
+
+
+def tiny_vae(seed=0, **overrides):
+    from groupvq_hf import GroupVQVAE
+
+    torch.manual_seed(seed)
+    return GroupVQVAE(**{**TINY, **overrides}).eval()
+
+
+def tiny_groupvq_model(seed=0, **overrides):
+    from groupvq_hf import GroupVQConfig, GroupVQModel
+
+    torch.manual_seed(seed)
+    small = {"block_out_channels": (8, 16), "norm_num_groups": 8, "latent_channels": 8, "sample_size": 16}
+    config = GroupVQConfig.from_preset("tiny", **{**small, **overrides})
+    return GroupVQModel(config).eval()

@@ -125,24 +125,11 @@ def test_a_thin_image_is_cut_to_what_the_crop_keeps_and_its_memory_is_bounded(tm
     shorter-side resize would stretch it, and the peak memory of the request (ru_maxrss of a fresh process, above
     its level after a first image) stays under `UPLOAD_MEMORY_BOUND_MB`."""
     Image.new("RGB", (8, 4_900_000), (128, 64, 32)).save(tmp_path / "thin.png")
-    code = f"""
-import json, resource, torch
-from groupvq_hf import GroupVQConfig, GroupVQModel
-from groupvq_hf.app.page import DemoTokenizer, open_image
-from groupvq_hf.data import demo_images
-torch.manual_seed(0)
-tokenizer = DemoTokenizer(GroupVQModel(GroupVQConfig.from_preset("tiny")).eval())
-first = tokenizer.tokenize(demo_images()[0])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-image = open_image({str(tmp_path / "thin.png")!r})
-result = tokenizer.tokenize(image)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(json.dumps({{"size": image.size, "same_tokens": result.indices.shape == first.indices.shape,
-                  "peak_mb": peak / 1024}}))
-"""
+    driver = os.path.join(REPO_ROOT, "tests", "drivers", "app_thin_image.py")
     env = dict(os.environ, PYTHONPATH=os.path.join(REPO_ROOT, "src"), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, driver, str(tmp_path / "thin.png")], env=env, capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,36 +14,19 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
+def _python(driver: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run tests/drivers/DRIVER in `cwd` with the repository's `src` on the path."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT / "src"))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "drivers" / driver)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_a_kill_during_the_final_export_leaves_no_model_copy_behind(tmp_path):
     """Killed (SIGKILL) while `save_pretrained` writes inside the export's temporary folder: the next export
     leaves only `model` (no `.tmp-` folder of either save, nested or not)."""
-    killed = _python(
-        """
-        import os, signal, torch
-        from groupvq_hf import GroupVQConfig, GroupVQModel
-        from groupvq_hf.training import save_export
-        model = GroupVQModel(GroupVQConfig.from_preset("tiny"))
-        save_export(model, "out/model", {"seed": 0})
-        model.config.save_pretrained = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
-        save_export(model, "out/model", {"seed": 1})
-        """,
-        tmp_path,
-    )
+    killed = _python("export_killed.py", tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    again = _python(
-        """
-        from groupvq_hf import GroupVQConfig, GroupVQModel
-        from groupvq_hf.training import save_export
-        save_export(GroupVQModel(GroupVQConfig.from_preset("tiny")), "out/model", {"seed": 2})
-        """,
-        tmp_path,
-    )
+    again = _python("export_again.py", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
     assert json.loads((tmp_path / "out" / "model" / "run_args.json").read_text()) == {"seed": 2}
@@ -210,7 +192,9 @@ def test_a_kill_during_validation_is_redone_on_resume(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ a full disk
 @pytest.mark.parametrize("error", ["oserror", "torch_enforce"])
-def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_space_needed(tmp_path, monkeypatch, error):
+def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_space_needed(
+    tmp_path, monkeypatch, error, fresh_accelerate_state
+):
     """The second checkpoint's optimizer file hits a full disk (a write raising ENOSPC, or torch's own
     `[enforce fail ...]` RuntimeError): the error names that file, the free space and the space a checkpoint takes;
     the first checkpoint stays the newest complete one and no temporary folder is left."""
@@ -218,37 +202,30 @@ def test_a_full_disk_during_a_checkpoint_names_the_file_and_the_space_needed(tmp
 
     import accelerate.checkpointing
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from groupvq_hf.training import list_checkpoints, save_checkpoint
 
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
-        model = torch.nn.Linear(64, 64)
-        model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
-        model(torch.ones(1, 64)).sum().backward()
-        optimizer.step()
-        root = tmp_path / "checkpoints"
-        save_checkpoint(accelerator, root, 1, {"global_step": 1}, None, {"seed": 0})
-        size = sum(p.stat().st_size for p in (root / "checkpoint-1").iterdir())
-        real_save = accelerate.checkpointing.save
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(64, 64)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters()))
+    model(torch.ones(1, 64)).sum().backward()
+    optimizer.step()
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, {"global_step": 1}, None, {"seed": 0})
+    size = sum(p.stat().st_size for p in (root / "checkpoint-1").iterdir())
+    real_save = accelerate.checkpointing.save
 
-        def disk_fills(obj, f, *args, **kwargs):
-            if Path(f).name != "optimizer.bin":
-                return real_save(obj, f, *args, **kwargs)
-            Path(f).write_bytes(b"\0" * 100)
-            if error == "oserror":
-                raise OSError(errno.ENOSPC, "No space left on device")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4480 vs 4374")
+    def disk_fills(obj, f, *args, **kwargs):
+        if Path(f).name != "optimizer.bin":
+            return real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"\0" * 100)
+        if error == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4480 vs 4374")
 
-        monkeypatch.setattr(accelerate.checkpointing, "save", disk_fills)
-        with pytest.raises(OSError, match=rf"optimizer\.bin.*free.*about {size:,} bytes") as raised:
-            save_checkpoint(accelerator, root, 2, {"global_step": 2}, None, {"seed": 0})
-        assert raised.value.errno == errno.ENOSPC
-        assert [p.name for p in list_checkpoints(root, complete_only=False)] == ["checkpoint-1"]
-        assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"]
-    finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
+    monkeypatch.setattr(accelerate.checkpointing, "save", disk_fills)
+    with pytest.raises(OSError, match=rf"optimizer\.bin.*free.*about {size:,} bytes") as raised:
+        save_checkpoint(accelerator, root, 2, {"global_step": 2}, None, {"seed": 0})
+    assert raised.value.errno == errno.ENOSPC
+    assert [p.name for p in list_checkpoints(root, complete_only=False)] == ["checkpoint-1"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1"]

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import reset_accelerate_state
 from PIL import Image
 
 from groupvq_hf.data import (
@@ -272,7 +273,6 @@ def test_resume_with_reduced_decoding_equals_the_straight_run(jpeg_folder):
 
 def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folder):
     """scripts/train.py's loop on JPEGs decoded at 1/2: steps 1..3 in one run == 1..2 + resume to 3 (CPU)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
     from safetensors.torch import load_file
 
     from groupvq_hf.training import main
@@ -286,16 +286,14 @@ def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folde
     ]  # fmt: skip
 
     def train(output_dir, *extra):
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
+        reset_accelerate_state()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return main(["--output_dir", str(output_dir), *tiny, *extra])
         finally:
             torch.set_num_threads(threads)
-            for state in (AcceleratorState, GradientState, PartialState):
-                state._reset_state()
+            reset_accelerate_state()
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(straight, "--max_train_steps", "3", "--checkpointing_steps", "3")

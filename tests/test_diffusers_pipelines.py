@@ -259,19 +259,9 @@ def test_pipeline_custom_component_loads_without_groupvq_hf(tmp_path):
     assert json.loads((tmp_path / "remote" / "model_index.json").read_text())["vqvae"] == REMOTE_CODE_ENTRY
     assert {"vq_model.py", "quantizer.py"} <= set(os.listdir(tmp_path / "remote" / "vqvae"))
     np.save(tmp_path / "ref.npy", ref)
-    code = f"""
-import sys
-sys.modules["groupvq_hf"] = None
-import numpy as np, torch
-from diffusers import DiffusionPipeline
-root = {str(tmp_path)!r}
-pipe = DiffusionPipeline.from_pretrained(root + "/remote", trust_remote_code=True)
-out = pipe(num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
-print(type(pipe).__name__, type(pipe.vqvae).__module__, np.array_equal(out, np.load(root + "/ref.npy")))
-pipe.save_pretrained(root + "/resaved")
-"""
+    driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drivers", "pipeline_remote_code.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, driver, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["LDMPipeline", "diffusers_modules.local.vq_model", "True"]
     # A pipeline saved from the remote-code process records the dynamic module; switching back to library form

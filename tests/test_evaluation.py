@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import reset_accelerate_state
 from PIL import Image
 
 from groupvq_hf import GroupVQConfig, GroupVQModel
@@ -135,13 +136,10 @@ def test_image_folder_with_bad_files_reports_counts_and_the_split_read(saved_mod
         "--model", str(saved_model), "--dataset", str(folder), "--resolution", "16", "--metrics", "psnr",
         "--batch_size", "3", "--output", str(tmp_path / "results.json"), "--no_progress",
     ])  # fmt: skip
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     try:
         record = run_evaluate(args)
     finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
+        reset_accelerate_state()
     out = capsys.readouterr().out
     assert "Note: local dataset" in out and "Evaluated 6 images; skipped 2" in out and "converted 1 to RGB" in out
     assert record["num_samples"] == 6 and record["skipped_images"] == 2 and record["converted_images"] == 1

@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +29,7 @@ from groupvq_hf.hub.publishing import (
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "push_to_hub.py")
+DRIVERS = Path(__file__).resolve().parent / "drivers"
 TOKENS = {
     "hf_writer": HubUser("tester", orgs=["groupvq-org"]),
     "hf_reader": HubUser("reader", role="read"),
@@ -46,74 +47,9 @@ RESIZE_STUDY = {"dataset": "demo", "rows": [  # as scripts/resize_study.py write
     {"method": "self-extension", "mode": "extend", "power": 1, "codebook_size": 512, "groups": 8, "rfid": 5.1,
      "psnr": 21.9}]}
 
-PUSHER = textwrap.dedent(
-    """
-    import json, os, runpy, sys
-    script, model_dir, eval_json, study_json, report_path = sys.argv[1:6]
+PUSHER = DRIVERS / "hub_push.py"
 
-    def cli(*argv, token="hf_writer"):
-        if token is None:
-            os.environ.pop("HF_TOKEN", None)
-        else:
-            os.environ["HF_TOKEN"] = token
-        sys.argv = ["push_to_hub.py", "--model", model_dir, *argv]
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exit:
-            return str(exit.code)
-        return "ok"
-
-    report = {
-        "cli": cli("--repo_id", "tester/groupvq-tiny", "--eval_results", eval_json, "--resize_study", study_json,
-                   "--codebook_size", "512", "--resize_mode", "extend", "--datasets", "imagenet"),
-        "cli_diffusers": cli("--repo_id", "groupvq-org/groupvq-tiny-diffusers", "--diffusers", "--private"),
-        "no_token": cli("--repo_id", "tester/x", token=None),
-        "invalid_token": cli("--repo_id", "tester/x", token="hf_bogus"),
-        "read_only": cli("--repo_id", "reader/x", token="hf_reader"),
-        "foreign_namespace": cli("--repo_id", "someone-else/x"),
-        "refused_new": cli("--repo_id", "scoped/x", token="hf_scoped"),
-        "refused_existing": cli("--repo_id", "tester/groupvq-tiny", token="hf_scoped"),
-    }
-    os.environ["HF_TOKEN"] = "hf_writer"
-    from groupvq_hf import GroupVQModel, GroupVQVAE
-    model = GroupVQModel.from_pretrained(model_dir)
-    report["cli_card_first"] = cli("--repo_id", "tester/native")  # the card; push_to_hub below must keep it
-    model.push_to_hub("tester/native")                         # transformers' own push_to_hub
-    GroupVQVAE.from_groupvq(model).push_to_hub("tester/native-diffusers")  # diffusers' own push_to_hub
-    json.dump(report, open(report_path, "w"))
-    """
-)
-
-LOADER = textwrap.dedent(
-    """
-    import sys
-    sys.modules["groupvq_hf"] = None  # only the code published in the repos may be used
-    import numpy as np, torch
-    from PIL import Image
-    import diffusers
-    from transformers import AutoImageProcessor, AutoModel
-    pixels_path, out_path = sys.argv[1:3]
-    pixels = torch.load(pixels_path)
-    image = Image.fromarray((np.arange(40 * 48 * 3) % 251).astype(np.uint8).reshape(40, 48, 3))
-    out = {}
-    with torch.no_grad():
-        for repo in ("tester/groupvq-tiny", "tester/native"):
-            model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
-            processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
-            result, codebook_size = model(pixels), model.config.codebook_size
-            sizes = model.resize_codebook(128, mode="resample", seed=1)
-            out[repo] = {"module": type(model).__module__, "processor_module": type(processor).__module__,
-                         "codebook_size": codebook_size, "reconstruction": result.reconstruction,
-                         "indices": result.indices, "resampled_sizes": sizes,
-                         "decoded": model.decode_indices(result.indices % 128),
-                         "processed": processor(images=[image], return_tensors="pt").pixel_values}
-        for repo in ("groupvq-org/groupvq-tiny-diffusers", "tester/native-diffusers"):
-            vae = diffusers.AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
-            out[repo] = {"module": type(vae).__module__, "latents": vae.encode(pixels).latents,
-                         "sample": vae(pixels).sample}
-    torch.save(out, out_path)
-    """
-)
+LOADER = DRIVERS / "hub_load.py"
 
 
 def _env(hub: HubServer, home) -> dict:
@@ -124,9 +60,7 @@ def _env(hub: HubServer, home) -> dict:
     }
 
 
-def _run(code: str, args, env, cwd):
-    script = cwd / "driver.py"
-    script.write_text(code)
+def _run(script, args, env, cwd):
     result = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]

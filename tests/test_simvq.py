@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -187,30 +186,13 @@ def test_self_extension_keeps_trained_codes_and_draws_new_ones_from_n_0_1_over_d
 
 
 # ---------------------------------------------------------------------------------------------------- save / load / Hub
-LOADER = textwrap.dedent(
-    """
-    import sys
-    sys.modules["groupvq_hf"] = None  # only the code saved beside the weights may be used
-    import torch
-    from transformers import AutoModel
-    source, pixels_path, out_path = sys.argv[1:4]
-    model = AutoModel.from_pretrained(source, trust_remote_code=True).eval()
-    assert "transformers_modules" in type(model).__module__, type(model).__module__
-    pixels = torch.load(pixels_path)
-    with torch.no_grad():
-        out = model(pixels)
-        decoded = model.decode_indices(out.indices)
-    torch.save({"reconstruction": out.reconstruction, "indices": out.indices, "decoded": decoded,
-                "codebook": model.quantizer.codebook(), "config": model.config.to_dict()}, out_path)
-    """
-)
+LOADER = Path(__file__).resolve().parent / "drivers" / "load_simvq_remote_code.py"
 
 
 def _load_without_package(source, pixels, tmp_path, env) -> dict:
     torch.save(pixels, tmp_path / "pixels.pt")
-    (tmp_path / "load.py").write_text(LOADER)
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), str(source), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, str(LOADER), str(source), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,16 +244,9 @@ def test_self_extended_model_publishes_and_loads_from_the_hub_without_the_packag
 
 
 # ---------------------------------------------------------------------------------------------------- train / evaluate
-def test_a_few_training_steps_of_the_tiny_simvq_preset_on_the_demo_photos(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
+def test_a_few_training_steps_of_the_tiny_simvq_preset_on_the_demo_photos(tmp_path, fresh_accelerate_state):
     from groupvq_hf.training import main
 
-    def reset():
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
-
-    reset()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -283,7 +258,7 @@ def test_a_few_training_steps_of_the_tiny_simvq_preset_on_the_demo_photos(tmp_pa
         ])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-        reset()
+        fresh_accelerate_state()
     assert result["global_step"] == 2
     model = GroupVQModel.from_pretrained(tmp_path / "model")
     assert model.config.backbone == "simvq" and isinstance(model.quant_conv, torch.nn.Identity)

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +31,9 @@ def _no_thread_shutdown_sleep(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    def reset():
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
-
-    reset()
+def _fresh_accelerate_state(fresh_accelerate_state):
+    """Every test here starts and ends with a fresh accelerate state."""
     yield
-    reset()
 
 
 @pytest.fixture(scope="module")
@@ -339,19 +331,7 @@ def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tm
 
 
 # ---------------------------------------------------------------------------------------------------- hub
-PUSH_AND_LOAD = textwrap.dedent(
-    """
-    import json, sys
-    import datasets
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
-    from groupvq_hf.tokens import tokenization
-    sys.argv = ["tokenize_dataset.py", *sys.argv[1:]]
-    record = tokenization.main()
-    rows = datasets.load_dataset("tester/demo-tokens", split="validation")
-    print("ROWS", json.dumps(sorted([r["key"], r["augmentation"], r["tokens"]] for r in rows)))
-    print("URL", record["hub_url"])
-    """
-)
+PUSH_AND_LOAD = Path(__file__).resolve().parent / "drivers" / "tokens_push_and_load.py"
 
 
 def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
@@ -364,7 +344,7 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
     with HubServer(tokens={"hf_write": HubUser("tester")}) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
-        log = _run([sys.executable, "-c", PUSH_AND_LOAD, *args], **env)
+        log = _run([sys.executable, str(PUSH_AND_LOAD), *args], **env)
         files = hub.dataset_files("tester/demo-tokens")
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
     prefix = "/datasets/tester/demo-tokens/resolve/"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reset_accelerate_state
 
 from groupvq_hf.data.sources import build_image_dataset
 from groupvq_hf.training.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
@@ -48,22 +49,16 @@ def _run(cmd: list[str]) -> str:
 
 def _train(output_dir: Path, *extra: str) -> dict:
     """One run of the training script's code in this process (a fresh accelerate state each time)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from groupvq_hf.training import main
 
-    def reset():
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
-
-    reset()
+    reset_accelerate_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and immune to a busy machine
     try:
         return main(["--output_dir", str(output_dir), *TINY_RUN, *extra])
     finally:
         torch.set_num_threads(threads)
-        reset()  # leave no accelerate state behind for other tests
+        reset_accelerate_state()  # leave no accelerate state behind for other tests
 
 
 def _free_port() -> int:
@@ -379,11 +374,9 @@ def test_held_out_codebook_usage_is_measured_returned_and_printed(tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------------- loop steps
-def test_one_optimisation_step_counts_the_generator_forward_and_logs_its_window(tmp_path):
+def test_one_optimisation_step_counts_the_generator_forward_and_logs_its_window(tmp_path, fresh_accelerate_state):
     """The loop's steps alone: one step (GAN on) counts the codes of the generator's forward only, one hit per
     latent token of the batch; the window's statistics are the usage of those counts, and reading them resets it."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from groupvq_hf.quantizer import usage_statistics
     from groupvq_hf.training import (
         end_optimizer_step,
@@ -394,8 +387,6 @@ def test_one_optimisation_step_counts_the_generator_forward_and_logs_its_window(
         window_statistics,
     )
 
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -421,8 +412,6 @@ def test_one_optimisation_step_counts_the_generator_forward_and_logs_its_window(
         loop.progress.close()
     finally:
         torch.set_num_threads(threads)
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
 
 
 def test_reconstruct_counts_no_usage_and_restores_the_mode(tiny_model, pixels):
@@ -464,60 +453,55 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     assert "already holds checkpoints of an earlier run (checkpoint-2)" in caplog.text
 
 
-def test_interrupted_checkpoint_replacement_leaves_latest_on_the_newest_complete(tmp_path, monkeypatch):
+def test_interrupted_checkpoint_replacement_leaves_latest_on_the_newest_complete(
+    tmp_path, monkeypatch, fresh_accelerate_state
+):
     """Kill (simulated) between setting the old checkpoint-4 aside and renaming the new one in; and an old-style
     half-deleted checkpoint-6 without its marker: `latest` is the complete checkpoint-2."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from groupvq_hf import fileio
     from groupvq_hf.training import save_checkpoint
 
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    try:
-        accelerator = Accelerator(cpu=True)
-        model = accelerator.prepare(torch.nn.Linear(2, 2))
-        root = tmp_path / "checkpoints"
-        for step in (2, 4):
-            save_checkpoint(accelerator, root, step, {"global_step": step}, None, {"seed": 0})
-        assert [p.name for p in list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
-        assert (root / "checkpoint-4" / COMPLETE_FILE).is_file() and (root / "checkpoint-4" / "run_args.json").is_file()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save_checkpoint(accelerator, root, step, {"global_step": step}, None, {"seed": 0})
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
+    assert (root / "checkpoint-4" / COMPLETE_FILE).is_file() and (root / "checkpoint-4" / "run_args.json").is_file()
 
-        real_replace = fileio.os.replace
+    real_replace = fileio.os.replace
 
-        def killed_after_setting_aside(src, dst):
-            if Path(src).name.startswith(".tmp-"):
-                raise KeyboardInterrupt("killed")
-            return real_replace(src, dst)
+    def killed_after_setting_aside(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
 
-        monkeypatch.setattr(fileio.os, "replace", killed_after_setting_aside)
-        with torch.no_grad():
-            model.weight.add_(1.0)
-        with pytest.raises(KeyboardInterrupt):
-            save_checkpoint(accelerator, root, 4, {"global_step": 4}, None, {"seed": 0})
-        monkeypatch.setattr(fileio.os, "replace", real_replace)
-        assert not (root / "checkpoint-4").exists()
-        half = root / "checkpoint-6"  # what the old save left when killed inside rmtree
-        half.mkdir()
-        (half / "training_state_rank0.json").write_text(json.dumps({"global_step": 6}))
-        assert resolve_resume_path("latest", root).name == "checkpoint-2"
-        with pytest.raises(ValueError, match="incomplete"):
-            resolve_resume_path(str(half), root)
-        # a whole checkpoint of the first release (no marker, no run_args.json): resumable by path, never `latest`
-        legacy = root / "checkpoint-8"
-        legacy.mkdir()
-        for name in ("training_state_rank0.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
-                     "model.safetensors"):  # fmt: skip
-            (legacy / name).write_text("{}")
-        assert resolve_resume_path(str(legacy), root) == legacy
-        assert resolve_resume_path("latest", root).name == "checkpoint-2"
-        (legacy / "optimizer.bin").unlink()  # a half-deleted one of that version is refused
-        with pytest.raises(ValueError, match="incomplete"):
-            resolve_resume_path(str(legacy), root)
-    finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
+    monkeypatch.setattr(fileio.os, "replace", killed_after_setting_aside)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, root, 4, {"global_step": 4}, None, {"seed": 0})
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    assert not (root / "checkpoint-4").exists()
+    half = root / "checkpoint-6"  # what the old save left when killed inside rmtree
+    half.mkdir()
+    (half / "training_state_rank0.json").write_text(json.dumps({"global_step": 6}))
+    assert resolve_resume_path("latest", root).name == "checkpoint-2"
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_resume_path(str(half), root)
+    # a whole checkpoint of the first release (no marker, no run_args.json): resumable by path, never `latest`
+    legacy = root / "checkpoint-8"
+    legacy.mkdir()
+    for name in ("training_state_rank0.json", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                 "model.safetensors"):  # fmt: skip
+        (legacy / name).write_text("{}")
+    assert resolve_resume_path(str(legacy), root) == legacy
+    assert resolve_resume_path("latest", root).name == "checkpoint-2"
+    (legacy / "optimizer.bin").unlink()  # a half-deleted one of that version is refused
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_resume_path(str(legacy), root)
 
 
 def test_export_is_swapped_in_whole(tmp_path, monkeypatch, tiny_model):

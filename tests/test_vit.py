@@ -2,7 +2,7 @@
 
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,32 +112,16 @@ def test_resize_then_save_load_exact(tmp_path, pixels, new_size, mode):
     assert_same_outputs(model, loaded, pixels)
 
 
-LOADER = textwrap.dedent(
-    """
-    import sys
-    sys.modules["groupvq_hf"] = None  # make the package unimportable: only the folder's code may be used
-    import torch
-    from transformers import AutoModel
-    folder, pixels_path, out_path = sys.argv[1:4]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    assert "transformers_modules" in type(model).__module__, type(model).__module__
-    assert type(model.encoder).__name__ == "ViTEncoder", type(model.encoder)
-    with torch.no_grad():
-        out = model(torch.load(pixels_path))
-    torch.save({"reconstruction": out.reconstruction, "indices": out.indices,
-                "quantizer": type(model.quantizer).__name__}, out_path)
-    """
-)
+LOADER = Path(__file__).resolve().parent / "drivers" / "load_vit_remote_code.py"
 
 
 def test_remote_code_load_without_package(tmp_path, pixels):
     model = vit_model(l2_normalize_codes=True, codebook_dim=8)
     model.save_pretrained(tmp_path / "model")
     torch.save(pixels, tmp_path / "pixels.pt")
-    (tmp_path / "load.py").write_text(LOADER)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf_home")}
     result = subprocess.run(
-        [sys.executable, "load.py", str(tmp_path / "model"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, str(LOADER), str(tmp_path / "model"), str(tmp_path / "pixels.pt"), str(tmp_path / "out.pt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
