@@ -136,7 +136,7 @@ def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_r
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("damage", ["empty_ema", "ema_shape", "ema_counters", "model_keys"])
+@pytest.mark.parametrize("damage", ["empty_ema", "ema_shape", "ema_counters", "model_keys", "optimizer_shape"])
 def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(checkpointed_run, tmp_path, damage):
     from safetensors.torch import load_file, save_file
 
@@ -155,6 +155,12 @@ def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(chec
     elif damage == "ema_counters":
         (folder / EMA_STATE_FILE).write_text("{}")
         name = EMA_STATE_FILE
+    elif damage == "optimizer_shape":  # loads (weights_only), but one Adam moment no longer fits its parameter
+        state = torch.load(folder / "optimizer.bin", weights_only=True)
+        moments = next(s for s in state["state"].values() if "exp_avg" in s)
+        moments["exp_avg"] = moments["exp_avg"].flatten()[:1].clone()
+        torch.save(state, folder / "optimizer.bin")
+        name = "optimizer.bin"
     else:
         weights = load_file(str(folder / "model.safetensors"))
         weights.pop("encoder.conv_in.weight")

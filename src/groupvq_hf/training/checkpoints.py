@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ..configuration_groupvq import GroupVQConfig
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 
@@ -388,7 +390,25 @@ def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -
     return []
 
 
+
+def check_optimizer_states(folder: str | os.PathLike, optimizers: list) -> None:
+    """After ``accelerator.load_state``: every per-parameter tensor of each optimizer's state (Adam's ``exp_avg``,
+    ``exp_avg_sq``) has its parameter's shape. A ValueError naming the file (``optimizer.bin``,
+    ``optimizer_<i>.bin``) otherwise, instead of torch's error at the first step."""
+    for i, optimizer in enumerate(optimizers):
+        name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for key, value in optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                        raise ValueError(
+                            f"`{Path(folder) / name}` does not match this run's optimizer: its `{key}` state has "
+                            f"shape {tuple(value.shape)} for a parameter of shape {tuple(param.shape)}."
+                        )
+
+
 __all__ = [
+    "check_optimizer_states",
     "CHECKPOINT_PREFIX",
     "COMPLETE_FILE",
     "EMA_STATE_FILE",

@@ -39,6 +39,7 @@ from .checkpoints import (
     RUN_ARGS_FILE,
     VALIDATION_LOG_FILE,
     check_checkpoint_files,
+    check_optimizer_states,
     check_resume_arguments,
     convert_legacy_ema,
     list_checkpoints,
@@ -460,6 +461,7 @@ def resume_training(run: TrainingRun) -> LoopState:
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
+        check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
         run.batches.load_state_dict(saved["data"])
