@@ -29,6 +29,17 @@ def tiny_model(tiny_config):
     return GroupVQModel(tiny_config).eval()
 
 
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny untrained GroupVQModel (seed 0) saved with its image processor; a test module may define its own."""
+    from groupvq_hf import GroupVQConfig, GroupVQModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-groupvq"
+    GroupVQModel(GroupVQConfig.from_preset("tiny")).eval().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def pixels():
     generator = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from groupvq_hf import GroupVQConfig, GroupVQImageProcessor, GroupVQModel  # noqa: E402
+from groupvq_hf import GroupVQImageProcessor, GroupVQModel  # noqa: E402
 from groupvq_hf.app.page import (  # noqa: E402
     MAKE_MODEL_COMMAND, MAX_ASPECT_RATIO, MIN_IMAGE_SIZE, DemoTokenizer, build_demo, load_model, main, off_origin,
     open_image,
@@ -27,15 +27,6 @@ from groupvq_hf.data import demo_images  # noqa: E402
 from groupvq_hf.evaluation.metrics import ReconstructionMetrics  # noqa: E402
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A tiny untrained model saved with its image processor (no training needed to test the page)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "groupvq-tiny"
-    GroupVQModel(GroupVQConfig.from_preset("tiny")).eval().save_pretrained(path)
-    return path
 
 
 def api_result(model, image, size=None, mode="extend", seed=0, processor=None):

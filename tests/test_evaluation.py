@@ -38,14 +38,6 @@ def weights(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny-groupvq"
-    torch.manual_seed(0)
-    GroupVQModel(GroupVQConfig.from_preset("tiny")).save_pretrained(path)
-    return path
-
-
 def _batches(n_batches=3, batch_size=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(batch_size, 3, 32, 32, generator=g) * 2 - 1 for _ in range(n_batches)]

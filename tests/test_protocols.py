@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from groupvq_hf import GroupVQConfig, GroupVQModel
+from groupvq_hf import GroupVQModel
 from groupvq_hf.evaluation import pretrained
 from groupvq_hf.evaluation.evaluator import build_eval_dataloader, evaluate_model
 from groupvq_hf.evaluation.protocols import (
@@ -219,14 +219,6 @@ def test_npz_packing_memory_does_not_grow_with_the_number_of_images(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- scripts, 1 vs 2 processes
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny-groupvq"
-    torch.manual_seed(0)
-    GroupVQModel(GroupVQConfig.from_preset("tiny")).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
