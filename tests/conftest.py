@@ -55,6 +55,21 @@ def reset_accelerate_state():
         state._reset_state()
 
 
+def train_in_process(argv: list[str]) -> dict:
+    """One run of scripts/train.py's code in this process: a fresh accelerate state before and after, one torch
+    thread (tiny convolutions: fastest, and immune to a busy machine)."""
+    from groupvq_hf.training import main
+
+    reset_accelerate_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        reset_accelerate_state()
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """A fresh accelerate state for the test, reset again after it; yields the reset function for resets within."""

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate_state
+from conftest import train_in_process
 from PIL import Image
 
 from groupvq_hf.data import (
@@ -275,8 +275,6 @@ def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folde
     """scripts/train.py's loop on JPEGs decoded at 1/2: steps 1..3 in one run == 1..2 + resume to 3 (CPU)."""
     from safetensors.torch import load_file
 
-    from groupvq_hf.training import main
-
     tiny = [
         "--dataset", jpeg_folder, "--model_config", "tiny", "--resolution", "16", "--train_batch_size", "4",
         "--perceptual_weight", "0", "--dataloader_num_workers", "0", "--disc_start", "1", "--disc_layers", "1",
@@ -286,14 +284,7 @@ def test_training_resume_with_reduced_decoding_is_bit_exact(tmp_path, jpeg_folde
     ]  # fmt: skip
 
     def train(output_dir, *extra):
-        reset_accelerate_state()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return main(["--output_dir", str(output_dir), *tiny, *extra])
-        finally:
-            torch.set_num_threads(threads)
-            reset_accelerate_state()
+        return train_in_process(["--output_dir", str(output_dir), *tiny, *extra])
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(straight, "--max_train_steps", "3", "--checkpointing_steps", "3")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reset_accelerate_state
+from conftest import train_in_process
 from hub_server import HubServer, HubUser
 from safetensors.torch import load_file
 from test_training import TINY_RUN
@@ -30,17 +30,8 @@ DISC = ["--disc_channels", "8", "--disc_layers", "2"]
 
 
 def _train(output_dir: Path, *extra: str) -> dict:
-    """One run of scripts/train.py's code in this process (fresh accelerate state), one thread."""
-    from groupvq_hf.training import main
-
-    reset_accelerate_state()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main(["--output_dir", str(output_dir), *RUN, *extra])
-    finally:
-        torch.set_num_threads(threads)
-        reset_accelerate_state()
+    """One run of scripts/train.py's code in this process (`conftest.train_in_process`)."""
+    return train_in_process(["--output_dir", str(output_dir), *RUN, *extra])
 
 
 def _same(a: dict, b: dict) -> bool:

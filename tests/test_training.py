@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reset_accelerate_state
+from conftest import train_in_process
 
 from groupvq_hf.data.sources import build_image_dataset
 from groupvq_hf.training.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
@@ -48,17 +48,8 @@ def _run(cmd: list[str]) -> str:
 
 
 def _train(output_dir: Path, *extra: str) -> dict:
-    """One run of the training script's code in this process (a fresh accelerate state each time)."""
-    from groupvq_hf.training import main
-
-    reset_accelerate_state()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest, and immune to a busy machine
-    try:
-        return main(["--output_dir", str(output_dir), *TINY_RUN, *extra])
-    finally:
-        torch.set_num_threads(threads)
-        reset_accelerate_state()  # leave no accelerate state behind for other tests
+    """One run of the training script's code in this process (`conftest.train_in_process`)."""
+    return train_in_process(["--output_dir", str(output_dir), *TINY_RUN, *extra])
 
 
 def _free_port() -> int:
