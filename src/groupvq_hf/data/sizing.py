@@ -43,13 +43,14 @@ def _count_local_rows(kind: str, files: list[str]) -> int:
     return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
+def dataset_num_examples(dataset: str, split: str = "train", network: bool = True) -> int | None:
     """Examples in one epoch of ``dataset``'s ``split``, or None when it cannot be known without reading it all.
 
     Named sources: their published sizes (or the rows of a local mirror named by ``GROUPVQ_<NAME>_PATH``); local
     files: parquet metadata, image files, images in tar shards (the split resolved as ``datasets`` resolves it);
     the demo: the rows of its source (cheap, nothing is decoded); Hub repo ids: the split sizes of the dataset's
-    info when it has them (needs the network). Mixed specs (``a+b``) have a random epoch length: None.
+    info when it has them (needs the network; ``network=False`` gives None instead). Mixed specs (``a+b``) have a
+    random epoch length: None.
     """
     from ..data.sources import (
         SOURCES,
@@ -82,6 +83,8 @@ def dataset_num_examples(dataset: str, split: str = "train") -> int | None:
         return None
     if source is not None:
         return KNOWN_DATASET_SIZES.get((name, split))
+    if not network:
+        return None
     try:  # a Hub repo id: the split sizes its card or parquet export publish (needs the network)
         import datasets
 

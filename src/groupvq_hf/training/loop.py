@@ -329,10 +329,10 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
 
 def count_dataset_rows(args: argparse.Namespace) -> int | None:
     """Rows of ``--dataset``'s training split as [`dataset_num_examples`] counts them (local files by name, named
-    sources by their known size), or None when that is not known; saved in every checkpoint so a resume can tell
-    that rows went missing (files deleted) since."""
+    sources by their known size; no Hub request at start-up), or None when that is not known; saved in every
+    checkpoint so a resume can tell that rows went missing (files deleted) since."""
     try:
-        return dataset_num_examples(args.dataset, args.dataset_split)
+        return dataset_num_examples(args.dataset, args.dataset_split, network=False)
     except Exception:  # noqa: BLE001  (a count that cannot be made is simply not compared)
         return None
 
