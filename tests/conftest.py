@@ -111,3 +111,27 @@ def tiny_groupvq_model(seed=0, **overrides):
     small = {"block_out_channels": (8, 16), "norm_num_groups": 8, "latent_channels": 8, "sample_size": 16}
     config = GroupVQConfig.from_preset("tiny", **{**small, **overrides})
     return GroupVQModel(config).eval()
+
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class ReadBacks(TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: a value read back (``.item()``,
+    ``bool(t)``), ``bincount`` (reads its largest index), ``nonzero`` and boolean-mask indexing (read their size)."""
+
+    WAITING = {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+               "aten::_unique2"}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        )
+        if name in self.WAITING or masked:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))

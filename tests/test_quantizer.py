@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ReadBacks
 from groupvq_hf import GroupVectorQuantizer
 from groupvq_hf.quantizer import nearest_code_indices, split_codebook_size, usage_statistics
 
@@ -275,6 +276,33 @@ def test_usage_statistics_of_parts_and_empty_counts():
     from groupvq_hf.evaluation import metrics
 
     assert metrics.usage_statistics is usage_statistics  # one implementation: the CodebookUsage metric uses it
+
+
+def test_code_counts_and_perplexity_equal_bincount_and_the_entropy_of_the_hit_codes():
+    from groupvq_hf.quantizer import code_counts, code_perplexity
+
+    indices = torch.randint(0, 50, (3, 7, 5), generator=torch.Generator().manual_seed(0))
+    counts = code_counts(indices, 64)
+    assert counts.dtype == torch.long and torch.equal(counts, torch.bincount(indices.flatten(), minlength=64))
+    p = counts[counts > 0].double() / counts.sum()
+    assert code_perplexity(counts).item() == pytest.approx((-(p * p.log()).sum()).exp().item(), rel=1e-14)
+    assert code_perplexity(torch.tensor([0, 4, 0])).item() == 1.0  # one code hit
+    assert math.isnan(code_perplexity(torch.zeros(5, dtype=torch.long)).item())  # nothing hit
+
+
+def test_forward_reads_nothing_back_from_the_device_with_the_finiteness_check_off():
+    """The quantizer's forward (indices, loss, perplexity, usage counting) stays asynchronous on a GPU, so a loop can
+    queue the next batch while this one runs; only the NaN/inf check reads a value back."""
+    q = make()
+    z = latents()
+    with ReadBacks() as checked:
+        q(z)
+    assert checked.ops  # the finiteness check: one value read back
+    q.check_finite = False
+    with ReadBacks() as unchecked, q.counting_usage():
+        q(z)
+    assert unchecked.ops == []
+    assert q.usage_counts().sum() == z.numel() // z.shape[1]
 
 
 def _usage_worker(rank, world_size, port, out):

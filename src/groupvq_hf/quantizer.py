@@ -241,14 +241,23 @@ def _block_argmin(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, run * ARGMIN_RUN + inner
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Hits per code (codebook_size,) int64 of code ``indices`` (any shape, all in [0, codebook_size)).
+
+    Unlike ``torch.bincount``, which on a GPU reads the largest index back to size its output, this never waits
+    for the device: a forward stays asynchronous."""
+    flat = indices.detach().flatten().long()
+    counts = torch.zeros(codebook_size, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
 def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp of the entropy of the code frequencies, from per-code hit ``counts`` (n,), in float64 (a 0-d tensor on
-    ``counts``' device); NaN when nothing was hit. The one perplexity of the package (forward outputs, statistics)."""
-    counts = counts.detach().flatten()
-    p = counts[counts > 0].double() / counts.sum()
-    if not p.numel():
-        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
-    return (-(p * p.log()).sum()).exp()
+    ``counts``' device); NaN when nothing was hit. The one perplexity of the package (forward outputs, statistics).
+    Computed without reading anything back from the device (codes never hit add 0 * log 0 = 0)."""
+    counts = counts.detach().flatten().double()
+    p = counts / counts.sum()  # all NaN when nothing was hit
+    return (-torch.special.xlogy(p, p).sum()).exp()
 
 
 def usage_statistics(
@@ -538,7 +547,7 @@ class GroupVectorQuantizer(nn.Module):
 
     def perplexity(self, indices: torch.Tensor) -> torch.Tensor:
         """exp(entropy) of the code distribution of ``indices`` ([`code_perplexity`]), as float32."""
-        return code_perplexity(torch.bincount(indices.flatten(), minlength=self.codebook_size)).float()
+        return code_perplexity(code_counts(indices, self.codebook_size)).float()
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
         """Codes for ``indices``; with ``shape`` = (B, H, W, C) the result is (B, C, H, W), as diffusers expects."""
@@ -557,7 +566,7 @@ class GroupVectorQuantizer(nn.Module):
     # ----------------------------------------------------------------------------------------- usage
     @torch.no_grad()
     def _update_usage(self, indices: torch.Tensor) -> None:
-        counts = torch.bincount(indices.flatten(), minlength=self.codebook_size)
+        counts = code_counts(indices, self.codebook_size)
         current = self._usage_counts
         if current is None or current.is_meta or current.shape != counts.shape:
             self._usage_counts = counts
