@@ -295,6 +295,45 @@ def test_kill_while_writing_then_rerun_equals_an_uninterrupted_run(model_dir, ph
     assert _shards(out) == after and again["num_examples"] == straight["num_examples"]
 
 
+def test_each_shard_holds_exactly_its_source_rows_when_a_batch_mixes_skipped_and_encoded_rows(
+    model_dir, photo_folder, tmp_path
+):
+    """Shard c of a worker holds source rows [c * k, (c + 1) * k) whatever the batch: a rerun skips whole shards by
+    row count, so a row written into a later shard would be lost. The folder's rows in order: broken.jpg (skipped),
+    photo0 ... photo5, tiny.png (skipped); batches of 2 end with (photo5, tiny.png)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "tokens"
+    _tokenize(model_dir, photo_folder, out, rows_per_shard=1, batch_size=2)
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert [p.stem for p in shards] == [f"train-000-000-{c:05d}" for c in range(8)]
+    keys = [pq.read_table(p).column("key").to_pylist() for p in shards]
+    assert [[Path(k).stem for k in shard] for shard in keys] == [[], *([f"photo{i}"] for i in range(6)), []]
+    progress = [json.loads((out / ".progress" / f"{p.stem}.json").read_text()) for p in shards]
+    assert [sum(stats["skipped"].values()) for stats in progress] == [1, 0, 0, 0, 0, 0, 0, 1]
+
+
+def test_the_encoder_never_makes_the_host_wait_and_nan_latents_are_refused_naming_the_images(
+    model_dir, photo_folder, tmp_path
+):
+    """The loop queues a batch's encode before writing the previous one: with the model's per-call checks off,
+    ``encode`` reads nothing back from the device; NaN/inf latents are still refused, once per batch."""
+    from conftest import ReadBacks
+
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    pixels = _processed(demo_images()[0])
+    model.check_finite = False
+    with ReadBacks() as read_backs, torch.inference_mode():
+        model.encode(pixels)
+    assert read_backs.ops == []
+    model.check_finite = True
+    with torch.no_grad():
+        model.encoder.conv_in.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"latents of a batch of images \(\['.*photo0.jpg'.*hold NaN or inf"):
+        tokenize_dataset(model, str(photo_folder), tmp_path / "nan", RESOLUTION, progress=False)
+    assert model.check_finite is True  # restored
+
+
 def test_a_folder_made_with_other_settings_is_refused_naming_them_and_overwrite_starts_over(
     model_dir, photo_folder, tmp_path
 ):

@@ -209,26 +209,46 @@ def complete_chunks(output_dir: Path, split: str, rank: int, worker: int) -> int
 
 class ShardWriter:
     """Collects one worker's rows chunk by chunk and writes each complete chunk as one parquet shard (temporary name,
-    then renamed), with its counts in ``.progress/<shard>.json`` written first."""
+    then renamed), with its counts in ``.progress/<shard>.json`` written first. Token grids are kept as numpy arrays
+    and written as one Arrow ``FixedSizeList`` column (no Python int per token)."""
 
     def __init__(self, output_dir: Path, split: str, rank: int, worker: int, chunk: int, rows_per_chunk: int,
                  features):  # fmt: skip
         self.output_dir, self.split, self.rank, self.worker = output_dir, split, rank, worker
         self.chunk, self.rows_per_chunk, self.features = chunk, rows_per_chunk, features
+        self.length = features["tokens"].length
         self.columns: dict[str, list] = {name: [] for name in features}
         self.skipped: Counter = Counter()
         self.pending = chunk == 0  # a worker that reads no row still writes its (empty) first shard
 
     def add(self, row: int, values: dict | None = None, reason: str | None = None) -> None:
-        """Add the views of source ``row`` (``values``: column -> list over views) or a skipped row's ``reason``."""
+        """Add the views of source ``row`` (``values``: ``tokens`` an int32 array (V, h * w), every other column a
+        list over the V views) or a skipped row's ``reason``."""
         while row >= (self.chunk + 1) * self.rows_per_chunk:
             self.flush()
         self.pending = True
         if values is None:
             self.skipped[reason] += 1
             return
+        self.columns["tokens"].append(values["tokens"])
         for name, column in self.columns.items():
-            column.extend(values[name])
+            if name != "tokens":
+                column.extend(values[name])
+
+    def table(self):
+        """The collected rows as an Arrow table with the schema of ``features``."""
+        import numpy as np
+        import pyarrow as pa
+
+        schema = self.features.arrow_schema
+        tokens = self.columns["tokens"]
+        tokens = np.concatenate(tokens) if tokens else np.empty((0, self.length), np.int32)
+        arrays = [
+            pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1), pa.int32()), self.length)
+            if name == "tokens" else pa.array(column, schema.field(name).type)
+            for name, column in self.columns.items()
+        ]  # fmt: skip
+        return pa.Table.from_arrays(arrays, schema=schema)
 
     def flush(self) -> None:
         import datasets
@@ -236,14 +256,16 @@ class ShardWriter:
         from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
         name = shard_name(self.split, self.rank, self.worker, self.chunk)
-        stats = {"num_examples": len(self.columns["tokens"]), "skipped": dict(sorted(self.skipped.items()))}
+        table = self.table()
+        stats = {"num_examples": table.num_rows, "skipped": dict(sorted(self.skipped.items()))}
         write_json_atomic(stats, self.output_dir / PROGRESS_DIR / f"{name}.json")
         final = self.output_dir / DATA_DIR / f"{name}.parquet"
         tmp = final.with_name(f".tmp-{name}.parquet")
         bars_were_disabled = are_progress_bars_disabled()
         disable_progress_bars()  # one bar per shard is noise
         try:
-            datasets.Dataset.from_dict(self.columns, features=self.features).to_parquet(str(tmp))
+            info = datasets.DatasetInfo(features=self.features)
+            datasets.Dataset(datasets.table.InMemoryTable(table), info=info).to_parquet(str(tmp))
         finally:
             if not bars_were_disabled:
                 enable_progress_bars()
@@ -257,6 +279,57 @@ class ShardWriter:
         """Write the last, partial chunk (nothing when the rows of this worker were all written before)."""
         if self.pending:
             self.flush()
+
+
+class HostTokens:
+    """The int32 tokens (B, V, h * w) of one batch on the host, and whether its latents were finite. On CUDA the
+    copies start without blocking (pinned memory, an event) and `numpy` waits for them: the loop queues the next
+    batch's encode first."""
+
+    def __init__(self, indices: torch.Tensor, finite: torch.Tensor | None = None):
+        self.event = None
+        if indices.device.type == "cuda":
+            self.host = torch.empty(indices.shape, dtype=indices.dtype, pin_memory=True)
+            self.host.copy_(indices, non_blocking=True)
+            if finite is not None:
+                finite = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = indices.cpu()
+        self.finite = finite
+
+    def numpy(self, keys=()):
+        """The tokens as an int32 array; ValueError naming the images (``keys``) when the latents held NaN or inf."""
+        if self.event is not None:
+            self.event.synchronize()
+        if self.finite is not None and not bool(self.finite):
+            raise ValueError(
+                f"The latents of a batch of images ({list(keys)[:4]}...) hold NaN or inf, which have no nearest code: "
+                "are the model's weights finite?"
+            )
+        return self.host.numpy()
+
+
+def write_batch(writers: dict, batch: dict, tokens: HostTokens | None, views, max_samples: int | None) -> int:
+    """Add one loader batch to the writer of the worker that read it, its skipped and encoded rows in row order
+    (a chunk holds exactly its rows whatever the batch size); returns the number of encoded images."""
+    writer = writers[batch["worker"]]
+    grids = tokens.numpy(batch["keys"]) if tokens is not None else None
+    labels = batch.get("labels")
+    entries = [(row, reason, None) for row, reason in batch["skipped"]]
+    entries += [(row, None, i) for i, row in enumerate(batch["rows"])]
+    for row, reason, i in sorted(entries, key=lambda entry: entry[0]):
+        if max_samples is not None and row >= max_samples:
+            continue
+        if i is None:
+            writer.add(row, reason=reason)
+            continue
+        values = {"tokens": grids[i], "key": [batch["keys"][i]] * len(views), "augmentation": list(views)}
+        if labels is not None:
+            values["label"] = [labels[i]] * len(views)
+        writer.add(row, values)
+    return len(batch["rows"])
 
 
 def read_progress(output_dir: Path, split: str) -> tuple[int, Counter, int]:
@@ -417,27 +490,25 @@ def tokenize_dataset(
 
     show = progress and accelerator.is_local_main_process
     bar = tqdm(desc=f"tokenize (process {rank})", unit="img", disable=not show)
-    for batch in loader:
-        writer = writers[batch["worker"]]
-        for row, reason in batch["skipped"]:
-            if max_samples is None or row < max_samples:
-                writer.add(row, reason=reason)
-        pixels = batch["pixel_values"]
-        if not len(batch["rows"]):
-            continue
-        num_images = pixels.shape[0]
-        flat = pixels.to(accelerator.device, non_blocking=True).flatten(0, 1)  # (B * V, 3, R, R)
-        indices = model.encode(flat.to(model.dtype)).indices.view(num_images, len(views), -1)
-        indices = indices.to(torch.int32).cpu().tolist()
-        labels = batch.get("labels")
-        for i, row in enumerate(batch["rows"]):
-            if max_samples is not None and row >= max_samples:
-                continue
-            values = {"tokens": indices[i], "key": [batch["keys"][i]] * len(views), "augmentation": list(views)}
-            if "label" in features:
-                values["label"] = [labels[i]] * len(views)
-            writer.add(row, values)
-        bar.update(num_images)
+    # The GPU never waits: the model's per-call checks (each a read-back) are off, latents are checked for NaN/inf
+    # once per batch with its tokens, and a batch is written once the next one is encoding.
+    check_finite, model.check_finite = model.check_finite, False
+    previous = None  # (batch, its tokens)
+    try:
+        for batch in loader:
+            tokens = None
+            if len(batch["rows"]):
+                flat = batch["pixel_values"].to(accelerator.device, non_blocking=True).flatten(0, 1)  # (B * V, 3, R, R)
+                encoded = model.encode(flat.to(model.dtype))
+                indices = encoded.indices.view(len(batch["rows"]), len(views), -1).to(torch.int32)
+                tokens = HostTokens(indices, torch.isfinite(encoded.latents).all() if check_finite else None)
+            if previous is not None:
+                bar.update(write_batch(writers, *previous, views, max_samples))
+            previous = batch, tokens
+        if previous is not None:
+            bar.update(write_batch(writers, *previous, views, max_samples))
+    finally:
+        model.check_finite = check_finite
     bar.close()
     for writer in writers.values():
         writer.close()
