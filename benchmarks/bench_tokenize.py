@@ -6,11 +6,13 @@ initialised model at its ``sample_size``), in one process, interleaved over ``--
 
   decode only   the DataLoader of `tokenize_dataset` (same stream, view transform, batch size and loader workers)
                 read to the end, nothing encoded;
-  encode only   ``model.encode`` over the same images already decoded to tensors on the device, same batches;
+  encode only   ``model.encode`` over the same images already decoded to tensors on the device, same batches, with
+                the model's per-call NaN/inf checks off (as ``tokenize_dataset`` encodes);
   end to end    ``tokenize_dataset`` (decode in the loader workers overlapping the encoder, tokens written to
                 parquet shards, card and record).
 
-Target: end to end >= 0.85 x the slower stage. Memory: the extra peak resident memory of ``tokenize_dataset`` (tiny
+Target: end to end >= 0.85 x the slower stage. Shard writing: the main process's cost per row of turning token grids
+into a parquet shard (`ShardWriter`) against the Python-list route, ``--write_rows`` rows. Memory: the extra peak resident memory of ``tokenize_dataset`` (tiny
 preset, no loader workers, in a fresh process) for ``--memory_images`` and twice as many images; it should not grow
 (shards are flushed). On CUDA the peak allocated CUDA memory of each end-to-end run is printed too.
 
@@ -83,10 +85,12 @@ def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> l
         counts["decode"] = sum(len(batch["rows"]) for batch in loader)
 
     @torch.inference_mode()
-    def encode_only():
+    def encode_only():  # as tokenize_dataset encodes: without the per-call NaN/inf checks (each a read-back)
+        model.check_finite = False
         for batch in decoded:
             model.encode(batch)
         _sync(args.device)
+        model.check_finite = True
 
     def end_to_end():
         if args.device == "cuda":
@@ -116,6 +120,45 @@ def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> l
     if peaks:
         rows[-1][-1] += f" (peak CUDA {max(peaks):.0f} MiB)"
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------- shard writing
+def bench_shard_writing(num_rows: int, length: int, repeats: int) -> list[list[object]]:
+    """Writing ``num_rows`` rows of ``length`` tokens (ImageNet's 1,000 class names) as one shard: `ShardWriter`
+    (numpy grids to one Arrow column) against the Python-list route (``tolist`` + ``Dataset.from_dict``)."""
+    import datasets
+    import numpy as np
+
+    from groupvq_hf.tokens.tokenization import ShardWriter, _output_features
+
+    features = _output_features(datasets.ClassLabel(names=[f"class {i}" for i in range(1000)]), length)
+    grids = np.random.default_rng(0).integers(0, 16384, (num_rows, 1, length), dtype=np.int32)
+    rows = [{"tokens": grids[i], "key": [f"image{i}.JPEG"], "augmentation": ["center"], "label": [i % 1000]}
+            for i in range(num_rows)]  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "data").mkdir()
+        (root / ".progress").mkdir()
+
+        def shard_writer():
+            writer = ShardWriter(root, "train", 0, 0, 0, num_rows, features)
+            for i, values in enumerate(rows):
+                writer.add(i, values)
+            writer.close()
+
+        def python_lists():
+            columns = {"tokens": [], "key": [], "augmentation": [], "label": []}
+            for values in rows:
+                columns["tokens"] += values["tokens"].tolist()
+                for name in ("key", "augmentation", "label"):
+                    columns[name] += values[name]
+            datasets.Dataset.from_dict(columns, features=features).to_parquet(str(root / "lists.parquet"))
+
+        times = interleaved_times({"ShardWriter (Arrow)": shard_writer, "tolist + from_dict": python_lists}, repeats)
+    base = median(times["tolist + from_dict"])
+    return [[name, num_rows, f"{median(t):.3f}", f"{median(t) / num_rows * 1e6:.1f}", f"{base / median(t):.2f}"]
+            for name, t in times.items()]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- memory child
@@ -148,6 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory_images", type=int, default=64, help="0 skips the peak-memory check.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process.")
+    parser.add_argument("--write_rows", type=int, default=10_000, help="Rows of the shard-writing table (0 skips it).")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +211,12 @@ def main(argv=None) -> None:
         for preset in args.presets.split(","):
             rows += bench_preset(preset.strip(), folder, args.images, args, accelerator)
     print(markdown_table(["preset", "resolution", "loop", "s per pass", "images/s", "end to end / slower stage"], rows))
+    if args.write_rows:
+        print()
+        print(markdown_table(
+            ["shard writer", "rows (256 tokens)", "s per shard", "us per row", "speed-up"],
+            bench_shard_writing(args.write_rows, 256, max(3, args.repeats)),
+        ))  # fmt: skip
     if args.memory_images:
         print()
         sizes = (args.memory_images, 2 * args.memory_images)

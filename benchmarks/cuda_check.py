@@ -1,5 +1,6 @@
-"""One prepared CUDA check: quantizer correctness, search precision under TF32/bf16, quantizer speed and memory
-against the bare limit and diffusers' VectorQuantizer, and bf16 training steps of GroupVQModel vs diffusers VQModel.
+"""One prepared CUDA check: quantizer correctness, the tokenizer loop (no sync, tokens), search precision under
+TF32/bf16, quantizer speed and memory against the bare limit and diffusers' VectorQuantizer, and bf16 training steps
+of GroupVQModel vs diffusers VQModel.
 
     PYTHONPATH=src python benchmarks/cuda_check.py            # on a machine with a CUDA GPU
 
@@ -131,7 +132,7 @@ def speed_and_memory():
         t_ref_fb = cuda_ms(lambda: fwd_bwd(ref))
         rows.append([f"{n_tokens} x {n_codes}", f"{t_limit:.2f}", f"{t_fwd:.2f}", f"{t_fwd / t_limit:.2f}",
                      f"{t_ref:.2f}", f"{t_fwd / t_ref:.2f}", f"{t_fb:.2f}", f"{t_ref_fb:.2f}"])
-        del q, ref, z
+        q = ref = z = None  # freed before the next size
         torch.cuda.empty_cache()
     print(markdown_table(["tokens x codes", "limit", "group-vq fwd", "/ limit", "diffusers fwd", "group-vq / diffusers",
                           "group-vq fwd+bwd", "diffusers fwd+bwd"], rows))
@@ -156,7 +157,7 @@ def speed_and_memory():
                 peak = torch.cuda.max_memory_allocated() - base
             codebook_bytes = n_codes * 128 * 4 if name == "group-vq" else 0
             line.append(f"{(peak - codebook_bytes) / 2**20:.1f}")
-            del module, z
+            module = z = None
             torch.cuda.empty_cache()
         rows.append(line)
     print(markdown_table(["codes", "group-vq", "diffusers"], rows))
@@ -203,10 +204,64 @@ def train_steps():
             rows[-1].append(f"{q_ms:.2f} ms ({q_ms / ms:.1%})")
         else:
             rows[-1].append("")
-        del model, opt
+        model = opt = None
         torch.cuda.empty_cache()
     print(markdown_table(["model", "step ms", "images/s", "losses finite", "loss first -> last (13 steps)",
                           "quantizer fwd (share)"], rows))
+
+
+def tokenizer_loop():
+    """The loop of `tokenize_dataset` on CUDA: ``encode`` with the per-call checks off never synchronises (it can run
+    ahead of the host), `HostTokens` (pinned, non-blocking copy) returns the encoder's indices, and the dataset's
+    tokens match ``model.encode`` of each processed image (batch 1) up to near-ties that batching may flip."""
+    import tempfile
+
+    import datasets
+
+    from groupvq_hf.data import demo_images
+    from groupvq_hf.tokens import image_processor_at, tokenize_dataset
+    from groupvq_hf.tokens.tokenization import HostTokens
+
+    print("\n## Tokenizer loop on CUDA\n")
+    datasets.disable_progress_bars()
+    torch.manual_seed(0)
+    model = GroupVQModel(GroupVQConfig.from_preset("imagenet")).eval().to(DEV)
+    pixels = torch.rand(32, 3, 128, 128, device=DEV) * 2 - 1
+    rows = []
+    with torch.inference_mode():
+        model.check_finite = False
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            encoded = model.encode(pixels)
+            synced = "none"
+        except RuntimeError as err:
+            synced = str(err).splitlines()[0][:80]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.check_finite = True
+        rows.append(["encode (checks off) under sync_debug_mode('error')", synced])
+        host = HostTokens(encoded.indices.to(torch.int32), torch.isfinite(encoded.latents).all())
+        rows.append(["HostTokens == indices.cpu()", bool((host.numpy() == encoded.indices.int().cpu().numpy()).all())])
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = os.path.join(tmp, "photos")
+        os.makedirs(photos)
+        for i, image in enumerate(demo_images()):
+            image.save(os.path.join(photos, f"photo{i}.png"))
+        tokenize_dataset(model, photos, os.path.join(tmp, "tokens"), 128, augment="flip", batch_size=4, progress=False)
+        dataset = datasets.load_dataset(os.path.join(tmp, "tokens"), split="train")
+        processor = image_processor_at(None, 128)
+        differing, total = 0, 0
+        with torch.inference_mode():
+            for row in dataset:
+                from PIL import Image
+
+                view = processor(Image.open(row["key"]).convert("RGB"), return_tensors="pt")["pixel_values"].to(DEV)
+                view = view.flip(-1) if row["augmentation"] == "flip" else view
+                expected = model.encode(view).indices.flatten().cpu()
+                differing += int((expected != torch.tensor(row["tokens"])).sum())
+                total += expected.numel()
+        rows.append([f"tokenize_dataset (batch 4) vs encode (batch 1): differing tokens of {total}", differing])
+    print(markdown_table(["check", "result"], rows))
 
 
 def main():
@@ -214,7 +269,7 @@ def main():
     print(f"# CUDA check: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}")
     t0 = time.time()
-    for part in (correctness, precision, speed_and_memory, train_steps):
+    for part in (correctness, tokenizer_loop, precision, speed_and_memory, train_steps):
         part()
         print(f"\n({part.__name__}: {time.time() - t0:.0f} s elapsed)", flush=True)
 
