@@ -425,11 +425,12 @@ def load_image_source(
             f"`dataset` source {name!r} is not 'demo', a named source ({', '.join(SOURCES)}), an existing local path "
             "or a Hub repo id 'owner/name'."
         )
-    if ds.features is not None and column not in ds.features:
-        raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {_columns(ds.features)}).")
-    label = _resolve_label_column(label_column, source, ds.features, name)
-    _check_image_feature(None if ds.features is None else ds.features[column], column, name)
-    marked = ds.features is not None and UNREADABLE_SHARD in ds.features  # read by `_shard_stream`
+    found = ds.features  # a deep copy per access (milliseconds each with ImageNet's 1,000 class names): read once
+    if found is not None and column not in found:
+        raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {_columns(found)}).")
+    label = _resolve_label_column(label_column, source, found, name)
+    _check_image_feature(None if found is None else found[column], column, name)
+    marked = found is not None and UNREADABLE_SHARD in found  # read by `_shard_stream`
     ds = ds.select_columns([column] + ([label] if label else []) + ([UNREADABLE_SHARD] if marked else []))
     if column != "image":
         ds = ds.rename_column(column, "image")
@@ -438,7 +439,7 @@ def load_image_source(
     ds = ds.cast_column("image", datasets.Image(decode=False))
     features = row_features()
     if label:
-        features["label"] = ds.features["label"] if ds.features is not None else datasets.Value("int64")
+        features["label"] = found[label] if found is not None else datasets.Value("int64")
     return ds.map(_source_row, features=features)
 
 
