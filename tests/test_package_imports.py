@@ -138,10 +138,18 @@ def test_console_entry_points_run_the_scripts_code():
     from importlib.metadata import entry_points
 
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("groupvq-")}
-    expected = {"groupvq-train", "groupvq-evaluate", "groupvq-resize-study", "groupvq-demo", "groupvq-tokenize"}
+    expected = {
+        "groupvq-train", "groupvq-evaluate", "groupvq-resize-study", "groupvq-demo", "groupvq-tokenize",
+        "groupvq-analyze-codebook", "groupvq-convert-checkpoint", "groupvq-push-to-hub",
+    }  # fmt: skip
     assert expected <= set(scripts), sorted(scripts)
     for entry in scripts.values():
         assert callable(entry.load()), entry.value
     command = Path(sys.executable).parent / "groupvq-evaluate"
     done = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--model" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "groupvq-convert-checkpoint"), "--help"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and "--from_simvq" in done.stdout, done.stderr[-2000:]
