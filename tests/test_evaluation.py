@@ -351,3 +351,36 @@ def test_resize_study_script_on_demo(saved_model, tmp_path):
     from groupvq_hf.hub.publishing import resize_study_markdown as card_table  # the model card reads the same JSON
 
     assert "self-extension" in card_table(tmp_path / "resize_study.json")
+def test_resize_study_script_with_simvqs_protocol_gives_its_metrics_per_size(saved_model, tmp_path):
+    """`--protocol simvq`: SimVQ's preprocessing and metric definitions in every run (the paper's Table 2); the
+    trained row equals `evaluate_model(..., protocol="simvq")` on the same stream; adm is refused by name."""
+    from groupvq_hf.evaluation import build_eval_dataloader, protocol_transform
+
+    _run([
+        sys.executable, "scripts/resize_study.py", "--model", str(saved_model), "--dataset", "demo",
+        "--resolution", "32", "--max_samples", "3", "--batch_size", "2", "--protocol", "simvq",
+        "--metrics", "psnr,psnr_simvq,ssim,codebook_usage", "--min_power", "0", "--max_power", "1",
+        "--output_dir", str(tmp_path), "--no_progress",
+    ])  # fmt: skip
+    study = json.loads((tmp_path / "resize_study.json").read_text())
+    assert study["protocol"] == "simvq"
+    assert [(r["method"], r["codebook_size"]) for r in study["rows"]] == [
+        ("trained", 256), ("upsampling", 512), ("self-extension", 512),
+    ]  # fmt: skip
+    assert all({"psnr", "psnr_simvq", "ssim", "codebook_usage"} <= set(r) for r in study["rows"])
+    assert "| PSNR↑ | PSNR (SimVQ's)↑ | SSIM↑ |" in (tmp_path / "resize_study.md").read_text()
+
+    model = GroupVQModel.from_pretrained(saved_model).eval()
+    loader = build_eval_dataloader("demo", split="validation", resolution=32, batch_size=2, max_samples=3,
+                                   transform=protocol_transform("simvq", 32), ordered=True)  # fmt: skip
+    trained = evaluate_model(model, loader, metrics="psnr,psnr_simvq,ssim,codebook_usage", protocol="simvq",
+                             max_samples=3, progress=False)  # fmt: skip
+    for key in ("psnr", "psnr_simvq", "ssim", "codebook_usage"):
+        assert study["rows"][0][key] == pytest.approx(trained[key], rel=1e-6), key
+    default = evaluate_model(model, build_eval_dataloader("demo", split="validation", resolution=32, batch_size=2,
+                                                          max_samples=3), metrics="psnr", progress=False)  # fmt: skip
+    assert study["rows"][0]["psnr"] != pytest.approx(default["psnr"], rel=1e-6)  # really SimVQ's crops and uint8
+    with pytest.raises(ValueError, match=r"`protocol` of the resize study must be one of \['default', 'simvq'\]"):
+        resize_study(model, lambda: loader, protocol="adm")
+
+

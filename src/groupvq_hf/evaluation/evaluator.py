@@ -266,6 +266,9 @@ def update_model_card(card_path: str | os.PathLike, results: dict, model_name: s
 # ------------------------------------------------------------------------------------------------ resize study
 
 
+STUDY_PROTOCOLS = ("default", "simvq")  # adm writes npz pairs for an external evaluator: no table in-process
+
+
 def resize_plan(codebook_size: int, min_power: int = -1, max_power: int = 4) -> list[dict]:
     """The study's runs: the trained codebook, ``resample`` to ``n * 2^p`` for p in [min_power, max_power] \\ {0},
     and ``extend`` (self-extension) to ``n * 2^p`` for p in [1, max_power] (Table 2: p = -1, 1; Figure 4: p >= 1)."""
@@ -302,21 +305,29 @@ def resize_study(
     seed: int = 0,
     accelerator=None,
     progress: bool = True,
+    protocol: str = "default",
     **evaluate_kwargs,
 ) -> list[dict]:
     """Evaluate ``model`` and its resized copies (Algorithm 2) on the same images; returns one row per run.
 
-    ``make_dataloader()`` returns a fresh dataloader for this process (called once per run). Each run resizes a
-    copy of the trained model with ``seed`` (the trained model is left untouched); the feature networks are loaded
-    once and shared by all runs.
+    ``make_dataloader()`` returns a fresh dataloader for this process (called once per run; with ``protocol``'s
+    preprocessing, `protocol_transform`). Each run resizes a copy of the trained model with ``seed`` (the trained
+    model is left untouched). ``protocol``: one of `STUDY_PROTOCOLS`; ``simvq`` gives the paper's Table 2 metrics as
+    SimVQ's ``evaluation.py`` computes them (LPIPS(VGG16) is ``lpips_vgg``). The ``default`` feature networks are
+    loaded once and shared by all runs; ``simvq``'s are loaded per run.
     """
     from .pretrained import inception_network, lpips_network
 
-    names = parse_metrics(metrics)
+    if protocol not in STUDY_PROTOCOLS:
+        raise ValueError(
+            f"`protocol` of the resize study must be one of {list(STUDY_PROTOCOLS)}, got {protocol!r} (adm's npz "
+            "files are rated by OpenAI's evaluator: run scripts/evaluate.py --protocol adm --codebook_size N per size)."
+        )
+    names = parse_metrics(metrics, protocol)
     plan = list(plan) if plan is not None else resize_plan(model.config.codebook_size)
-    if "lpips" in names and evaluate_kwargs.get("lpips_net") is None:
+    if protocol == "default" and "lpips" in names and evaluate_kwargs.get("lpips_net") is None:
         evaluate_kwargs["lpips_net"] = lpips_network(evaluate_kwargs.pop("lpips_weights", None))
-    if "rfid" in names and evaluate_kwargs.get("inception_net") is None:
+    if protocol == "default" and "rfid" in names and evaluate_kwargs.get("inception_net") is None:
         evaluate_kwargs["inception_net"] = inception_network(evaluate_kwargs.pop("inception_weights", None))
     num_groups = model.quantizer.num_groups
     rows = []
@@ -327,8 +338,9 @@ def resize_study(
             candidate = copy.deepcopy(model)
             candidate.resize_codebook(run["codebook_size"], mode=run["mode"], seed=seed)
         results = evaluate_model(
-            candidate, make_dataloader(), metrics=names, accelerator=accelerator, progress=progress, **evaluate_kwargs
-        )
+            candidate, make_dataloader(), metrics=names, accelerator=accelerator, progress=progress, protocol=protocol,
+            **evaluate_kwargs,
+        )  # fmt: skip
         rows.append({
             "method": run["method"], "mode": run["mode"], "power": run["power"],
             "codebook_size": candidate.config.codebook_size, "groups": num_groups,
@@ -462,6 +474,15 @@ def resize_study_parser():
     parser.add_argument(
         "--max_power", type=int, default=4, help="Resample up and self-extend to n * 2^p, p = 1..max_power."
     )
+    parser.add_argument(
+        "--protocol", choices=STUDY_PROTOCOLS, default="default",
+        help="Whose metrics: default (groupvq-hf's) or simvq (SimVQ's evaluation.py, as the paper's Table 2); see "
+        "the README's table of protocols.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lpips_alex_weights", default=None,
+        help="--protocol simvq: local AlexNet weights file for LPIPS(AlexNet) (e.g. alexnet-owt-7be5be79.pth).",
+    )
     parser.add_argument("--output_dir", default="resize_study", help="Writes resize_study.{json,md,png} here.")
     return parser
 
@@ -558,21 +579,22 @@ def run_evaluate(args, accelerator=None) -> dict:
 
 def run_resize_study(args, accelerator=None) -> dict:
     """``scripts/resize_study.py``: run the study, write JSON, Markdown and PNG (main process); returns the rows."""
-    names = parse_metrics(args.metrics)
+    names = parse_metrics(args.metrics, args.protocol)
     accelerator = accelerator or build_accelerator()
     model = load_model(args.model, accelerator.device)
     plan = resize_plan(model.config.codebook_size, args.min_power, args.max_power)
     rows = resize_study(
         model, _dataloader_factory(args, accelerator), plan=plan, metrics=names, seed=args.seed,
-        accelerator=accelerator,
+        accelerator=accelerator, protocol=args.protocol,
         progress=not args.no_progress, lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
-        max_samples=args.max_samples,
+        lpips_alex_weights=args.lpips_alex_weights, max_samples=args.max_samples,
     )  # fmt: skip
     out = Path(args.output_dir)
     paths = {}
     if accelerator.is_main_process:
         context = {
             "model": str(args.model),
+            "protocol": args.protocol,
             "dataset": args.dataset,
             "split": args.split,
             "resolution": args.resolution,
@@ -612,6 +634,7 @@ __all__ = [
     "resize_plan",
     "resize_study",
     "resize_study_parser",
+    "STUDY_PROTOCOLS",
     "results_record",
     "run_evaluate",
     "run_resize_study",

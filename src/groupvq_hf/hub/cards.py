@@ -39,8 +39,9 @@ METRICS = {
 RESIZE_STUDY_COLUMNS = (
     ("method", "Method", "{}"), ("codebook_size", "Codebook Size", "{:,}"), ("groups", "Group", "{}"),
     ("codebook_usage", "Codebook Usage", "{:.1%}"), ("rfid", "rFID↓", "{:.2f}"), ("lpips", "LPIPS↓", "{:.3f}"),
-    ("psnr", "PSNR↑", "{:.2f}"), ("ssim", "SSIM↑", "{:.3f}"),
-)  # fmt: skip
+    ("lpips_vgg", "LPIPS (VGG16)↓", "{:.3f}"), ("lpips_alex", "LPIPS (AlexNet)↓", "{:.3f}"),
+    ("psnr", "PSNR↑", "{:.2f}"), ("psnr_simvq", "PSNR (SimVQ's)↑", "{:.2f}"), ("ssim", "SSIM↑", "{:.3f}"),
+)  # fmt: skip  # `lpips_*` and `psnr_simvq`: resize studies run with --protocol simvq
 
 
 def read_json(value, name: str):
