@@ -408,7 +408,7 @@ def test_script_reports_an_http_error_in_one_line(monkeypatch, saved_model):
     def unavailable(*args, **kwargs):
         raise HfHubHTTPError("503 Server Error: Service Unavailable\n\nRequest ID: abc", response=response)
 
-    monkeypatch.setattr(groupvq_hf.hub, "publish", unavailable)
+    monkeypatch.setattr(groupvq_hf.hub.publishing, "publish", unavailable)
     with pytest.raises(SystemExit) as exit:
         script.main(["--model", str(saved_model), "--repo_id", "tester/x"])
     assert exit.value.code.startswith("push_to_hub: error: the Hub at ")

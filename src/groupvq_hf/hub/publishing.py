@@ -9,8 +9,8 @@ are uploaded: never optimizer states, pickles or tokens.
 
 Network failures (a refused or dropped connection, an endpoint that never answers) raise `HubConnectionError`, one line
 naming the endpoint, after at most `timeout` seconds per request (`hub_timeout`). The upload is one commit: a failed
-one changes nothing on the Hub, and running `publish` again completes it. `publish_main` is the command line
-(`scripts/push_to_hub.py`, `groupvq-push-to-hub`).
+one changes nothing on the Hub, and running `publish` again completes it. Its command line is
+`groupvq_hf.hub.cli.publish_main` (`scripts/push_to_hub.py`, `groupvq-push-to-hub`).
 """
 
 from __future__ import annotations
@@ -461,77 +461,6 @@ def _raise_access(err: HfHubHTTPError, repo_id: str):
     raise err
 
 
-# ---------------------------------------------------------------------------------------------------- command line
-def publish_parser():
-    """Arguments of ``scripts/push_to_hub.py`` and the ``groupvq-push-to-hub`` command (the checks between them run
-    in `publish_main`)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Publish a trained Group-VQ tokenizer on the Hugging Face Hub with its code and model card."
-    )
-    parser.add_argument("--model", required=True, help="Folder saved by GroupVQModel/GroupVQVAE.save_pretrained.")
-    parser.add_argument("--repo_id", required=True, help="Hub repository, 'namespace/name'.")
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--eval_results", default=None, help="JSON written by scripts/evaluate.py (model-index).")
-    parser.add_argument("--resize_study", default=None, help="Resize study table (.json rows or .md) for the card.")
-    parser.add_argument("--training_args", default=None, help="JSON of training settings to list in the card.")
-    parser.add_argument("--datasets", nargs="*", default=None, help="Training datasets (Hub ids, or imagenet/coco).")
-    parser.add_argument("--codebook_size", type=int, default=None, help="Resize the codebook before publishing.")
-    parser.add_argument("--resize_mode", choices=("extend", "resample"), default="extend")
-    parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
-    parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
-    parser.add_argument("--include_discriminator", action="store_true",
-                        help="Also upload the training run's discriminator.safetensors from --model (named in the "
-                             "card), so `scripts/train.py --init_from REPO` continues the GAN.")
-    parser.add_argument("--commit_message", default="Upload Group-VQ tokenizer")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="Seconds each Hub request may wait to connect, send or receive "
-                             "(default: groupvq_hf.hub.DEFAULT_TIMEOUT, 60).")
-    return parser
-
-
-def publish_main(argv: list[str] | None = None) -> None:
-    """``scripts/push_to_hub.py`` and the ``groupvq-push-to-hub`` command. Every failure ends in one line on stderr
-    (``push_to_hub: error: ...``) with exit code 1; a bad argument in argparse's usage error (exit code 2)."""
-    import sys
-
-    from huggingface_hub import constants
-
-    parser = publish_parser()
-    args = parser.parse_args(argv)
-    if args.resize_mode != "extend" and args.codebook_size is None:
-        parser.error("--resize_mode needs --codebook_size")
-    if args.timeout is not None and (not math.isfinite(args.timeout) or args.timeout <= 0):
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    # `groupvq_hf.hub.publish` as the package holds it at call time (as scripts/push_to_hub.py looked it up), so a
-    # patched one is called; read from sys.modules, as an import of the package here would be a circle.
-    publish_fn = sys.modules[__package__].publish
-    try:
-        training = read_json(args.training_args, "training_args")
-        commit = publish_fn(
-            args.model,
-            args.repo_id,
-            private=args.private or None,
-            eval_results=args.eval_results,
-            resize_study=args.resize_study,
-            training=training,
-            datasets=args.datasets,
-            codebook_size=args.codebook_size,
-            resize_mode=args.resize_mode,
-            resize_seed=args.resize_seed,
-            diffusers=args.diffusers,
-            commit_message=args.commit_message,
-            timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
-            include_discriminator=args.include_discriminator,
-        )
-    except (LocalTokenNotFoundError, HubAccessError, HubConnectionError, ValueError) as err:
-        sys.exit(f"push_to_hub: error: {err}")
-    except HfHubHTTPError as err:  # a server error (5xx, ...) after its retries: one line, no traceback
-        sys.exit(f"push_to_hub: error: the Hub at {constants.ENDPOINT} answered: {' '.join(str(err).split())}")
-    print(f"Published {args.repo_id}: {commit.commit_url}")
-
-
 __all__ = [
     "ALLOW_PATTERNS",
     "CARD_TEMPLATE",
@@ -550,8 +479,6 @@ __all__ = [
     "network_failure",
     "normalize_eval_results",
     "publish",
-    "publish_main",
-    "publish_parser",
     "render_model_card",
     "resize_study_markdown",
     "resolve_token",
