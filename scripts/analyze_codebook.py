@@ -1,13 +1,6 @@
 #!/usr/bin/env python
-"""Figures and numbers of the paper's section 4.2 / appendix D for a Group-VQ model.
-
-    python scripts/analyze_codebook.py --model PATH_OR_REPO --output_dir DIR \
-        [--dataset demo --split train --max_samples 256] [--trained_codebook_size 1024]
-
-Writes norm_statistics.png (Fig. 5 left), group_frequency.png (Fig. 5 right, with --dataset),
-cosine_similarity.png (Fig. 6), random_projection.png (Fig. 7), pca_projection.png (Fig. 9) and
-codebook_analysis.json. All logic lives in `groupvq_hf.evaluation`.
-"""
+"""Figures and numbers of the paper's section 4.2 / appendix D for a Group-VQ model. Usage and outputs: `--help`
+(`groupvq_hf.evaluation.analysis_parser`); the same command is installed as `groupvq-analyze-codebook`."""
 
 import os
 import sys

@@ -1,21 +1,7 @@
 #!/usr/bin/env python
-"""Convert Group-VQ checkpoints between transformers and diffusers, import a diffusers VQModel, or switch a saved
-pipeline's GroupVQVAE components between library and remote-code form. Logic: `groupvq_hf.hub.conversion`.
-
-    # transformers GroupVQModel <-> diffusers GroupVQVAE (lossless; direction read from config.json)
-    python scripts/convert_checkpoint.py groupvq-tiny groupvq-tiny-diffusers
-    python scripts/convert_checkpoint.py groupvq-tiny-diffusers groupvq-tiny-transformers
-    # a pipeline's VQModel -> GroupVQVAE (encoder/decoder kept, new Group-VQ quantizer) for fine-tuning
-    python scripts/convert_checkpoint.py amused-256 vqvae-groupvq --subfolder vqvae --num_groups 8 --seed 0
-    # a saved pipeline whose GroupVQVAE loads with trust_remote_code=True and no groupvq_hf
-    python scripts/convert_checkpoint.py my-pipeline my-pipeline-remote --pipeline_components remote_code
-    # a SimVQ Lightning checkpoint (youngsheen/SimVQ) -> a k = 1 GroupVQModel with the "simvq" backbone
-    # (EMA weights by default when the checkpoint has them; --no_ema for the raw ones). Logic: groupvq_hf.hub.simvq_conversion
-    python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq
-    # ... keeping SimVQ's discriminator (discriminator.safetensors) for `scripts/train.py --init_from simvq-groupvq`
-    python scripts/convert_checkpoint.py --from_simvq simvq.ckpt --config imagenet_simvq_128_B.yaml simvq-groupvq \\
-        --keep_discriminator
-"""
+"""Convert Group-VQ checkpoints between transformers and diffusers, import a diffusers VQModel or a SimVQ checkpoint,
+or switch a saved pipeline's GroupVQVAE components between library and remote-code form. Examples: `--help`
+(`groupvq_hf.hub.cli.convert_parser`); the same command is installed as `groupvq-convert-checkpoint`."""
 
 import os
 import sys

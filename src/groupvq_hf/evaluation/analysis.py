@@ -717,7 +717,7 @@ def analysis_parser():
     p = argparse.ArgumentParser(
         description="""Figures and numbers of the paper's section 4.2 / appendix D for a Group-VQ model.
 
-    python scripts/analyze_codebook.py --model PATH_OR_REPO --output_dir DIR \
+    python scripts/analyze_codebook.py --model PATH_OR_REPO --output_dir DIR \\
         [--dataset demo --split train --max_samples 256] [--trained_codebook_size 1024]
 
 Writes norm_statistics.png (Fig. 5 left), group_frequency.png (Fig. 5 right, with --dataset),

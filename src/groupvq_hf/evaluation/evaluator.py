@@ -421,6 +421,26 @@ def _common_arguments(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
+PROTOCOL_HELP = {
+    "default": "default (groupvq-hf's)",
+    "simvq": "simvq (SimVQ's evaluation.py, as the paper's tables)",
+    "adm": "adm (the inputs of OpenAI's ADM evaluator, with --npz_dir)",
+}
+
+
+def _protocol_arguments(parser, protocols) -> None:
+    """``--protocol`` (one of ``protocols``) and the simvq protocol's ``--lpips_alex_weights``."""
+    parser.add_argument(
+        "--protocol", choices=protocols, default="default",
+        help=f"Whose numbers to reproduce: {', '.join(PROTOCOL_HELP[p] for p in protocols)}; see the README's table "
+        "of protocols.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lpips_alex_weights", default=None,
+        help="--protocol simvq: local AlexNet weights file for LPIPS(AlexNet) (e.g. alexnet-owt-7be5be79.pth).",
+    )
+
+
 def evaluate_parser():
     """Arguments of ``scripts/evaluate.py``."""
     import argparse
@@ -438,11 +458,7 @@ def evaluate_parser():
         default="extend",
         help="How --codebook_size resizes (Algorithm 2).",
     )
-    parser.add_argument(
-        "--protocol", choices=PROTOCOLS, default="default",
-        help="Whose numbers to reproduce: default (groupvq-hf's), simvq (SimVQ's evaluation.py), adm (the inputs "
-        "of OpenAI's ADM evaluator, with --npz_dir); see the README's table of protocols.",
-    )  # fmt: skip
+    _protocol_arguments(parser, PROTOCOLS)
     parser.add_argument(
         "--npz_dir", default=None,
         help="--protocol adm: write references.npz and reconstructions.npz (arr_0: uint8 (N, H, W, 3)) here.",
@@ -451,10 +467,6 @@ def evaluate_parser():
         "--save_images", default=None, metavar="DIR",
         help="Write every reference and reconstruction crop as DIR/{references,reconstructions}/ROW.png.",
     )  # fmt: skip
-    parser.add_argument(
-        "--lpips_alex_weights", default=None,
-        help="--protocol simvq: local AlexNet weights file for LPIPS(AlexNet) (e.g. alexnet-owt-7be5be79.pth).",
-    )
     parser.add_argument("--output", default="results.json", help="Where to write the results JSON.")
     parser.add_argument(
         "--model_card", default=None, help="README.md whose model-index receives the results (created if missing)."
@@ -474,15 +486,7 @@ def resize_study_parser():
     parser.add_argument(
         "--max_power", type=int, default=4, help="Resample up and self-extend to n * 2^p, p = 1..max_power."
     )
-    parser.add_argument(
-        "--protocol", choices=STUDY_PROTOCOLS, default="default",
-        help="Whose metrics: default (groupvq-hf's) or simvq (SimVQ's evaluation.py, as the paper's Table 2); see "
-        "the README's table of protocols.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--lpips_alex_weights", default=None,
-        help="--protocol simvq: local AlexNet weights file for LPIPS(AlexNet) (e.g. alexnet-owt-7be5be79.pth).",
-    )
+    _protocol_arguments(parser, STUDY_PROTOCOLS)
     parser.add_argument("--output_dir", default="resize_study", help="Writes resize_study.{json,md,png} here.")
     return parser
 
