@@ -31,6 +31,7 @@ from matplotlib.lines import Line2D
 
 from ..quantizer import (
     check_positive_int,
+    code_counts,
     check_trained_group_sizes,
     group_offsets,
     is_positive_int,
@@ -206,7 +207,7 @@ def count_code_usage(model, batches: Iterable, max_samples: int | None = None) -
                 continue
             with quantizer.counting_usage(False):
                 indices = model.encode(pixels.to(device=device, dtype=dtype)).indices
-            counts += torch.bincount(indices.flatten().cpu(), minlength=counts.numel())
+            counts += code_counts(indices.cpu(), counts.numel())
             seen += pixels.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break

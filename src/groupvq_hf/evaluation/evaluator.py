@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..hub.cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
-from ..quantizer import check_positive_int, sum_across_processes
+from ..quantizer import RESIZE_MODES, check_positive_int, sum_across_processes
 from .metrics import (
     RECONSTRUCTION_METRICS,
     CodebookUsage,
@@ -454,7 +454,7 @@ def evaluate_parser():
     )
     parser.add_argument(
         "--resize_mode",
-        choices=("extend", "resample"),
+        choices=RESIZE_MODES,
         default="extend",
         help="How --codebook_size resizes (Algorithm 2).",
     )

@@ -10,6 +10,7 @@ import sys
 
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+from ..quantizer import RESIZE_MODES
 from . import publishing
 from .cards import read_json
 from .conversion import convert_checkpoint, copy_pipeline
@@ -117,7 +118,7 @@ def publish_parser():
     parser.add_argument("--training_args", default=None, help="JSON of training settings to list in the card.")
     parser.add_argument("--datasets", nargs="*", default=None, help="Training datasets (Hub ids, or imagenet/coco).")
     parser.add_argument("--codebook_size", type=int, default=None, help="Resize the codebook before publishing.")
-    parser.add_argument("--resize_mode", choices=("extend", "resample"), default="extend")
+    parser.add_argument("--resize_mode", choices=RESIZE_MODES, default="extend")
     parser.add_argument("--resize_seed", type=int, default=0, help="Seed of the newly sampled codes.")
     parser.add_argument("--diffusers", action="store_true", help="Publish the diffusers GroupVQVAE format.")
     parser.add_argument("--include_discriminator", action="store_true",

