@@ -5,11 +5,14 @@ of about 500 x 375 cut from the bundled demo photos, ``image`` {bytes, path} + `
 initialised model at its ``sample_size``), in one process, interleaved over ``--repeats`` rounds:
 
   decode only   the DataLoader of `tokenize_dataset` (same stream, view transform, batch size and loader workers)
-                read to the end, nothing encoded;
-  encode only   ``model.encode`` over the same images already decoded to tensors on the device, same batches, with
-                the model's per-call NaN/inf checks off (as ``tokenize_dataset`` encodes);
+                read to the end, nothing encoded: the workers send uint8 views;
+  encode only   ``model.encode`` over the same images already decoded to uint8 tensors on the device, same batches,
+                normalised there and encoded with the model's per-call NaN/inf checks off (as ``tokenize_dataset``);
   end to end    ``tokenize_dataset`` (decode in the loader workers overlapping the encoder, tokens written to
-                parquet shards, card and record).
+                parquet shards, card and record);
+  decode only, float32 pixels
+                the baseline of the uint8 transport: the same loader with the views normalised in the workers (as
+                before 2026-12-05), so four times the bytes go through shared memory (and pinned memory on CUDA).
 
 Target: end to end >= 0.85 x the slower stage. Shard writing: the main process's cost per row of turning token grids
 into a parquet shard (`ShardWriter`) against the Python-list route, ``--write_rows`` rows. Memory: the extra peak resident memory of ``tokenize_dataset`` (tiny
@@ -35,6 +38,7 @@ from bench_data import imagenet_size_jpegs, write_imagenet_shards
 from common import interleaved_times, markdown_table, median, peak_memory_in_subprocess, print_header
 
 MiB = 1 << 20
+DECODE_FLOAT = "decode only, float32 pixels"
 
 
 def _quiet_datasets() -> None:
@@ -51,18 +55,26 @@ def _model(preset: str, device: str):
     return GroupVQModel(GroupVQConfig.from_preset(preset)).eval().to(device)
 
 
-def _loader(folder: Path, model, batch_size: int, workers: int, augment: str):
-    from groupvq_hf.data import build_image_dataset, collate_examples
-    from groupvq_hf.tokens import ViewTransform, image_processor_at
+class FloatViews:
+    """The view transform as it was before the workers sent uint8: normalised to float32 in the worker."""
 
-    resolution = model.config.sample_size
+    def __init__(self, view_transform):
+        self.view_transform, self.resolution = view_transform, view_transform.resolution
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.view_transform.normalize(self.view_transform(image))
+
+
+def _loader(folder: Path, view_transform, batch_size: int, workers: int, device: str):
+    """The DataLoader of `tokenize_dataset` over ``folder`` with ``view_transform``."""
+    from groupvq_hf.data import build_image_dataset, collate_examples
+
     stream = build_image_dataset(
-        str(folder), split="train", resolution=resolution, train=False, label_column="auto",
-        transform=ViewTransform(image_processor_at(None, resolution), resolution, augment),
+        str(folder), split="train", resolution=view_transform.resolution, train=False, label_column="auto",
+        transform=view_transform,
     )  # fmt: skip
     return torch.utils.data.DataLoader(
-        stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=workers,
-        pin_memory=next(model.parameters()).device.type == "cuda",
+        stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=workers, pin_memory=device == "cuda",
     )  # fmt: skip
 
 
@@ -74,21 +86,28 @@ def _sync(device: str) -> None:
 def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> list[list[object]]:
     from groupvq_hf.tokens import tokenize_dataset
 
+    from groupvq_hf.tokens import ViewTransform, image_processor_at
+
     model = _model(preset, args.device)
     resolution = model.config.sample_size
-    loader = _loader(folder, model, args.batch_size, args.workers, args.augment)
-    decoded = [batch["pixel_values"].flatten(0, 1) for batch in loader]  # the encoder's input, views flattened
+    views = ViewTransform(image_processor_at(None, resolution), resolution, args.augment)
+    loader = _loader(folder, views, args.batch_size, args.workers, args.device)
+    float_loader = _loader(folder, FloatViews(views), args.batch_size, args.workers, args.device)
+    decoded = [batch["pixel_values"].flatten(0, 1) for batch in loader]  # uint8 views, flattened: the worker output
     decoded = [batch.to(args.device) for batch in decoded]
     counts, peaks = {}, []
 
     def decode_only():
         counts["decode"] = sum(len(batch["rows"]) for batch in loader)
 
+    def decode_only_float():
+        counts["decode (float32)"] = sum(len(batch["rows"]) for batch in float_loader)
+
     @torch.inference_mode()
-    def encode_only():  # as tokenize_dataset encodes: without the per-call NaN/inf checks (each a read-back)
+    def encode_only():  # as tokenize_dataset encodes: normalised on the device, the per-call NaN/inf checks off
         model.check_finite = False
         for batch in decoded:
-            model.encode(batch)
+            model.encode(views.normalize(batch))
         _sync(args.device)
         model.check_finite = True
 
@@ -106,19 +125,21 @@ def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> l
         if args.device == "cuda":
             peaks.append(torch.cuda.max_memory_allocated() / MiB)
 
-    candidates = {"decode only": decode_only, "encode only": encode_only, "end to end": end_to_end}
+    candidates = {"decode only": decode_only, "encode only": encode_only, "end to end": end_to_end,
+                  DECODE_FLOAT: decode_only_float}  # fmt: skip
     times = interleaved_times(candidates, args.repeats, warmup=1)
-    if counts["decode"] != images or counts["end to end"] != images:
+    if set(counts.values()) != {images}:
         raise RuntimeError(f"a pass read the wrong number of images: {counts} (expected {images})")
     rate = {name: images / median(t) for name, t in times.items()}
     slower = min(rate["decode only"], rate["encode only"])
+    ratios = {"end to end": f"{rate['end to end'] / slower:.2f}",
+              DECODE_FLOAT: f"decode only x{rate['decode only'] / rate[DECODE_FLOAT]:.2f}"}  # fmt: skip
     rows = [
-        [preset, f"{resolution}px", name, f"{median(t):.2f}", f"{rate[name]:.1f}",
-         f"{rate[name] / slower:.2f}" if name == "end to end" else ""]
+        [preset, f"{resolution}px", name, f"{median(t):.2f}", f"{rate[name]:.1f}", ratios.get(name, "")]
         for name, t in times.items()
     ]  # fmt: skip
     if peaks:
-        rows[-1][-1] += f" (peak CUDA {max(peaks):.0f} MiB)"
+        rows[2][-1] += f" (peak CUDA {max(peaks):.0f} MiB)"
     return rows
 
 

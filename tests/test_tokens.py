@@ -163,6 +163,31 @@ def test_ten_crop_views_are_llamagen_crops_of_the_processed_image(model_dir, pho
             assert row[f"crop_{i}_flip"]["tokens"] == model.encode(crop.flip(-1)[None]).indices.flatten().tolist()
 
 
+@pytest.mark.parametrize("augment", list(AUGMENTATIONS))
+def test_loader_workers_send_uint8_views_that_normalise_to_the_processor_output_bit_for_bit(augment):
+    """The workers send a quarter of the bytes; the device-side normalisation gives exactly the processed views, for
+    a processor with its own mean and std (a saved model's) as for the default one."""
+    from torchvision.transforms.v2.functional import five_crop
+
+    from groupvq_hf.tokens import ViewTransform
+
+    image = demo_images()[1]
+    image.thumbnail((90, 70))
+    side = int(RESOLUTION * 1.1) if augment == "ten_crop" else RESOLUTION
+    for stats in ({}, {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}):
+        size = {"size": {"shortest_edge": RESOLUTION}, "crop_size": {"height": RESOLUTION, "width": RESOLUTION}}
+        views = ViewTransform(GroupVQImageProcessor(**size, **stats), RESOLUTION, augment)
+        sent = views(image)
+        assert sent.dtype == torch.uint8 and sent.shape == (len(AUGMENTATIONS[augment]), 3, RESOLUTION, RESOLUTION)
+        processed = GroupVQImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, **stats
+        )(image, return_tensors="pt")["pixel_values"][0]
+        unflipped = torch.stack(five_crop(processed, [RESOLUTION] * 2)) if augment == "ten_crop" else processed[None]
+        expected = unflipped if augment == "none" else torch.cat([unflipped, unflipped.flip(-1)])
+        received = views.normalize(sent)
+        assert received.dtype == torch.float32 and torch.equal(received, expected)
+
+
 # ---------------------------------------------------------------------------------------------------- processes
 def _free_port() -> int:
     with socket.socket() as sock:

@@ -704,7 +704,10 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
     if min(decoded.size if source is None else full_size) < min_image_size:
         raise SkippedImage("too_small")
     if source is None:
-        return DecodedImage(transform(decoded).clamp_(-1.0, 1.0), mode, None)
+        pixels = transform(decoded)
+        if pixels.is_floating_point():  # resampling overshoot; a caller's integer pixels are left as they are
+            pixels.clamp_(-1.0, 1.0)
+        return DecodedImage(pixels, mode, None)
     return DecodedImage(render_crop(decoded, plan, scale), mode, scale)
 
 

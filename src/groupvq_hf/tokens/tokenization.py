@@ -9,7 +9,8 @@ Rows (one per image and view): ``tokens`` (the (h, w) grid of code indices, row-
 ``i``, column ``j``; int32, length ``h * w``), ``key`` (the source image's stable identifier, as the training stream
 names it), ``augmentation`` (the view) and ``label`` (when the source has a label column, its ``ClassLabel`` kept).
 
-Views (`AUGMENTATIONS`), all from the model's own image processor (resize the shorter side, center crop, [-1, 1]):
+Views (`AUGMENTATIONS`), all from the model's own image processor (resize the shorter side, center crop, [-1, 1]; the
+loader workers send the cropped uint8 pixels and the encoder's device normalises them, `ViewTransform`):
 
 - ``none``: ``center``, the processed image at ``resolution``;
 - ``flip``: ``center`` and ``flip``, its horizontal mirror;
@@ -68,7 +69,14 @@ def image_processor_at(source: str | os.PathLike | None, resolution: int) -> Gro
 
 
 class ViewTransform:
-    """A PIL RGB image -> its views (V, 3, R, R) in [-1, 1], in the order of ``AUGMENTATIONS[augment]``."""
+    """A PIL RGB image -> its views (V, 3, R, R) as uint8 pixels, resized and cropped by the processor, in the order
+    of ``AUGMENTATIONS[augment]``; `normalize` then maps them to the model's input (the processor's rescale and
+    normalisation, [-1, 1]) on the device.
+
+    The split sends a quarter of the bytes from the loader workers (uint8, not float32) and normalises on the
+    encoder's device; ``normalize(view_transform(image))`` equals ``processor(image)`` bit for bit (an element-wise
+    subtraction and division, exact in IEEE float32 on every device), flipped and cropped per view.
+    """
 
     def __init__(self, processor: GroupVQImageProcessor, resolution: int, augment: str):
         if augment not in AUGMENTATIONS:
@@ -78,7 +86,7 @@ class ViewTransform:
         self.processor = processor if side == resolution else image_processor_at_size(processor, side)
 
     def __call__(self, image) -> torch.Tensor:
-        pixels = self.processor(image, return_tensors="pt")["pixel_values"][0]
+        pixels = self.processor(image, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"][0]
         if self.augment == "none":
             return pixels[None]
         if self.augment == "flip":
@@ -87,6 +95,15 @@ class ViewTransform:
 
         crops = torch.stack(five_crop(pixels, [self.resolution, self.resolution]))
         return torch.cat([crops, crops.flip(-1)])
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 views (..., 3, R, R), on any device -> the model's float32 input: the processor's own fused rescale
+        and normalisation, ``(pixels - 255 * mean) / (255 * std)``."""
+        processor = self.processor
+        return processor.rescale_and_normalize(
+            pixels, processor.do_rescale, processor.rescale_factor, processor.do_normalize, processor.image_mean,
+            processor.image_std,
+        )  # fmt: skip
 
 
 def image_processor_at_size(processor: GroupVQImageProcessor, side: int) -> GroupVQImageProcessor:
@@ -451,10 +468,11 @@ def tokenize_dataset(
         )
     views = AUGMENTATIONS[augment]
     grid = [resolution // factor, resolution // factor]
+    view_transform = ViewTransform(image_processor_at(source, resolution), resolution, augment)
     stream = build_image_dataset(
         dataset, split=split, resolution=resolution, train=False, image_column=image_column, seed=seed, rank=rank,
         world_size=world_size, streaming=True, max_samples=max_samples, label_column=label_column,
-        transform=ViewTransform(image_processor_at(source, resolution), resolution, augment),
+        transform=view_transform,
     )  # fmt: skip
     features = _output_features((stream.examples.features or {}).get("label"), grid[0] * grid[1])
     settings = {
@@ -499,7 +517,7 @@ def tokenize_dataset(
             tokens = None
             if len(batch["rows"]):
                 flat = batch["pixel_values"].to(accelerator.device, non_blocking=True).flatten(0, 1)  # (B * V, 3, R, R)
-                encoded = model.encode(flat.to(model.dtype))
+                encoded = model.encode(view_transform.normalize(flat).to(model.dtype))
                 indices = encoded.indices.view(len(batch["rows"]), len(views), -1).to(torch.int32)
                 tokens = HostTokens(indices, torch.isfinite(encoded.latents).all() if check_finite else None)
             if previous is not None:
