@@ -136,6 +136,33 @@ def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_r
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_first_release_torch_compile_checkpoint_resumes_with_its_orig_mod_keys_renamed(checkpointed_run, tmp_path):
+    """The first release wrapped the encoder and decoder in torch.compile, so its checkpoints hold keys such as
+    `encoder._orig_mod.conv_in.weight`: renamed to plain keys in place, then resumed to the same weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    reference = _resume_copy(checkpointed_run, tmp_path / "a")
+    _resume(reference)
+    out = _resume_copy(checkpointed_run, tmp_path / "b")
+    path = out / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+    weights = load_file(str(path))
+    compiled = {
+        name.replace(f"{part}.", f"{part}._orig_mod.", 1) if name.split(".")[0] in ("encoder", "decoder") else name: t
+        for name, t in weights.items()
+        for part in [name.split(".")[0]]
+    }
+    assert sum("_orig_mod" in name for name in compiled) > 10
+    save_file(compiled, str(path), metadata=metadata)
+    _resume(out)
+    renamed = load_file(str(path))
+    assert renamed.keys() == weights.keys() and all(torch.equal(renamed[k], weights[k]) for k in weights)
+    a, b = (load_file(str(run / "model" / "model.safetensors")) for run in (reference, out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("damage", ["empty_ema", "ema_shape", "ema_counters", "model_keys", "optimizer_shape"])
 def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(checkpointed_run, tmp_path, damage):
     from safetensors.torch import load_file, save_file

@@ -253,16 +253,26 @@ def convert_legacy_ema(ema, names: list[str], folder: str | os.PathLike) -> None
     (Path(folder) / LEGACY_EMA_FILE).unlink()
 
 
-def check_checkpoint_files(folder: str | os.PathLike, models: list, process_index: int) -> None:
+def plain_parameter_name(name: str) -> str:
+    """A state-dict key without the ``_orig_mod.`` segments ``torch.compile(module)`` wrappers add (the first
+    release compiled the encoder and decoder that way: ``encoder._orig_mod.conv_in.weight``)."""
+    return re.sub(r"(^|\.)_orig_mod\.", r"\1", name)
+
+
+def check_checkpoint_files(folder: str | os.PathLike, models: list, process_index: int) -> list[Path]:
     """Before ``accelerator.load_state``: every model file (``model.safetensors``, ``model_<i>.safetensors``) holds
     exactly the keys and shapes of the run's ``models``, and this process's RNG file loads with
-    ``weights_only=True`` (accelerate would skip an unreadable one silently). ValueError naming the file otherwise."""
+    ``weights_only=True`` (accelerate would skip an unreadable one silently). ValueError naming the file otherwise.
+
+    Returns the model files whose keys match only once their ``_orig_mod.`` segments are dropped (a checkpoint of the
+    first release's ``--torch_compile``): [`rename_compiled_keys`] rewrites them before they are loaded."""
     import pickle
 
     from accelerate.utils import load
     from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
+    compiled = []
     for i, model in enumerate(models):
         path = folder / f"model{'' if i == 0 else f'_{i}'}.safetensors"
         if not path.is_file():
@@ -273,6 +283,10 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
                 found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
         except (SafetensorError, OSError) as error:
             raise ValueError(f"`{path}` is not a readable safetensors file ({error}).") from None
+        plain = {plain_parameter_name(name): shape for name, shape in found.items()}
+        if plain != found and len(plain) == len(found) and set(plain) == set(expected):
+            compiled.append(path)
+            found = plain
         wrong = sorted(name for name in set(expected) & set(found) if expected[name] != found[name])
         missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
         if missing or unexpected or wrong:
@@ -292,6 +306,21 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
         needed = {"random_state", "numpy_random_seed", "torch_manual_seed"}
         if not isinstance(states, dict) or not needed <= set(states):
             raise ValueError(f"`{rng}` does not hold the random states accelerate writes.")
+    return compiled
+
+
+def rename_compiled_keys(path: Path) -> None:
+    """Rewrite the safetensors file ``path`` with `plain_parameter_name` keys (same tensors, same metadata), through
+    a temporary file renamed over it. Main process only, after every process has checked the checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {plain_parameter_name(name): file.get_tensor(name) for name in file.keys()}
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 # torch's zip writer reports a full disk as a RuntimeError "[enforce fail at inline_container.cc...] unexpected pos"
@@ -420,6 +449,8 @@ __all__ = [
     "STATE_FILE",
     "VALIDATION_LOG_FILE",
     "check_checkpoint_files",
+    "plain_parameter_name",
+    "rename_compiled_keys",
     "check_resume_arguments",
     "convert_legacy_ema",
     "disk_full_error",

@@ -45,6 +45,7 @@ from .checkpoints import (
     list_checkpoints,
     load_ema_state,
     load_rank_state,
+    rename_compiled_keys,
     resolve_resume_path,
     run_arguments,
     save_checkpoint,
@@ -450,7 +451,14 @@ def resume_training(run: TrainingRun) -> LoopState:
         saved = load_rank_state(run.resume, accelerator.process_index)  # first: a clear error for a foreign folder
         for warning in check_resume_arguments(run.resume, run.run_args, args.allow_resume_changes):
             logger.warning(warning)
-        check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
+        compiled = check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
+        if compiled:  # the first release's --torch_compile keys (`encoder._orig_mod.`): renamed once, then loaded
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                for path in compiled:
+                    rename_compiled_keys(path)
+                    logger.info(f"Renamed the `_orig_mod.` keys of {path} (torch.compile wrappers') to plain names.")
+            accelerator.wait_for_everyone()
         if run.ema is not None:
             names = ema_parameter_names(run.plain_model)
             if load_ema_state(run.ema, names, run.resume):  # the earlier release's pickle, read safely: convert it
