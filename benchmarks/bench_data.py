@@ -289,7 +289,7 @@ def demo_photo_jpegs() -> list[bytes]:
 def main(argv=None) -> None:
     import datasets
 
-    from groupvq_hf.data.sources import DEMO_CROP_SCALE
+    from groupvq_hf.data.demo import DEMO_CROP_SCALE
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512, help="Images in the shards (one pass reads them all).")

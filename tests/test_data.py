@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from groupvq_hf.data import sources as data
-from groupvq_hf.data.sources import (
+from groupvq_hf.data import demo
+from groupvq_hf.data import (
     DEMO_EVAL_CROPS,
     DEMO_TRAIN_CROPS,
     SOURCES,
@@ -174,13 +174,13 @@ def _banded_photos(real):
 
 
 def test_demo_validation_crops_never_appear_in_training(monkeypatch):
-    photos = data._demo_photos()
+    photos = demo.demo_photos()
     for index, box in demo_eval_boxes("validation") + demo_eval_boxes("test"):
         train_box, held_out = demo_regions(photos[index].size)
         assert held_out[0] <= box[0] < box[2] <= held_out[2] and held_out[1] <= box[1] < box[3] <= held_out[3]
         assert box[2] - box[0] == box[3] - box[1] >= 16  # square, at least 16 px
     banded = _banded_photos(photos)
-    monkeypatch.setattr(data, "_demo_photos", lambda: banded)
+    monkeypatch.setattr(demo, "demo_photos", lambda: banded)
     train = list(build_image_dataset("demo", resolution=16, seed=3, max_samples=64))
     assert all(torch.equal(e["pixel_values"], torch.full((3, 16, 16), -1.0)) for e in train)  # black only
     valid = list(build_image_dataset("demo", split="validation", resolution=16, train=False))

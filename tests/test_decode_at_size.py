@@ -26,7 +26,7 @@ from groupvq_hf.data import (
     render_crop,
     to_rgb,
 )
-from groupvq_hf.data.sources import DEMO_CROP_SCALE
+from groupvq_hf.data.demo import DEMO_CROP_SCALE
 
 ONE_LEVEL = 1 / 127.5  # one uint8 step in [-1, 1] pixels
 

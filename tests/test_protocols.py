@@ -285,7 +285,7 @@ def test_simvq_script_two_processes_equal_one(saved_model, photo_folder, hub_cac
     # --save_images: the crops of the stream (rows in the folder's order; row 3 is the bad file) as PNG pairs
     names = sorted(p.name for p in (tmp_path / "pngs" / "references").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "pngs" / "reconstructions").iterdir()) and len(names) == 7
-    from groupvq_hf.data.sources import build_image_dataset
+    from groupvq_hf.data import build_image_dataset
 
     stream = build_image_dataset(str(photo_folder), split="train", resolution=32, train=False,
                                  transform=protocol_transform("simvq", 32))  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from groupvq_hf.data.sources import build_image_dataset
+from groupvq_hf.data import build_image_dataset
 from groupvq_hf.data.stream import ResumableBatches
 
 

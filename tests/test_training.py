@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import train_in_process
 
-from groupvq_hf.data.sources import build_image_dataset
+from groupvq_hf.data import build_image_dataset
 from groupvq_hf.training.losses import PatchGANDiscriminator, VQGANLoss, adaptive_generator_weight, hinge_d_loss, hinge_g_loss
 from groupvq_hf.data import ResumableBatches
 from groupvq_hf.training import (

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data.sources import DEMO_PHOTOS, MIN_IMAGE_SIZE, demo_images, to_rgb
+from ..data.decoding import MIN_IMAGE_SIZE, to_rgb
+from ..data.demo import DEMO_PHOTOS, demo_images
 from ..evaluation.metrics import DATA_RANGE, to_unit_images
 from ..image_processing_groupvq import to_uint8
 from ..quantizer import RESIZE_MODES, split_codebook_size

@@ -68,7 +68,7 @@ def build_eval_dataloader(
     preprocessing of an evaluation protocol (`groupvq_hf.evaluation.protocol_transform`; default the stream's).
     ``loader.dataset.notes`` holds notes on the split read.
     """
-    from ..data.sources import build_image_dataset, collate_examples
+    from ..data.stream import build_image_dataset, collate_examples
 
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_samples", max_samples, allow_none=True)

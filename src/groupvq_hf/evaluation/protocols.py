@@ -106,7 +106,7 @@ class _ADMTransform:
 
 def protocol_transform(protocol: str, resolution: int):
     """The image transform of ``protocol`` (an RGB PIL image -> float32 (3, R, R) in [-1, 1]); ``None`` for
-    ``default`` (`groupvq_hf.data.sources.image_transform`, the stream's own)."""
+    ``default`` (`groupvq_hf.data.decoding.image_transform`, the stream's own)."""
     protocol = check_protocol(protocol)
     if protocol == "simvq":
         return _SimVQTransform(resolution)

@@ -431,7 +431,7 @@ def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> l
 
 def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> ResumableBatches:
     """This rank's batches: its own shard of one shuffled stream, read through a plain DataLoader (not prepared)."""
-    from ..data.sources import build_image_dataset
+    from ..data.stream import build_image_dataset
 
     stream = build_image_dataset(
         args.dataset, args.dataset_split, args.resolution, train=True, image_column=args.image_column,
@@ -835,7 +835,7 @@ def export_model(plain_model, ema):
 def validation_images(args: argparse.Namespace, num_images: int) -> tuple[torch.Tensor, str]:
     """The first ``num_images`` center crops of ``--validation_split`` (CPU), and the split they came from: the
     training split only when the source has no validation split (then they are not held out)."""
-    from ..data.sources import build_image_dataset, collate_pixels
+    from ..data.stream import build_image_dataset, collate_pixels
 
     kwargs = dict(resolution=args.resolution, train=False, image_column=args.image_column, max_samples=num_images)
     kwargs.update(full_decode=True)  # a measurement: the same pixels whatever --full_decode says
