@@ -14,7 +14,9 @@ initialised model at its ``sample_size``), in one process, interleaved over ``--
                 the baseline of the uint8 transport: the same loader with the views normalised in the workers (as
                 before 2026-12-05), so four times the bytes go through shared memory (and pinned memory on CUDA).
 
-Target: end to end >= 0.85 x the slower stage. Shard writing: the main process's cost per row of turning token grids
+Target: end to end >= 0.85 x the slower stage. ``--simulated_encoder_ms F`` replaces the encoder by a sleep of F ms per
+image (`simulated_encoder`): on a small CPU machine the loader workers and a real encoder share the cores, so this is
+how the loop's overlap is measured there without a GPU. Shard writing: the main process's cost per row of turning token grids
 into a parquet shard (`ShardWriter`) against the Python-list route, ``--write_rows`` rows. Memory: the extra peak resident memory of ``tokenize_dataset`` (tiny
 preset, no loader workers, in a fresh process) for ``--memory_images`` and twice as many images; it should not grow
 (shards are flushed). On CUDA the peak allocated CUDA memory of each end-to-end run is printed too.
@@ -78,17 +80,35 @@ def _loader(folder: Path, view_transform, batch_size: int, workers: int, device:
     )  # fmt: skip
 
 
+def simulated_encoder(model, ms_per_image: float):
+    """A stand-in for ``model.encode`` that holds the main thread ``ms_per_image`` per image (sleeping: no core used)
+    and returns all-zero indices and latents of the right shapes: a device that encodes at a fixed rate, so the loop's
+    overlap of decoding and encoding shows without the encoder competing with the loader workers for the CPU."""
+    import time
+    from types import SimpleNamespace
+
+    factor = model.config.downsample_factor
+
+    def encode(pixels: torch.Tensor):
+        batch, _, height, width = pixels.shape
+        time.sleep(ms_per_image * batch / 1000)
+        grid = (batch, height // factor, width // factor)
+        return SimpleNamespace(indices=torch.zeros(grid, dtype=torch.long), latents=torch.zeros(batch, 1, *grid[1:]))
+
+    return encode
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def bench_preset(preset: str, folder: Path, images: int, args, accelerator) -> list[list[object]]:
-    from groupvq_hf.tokens import tokenize_dataset
-
-    from groupvq_hf.tokens import ViewTransform, image_processor_at
+    from groupvq_hf.tokens import ViewTransform, image_processor_at, tokenize_dataset
 
     model = _model(preset, args.device)
+    if args.simulated_encoder_ms is not None:
+        model.encode = simulated_encoder(model, args.simulated_encoder_ms)
     resolution = model.config.sample_size
     views = ViewTransform(image_processor_at(None, resolution), resolution, args.augment)
     loader = _loader(folder, views, args.batch_size, args.workers, args.device)
@@ -213,6 +233,8 @@ def main(argv=None) -> None:
     parser.add_argument("--memory_images", type=int, default=64, help="0 skips the peak-memory check.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the main process.")
     parser.add_argument("--write_rows", type=int, default=10_000, help="Rows of the shard-writing table (0 skips it).")
+    parser.add_argument("--simulated_encoder_ms", type=float, default=None, help="Replace the encoder by a sleep of "
+                        "this many ms per image (a device encoding at a fixed rate; see `simulated_encoder`).")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
