@@ -408,3 +408,18 @@ def test_epoch_sizes_count_the_readable_shards(damaged_mirrors, fmt):
 
     folder, _ = damaged_mirrors[fmt, "garbage"]  # the first of two training shards is garbage
     assert dataset_num_examples(str(folder)) == {"parquet": 6, "webdataset": 4}[fmt]
+
+
+def test_names_moved_out_of_sources_still_import_from_there_with_a_deprecation_warning():
+    """sources.py was split by job: every name it held is the same object from its new home, with a warning."""
+    import importlib
+
+    from groupvq_hf.data import sources
+
+    for module, names in sources.MOVED_NAMES.items():
+        home = importlib.import_module(f"groupvq_hf.data.{module}")
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=f"groupvq_hf.data.{module}"):
+                assert getattr(sources, name) is getattr(home, name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        sources.not_a_name

@@ -163,6 +163,29 @@ def test_ten_crop_views_are_llamagen_crops_of_the_processed_image(model_dir, pho
             assert row[f"crop_{i}_flip"]["tokens"] == model.encode(crop.flip(-1)[None]).indices.flatten().tolist()
 
 
+def test_a_processor_with_its_own_mean_and_std_gives_the_tokens_of_its_unclamped_output(model_dir, photo_folder, tmp_path):
+    """A saved model whose processor uses ImageNet statistics (pixels outside [-1, 1]): the tokens are those of
+    ``processor(image)`` as it is, not clamped to [-1, 1]."""
+    import shutil
+
+    custom = tmp_path / "model"
+    shutil.copytree(model_dir, custom)
+    size = {"size": {"shortest_edge": RESOLUTION}, "crop_size": {"height": RESOLUTION, "width": RESOLUTION}}
+    stats = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    processor = GroupVQImageProcessor(**size, **stats)
+    processor.save_pretrained(custom)
+    out = tmp_path / "tokens"
+    _tokenize(custom, photo_folder, out)
+    model = GroupVQModel.from_pretrained(custom).eval()
+    rows = _rows(out)
+    assert len(rows) == 6  # the six photos (the broken and the tiny file are skipped)
+    for row in rows:
+        pixels = processor(Image.open(row["key"]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        assert pixels.abs().max() > 1  # outside [-1, 1]: a clamp would change them
+        with torch.no_grad():
+            assert row["tokens"] == model.encode(pixels).indices.flatten().tolist()
+
+
 @pytest.mark.parametrize("augment", list(AUGMENTATIONS))
 def test_loader_workers_send_uint8_views_that_normalise_to_the_processor_output_bit_for_bit(augment):
     """The workers send a quarter of the bytes; the device-side normalisation gives exactly the processed views, for

@@ -347,6 +347,36 @@ def _source_row(example: dict) -> dict:
     return {**row, "label": example["label"]} if "label" in example else row
 
 
+# Names that lived in this module before it was split by job (2026-12-05): still importable from here, with a
+# DeprecationWarning naming their home (and always from `groupvq_hf.data`). UNREADABLE_SHARD and row_features are
+# imported here for this module's own use.
+MOVED_NAMES = {
+    "rows": ("example_key", "example_seed", "hash_seed"),
+    "demo": ("DEMO_CROP_SCALE", "DEMO_EVAL_CROPS", "DEMO_HOLDOUT", "DEMO_MAX_SIDE", "DEMO_MIN_EVAL_SIDE", "DEMO_PHOTOS",
+             "DEMO_SHARDS", "DEMO_TRAIN_CROPS", "DEMO_URL", "demo_eval_boxes", "demo_images", "demo_regions"),
+    "decoding": ("CropPlan", "DCT_SCALES", "DecodedImage", "MIN_IMAGE_SIZE", "SkippedImage", "decode_image",
+                 "image_transform", "open_image", "plan_crop", "render_crop", "to_rgb"),
+    "stream": ("ImageStream", "SHUFFLE_BUFFER_SIZE", "build_image_dataset", "collate_examples", "collate_pixels"),
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """``groupvq_hf.data.sources.<moved name>``: the name from its new module, with a DeprecationWarning."""
+    import importlib
+    import warnings
+
+    for module, names in MOVED_NAMES.items():
+        if name in names:
+            warnings.warn(
+                f"`groupvq_hf.data.sources.{name}` moved to `groupvq_hf.data.{module}`; import it from there or from "
+                "`groupvq_hf.data`.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DataSource",
     "IMAGE_EXTENSIONS",

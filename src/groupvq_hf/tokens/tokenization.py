@@ -71,11 +71,13 @@ def image_processor_at(source: str | os.PathLike | None, resolution: int) -> Gro
 class ViewTransform:
     """A PIL RGB image -> its views (V, 3, R, R) as uint8 pixels, resized and cropped by the processor, in the order
     of ``AUGMENTATIONS[augment]``; `normalize` then maps them to the model's input (the processor's rescale and
-    normalisation, [-1, 1]) on the device.
+    normalisation: [-1, 1] with the default mean and std of 0.5) on the device.
 
     The split sends a quarter of the bytes from the loader workers (uint8, not float32) and normalises on the
-    encoder's device; ``normalize(view_transform(image))`` equals ``processor(image)`` bit for bit (an element-wise
-    subtraction and division, exact in IEEE float32 on every device), flipped and cropped per view.
+    encoder's device; ``normalize(view_transform(image))`` equals ``processor(image)`` bit for bit, flipped and
+    cropped per view (an element-wise subtraction and division: correctly rounded in float32 on CPU and CUDA; tested
+    on CPU, checked on CUDA by ``benchmarks/cuda_check.py``). Nothing is clamped: a processor with other statistics
+    gives pixels outside [-1, 1], and the tokens are those of its output as it is.
     """
 
     def __init__(self, processor: GroupVQImageProcessor, resolution: int, augment: str):
