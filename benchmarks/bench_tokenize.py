@@ -92,8 +92,9 @@ def simulated_encoder(model, ms_per_image: float):
     def encode(pixels: torch.Tensor):
         batch, _, height, width = pixels.shape
         time.sleep(ms_per_image * batch / 1000)
-        grid = (batch, height // factor, width // factor)
-        return SimpleNamespace(indices=torch.zeros(grid, dtype=torch.long), latents=torch.zeros(batch, 1, *grid[1:]))
+        grid, device = (batch, height // factor, width // factor), pixels.device
+        indices = torch.zeros(grid, dtype=torch.long, device=device)
+        return SimpleNamespace(indices=indices, latents=torch.zeros(batch, 1, *grid[1:], device=device))
 
     return encode
 
