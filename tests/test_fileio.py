@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from groupvq_hf.fileio import atomic_directory, recover_directory
+from groupvq_hf.fileio import atomic_directory, atomic_file, recover_directory
 
 
 def test_atomic_directory_replaces_whole_folder(tmp_path):
@@ -64,3 +64,17 @@ def test_replace_with_a_missing_folder_fails_at_once(tmp_path):
         replace_directory(tmp_path / ".tmp-model.gone", target)
     assert recover_directory(target) == target  # the one folder set aside comes back
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_atomic_file_replaces_the_file_on_success_and_leaves_it_on_failure(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+    with atomic_file(target) as tmp:
+        assert tmp.parent == tmp_path and not tmp.exists()
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["weights.safetensors"]

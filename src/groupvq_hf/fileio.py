@@ -1,10 +1,11 @@
-"""Folders that readers never see half-written: write into a temporary sibling, then swap it into place.
+"""Folders and files that readers never see half-written: write into a temporary sibling, then swap it into place.
 
 ``atomic_directory(path)`` yields a fresh temporary folder next to ``path``; when the block ends without an
 exception the old ``path`` (if any) is renamed aside, the new folder is renamed in, and the old one is deleted.
 A kill at any moment leaves either the old complete folder, or the new complete folder, at ``path`` (at worst
 beside a ``.old-``/``.tmp-`` sibling that the next write cleans up). An exception deletes the temporary folder and
-leaves ``path`` untouched. Renames are atomic on one POSIX file system.
+leaves ``path`` untouched. Renames are atomic on one POSIX file system. ``atomic_file(path)`` does the same for one
+file (``os.replace``: no old copy to set aside).
 """
 
 from __future__ import annotations
@@ -115,6 +116,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     replace_directory(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_file("out/w.safetensors") as tmp: save_file(tensors, tmp)``: the file at ``path`` is replaced
+    all at once when the block ends without an exception; the temporary sibling is removed in every case."""
+    path = Path(path)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def relative_import_files(module_file: str | os.PathLike) -> list[str]:
     """File names of ``module_file`` and, transitively, of every module it imports relatively (``from .x import``):
     the code a saved model folder must carry for ``trust_remote_code`` (the model files import only each other)."""
@@ -130,5 +144,5 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
-    "atomic_directory", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
+    "atomic_directory", "atomic_file", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
 ]

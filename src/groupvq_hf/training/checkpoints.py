@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_groupvq import GroupVQConfig
+from ..fileio import atomic_file
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -311,16 +312,16 @@ def check_checkpoint_files(folder: str | os.PathLike, models: list, process_inde
 
 def rename_compiled_keys(path: Path) -> None:
     """Rewrite the safetensors file ``path`` with `plain_parameter_name` keys (same tensors, same metadata), through
-    a temporary file renamed over it. Main process only, after every process has checked the checkpoint."""
+    a temporary file renamed over it (`atomic_file`). Main process only, after every process has checked the
+    checkpoint."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
         tensors = {plain_parameter_name(name): file.get_tensor(name) for name in file.keys()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # torch's zip writer reports a full disk as a RuntimeError "[enforce fail at inline_container.cc...] unexpected pos"

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_file
 from ..quantizer import RESIZE_MODES
 from .losses import PatchGANDiscriminator
 
@@ -46,14 +46,10 @@ def save_discriminator(discriminator: PatchGANDiscriminator, folder: str | os.Pa
     from safetensors.torch import save_file
 
     path = Path(folder) / DISCRIMINATOR_FILE
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{DISCRIMINATOR_FILE}")
     state = {key: value.detach().cpu().contiguous() for key, value in discriminator.state_dict().items()}
     metadata = {key: str(value) for key, value in discriminator_settings(discriminator).items()}
-    try:
+    with atomic_file(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
