@@ -120,7 +120,11 @@ def demo_dataset(split: str):
 __all__ = [
     "DEMO_CROP_SCALE",
     "DEMO_EVAL_CROPS",
+    "DEMO_HOLDOUT",
+    "DEMO_MAX_SIDE",
+    "DEMO_MIN_EVAL_SIDE",
     "DEMO_PHOTOS",
+    "DEMO_SHARDS",
     "DEMO_TRAIN_CROPS",
     "DEMO_URL",
     "demo_dataset",

@@ -347,17 +347,9 @@ def _source_row(example: dict) -> dict:
     return {**row, "label": example["label"]} if "label" in example else row
 
 
-# Names that lived in this module before it was split by job (2026-12-05): still importable from here, with a
-# DeprecationWarning naming their home (and always from `groupvq_hf.data`). UNREADABLE_SHARD and row_features are
-# imported here for this module's own use.
-MOVED_NAMES = {
-    "rows": ("example_key", "example_seed", "hash_seed"),
-    "demo": ("DEMO_CROP_SCALE", "DEMO_EVAL_CROPS", "DEMO_HOLDOUT", "DEMO_MAX_SIDE", "DEMO_MIN_EVAL_SIDE", "DEMO_PHOTOS",
-             "DEMO_SHARDS", "DEMO_TRAIN_CROPS", "DEMO_URL", "demo_eval_boxes", "demo_images", "demo_regions"),
-    "decoding": ("CropPlan", "DCT_SCALES", "DecodedImage", "MIN_IMAGE_SIZE", "SkippedImage", "decode_image",
-                 "image_transform", "open_image", "plan_crop", "render_crop", "to_rgb"),
-    "stream": ("ImageStream", "SHUFFLE_BUFFER_SIZE", "build_image_dataset", "collate_examples", "collate_pixels"),
-}  # fmt: skip
+# The modules this one was split into (2026-12-05): a public name of theirs is still importable from here, with a
+# DeprecationWarning naming its home (and always from `groupvq_hf.data`).
+SPLIT_INTO = ("rows", "demo", "decoding", "stream")
 
 
 def __getattr__(name: str):
@@ -365,15 +357,16 @@ def __getattr__(name: str):
     import importlib
     import warnings
 
-    for module, names in MOVED_NAMES.items():
-        if name in names:
+    for module in SPLIT_INTO:
+        home = importlib.import_module(f"{__package__}.{module}")
+        if name in home.__all__:
             warnings.warn(
                 f"`groupvq_hf.data.sources.{name}` moved to `groupvq_hf.data.{module}`; import it from there or from "
                 "`groupvq_hf.data`.",
                 DeprecationWarning,
                 stacklevel=2,
             )
-            return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+            return getattr(home, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
