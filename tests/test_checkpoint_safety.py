@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,11 +150,7 @@ def test_a_first_release_torch_compile_checkpoint_resumes_with_its_orig_mod_keys
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
     weights = load_file(str(path))
-    compiled = {
-        name.replace(f"{part}.", f"{part}._orig_mod.", 1) if name.split(".")[0] in ("encoder", "decoder") else name: t
-        for name, t in weights.items()
-        for part in [name.split(".")[0]]
-    }
+    compiled = {re.sub(r"^(encoder|decoder)\.", r"\1._orig_mod.", name): t for name, t in weights.items()}
     assert sum("_orig_mod" in name for name in compiled) > 10
     save_file(compiled, str(path), metadata=metadata)
     _resume(out)

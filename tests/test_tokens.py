@@ -21,6 +21,7 @@ from groupvq_hf.tokens import AUGMENTATIONS, decode_tokens, tokenize_dataset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO_ROOT / "scripts" / "tokenize_dataset.py")
 RESOLUTION = 32
+IMAGENET_STATS = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # a processor's own
 
 
 @pytest.fixture(autouse=True)
@@ -171,8 +172,7 @@ def test_a_processor_with_its_own_mean_and_std_gives_the_tokens_of_its_unclamped
     custom = tmp_path / "model"
     shutil.copytree(model_dir, custom)
     size = {"size": {"shortest_edge": RESOLUTION}, "crop_size": {"height": RESOLUTION, "width": RESOLUTION}}
-    stats = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-    processor = GroupVQImageProcessor(**size, **stats)
+    processor = GroupVQImageProcessor(**size, **IMAGENET_STATS)
     processor.save_pretrained(custom)
     out = tmp_path / "tokens"
     _tokenize(custom, photo_folder, out)
@@ -197,7 +197,7 @@ def test_loader_workers_send_uint8_views_that_normalise_to_the_processor_output_
     image = demo_images()[1]
     image.thumbnail((90, 70))
     side = int(RESOLUTION * 1.1) if augment == "ten_crop" else RESOLUTION
-    for stats in ({}, {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}):
+    for stats in ({}, IMAGENET_STATS):
         size = {"size": {"shortest_edge": RESOLUTION}, "crop_size": {"height": RESOLUTION, "width": RESOLUTION}}
         views = ViewTransform(GroupVQImageProcessor(**size, **stats), RESOLUTION, augment)
         sent = views(image)

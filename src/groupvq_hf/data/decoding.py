@@ -172,8 +172,9 @@ class SkippedImage(ValueError):
 
 
 class DecodedImage(NamedTuple):
-    """`decode_image`'s result: ``pixels`` (3, R, R) in [-1, 1], the original ``mode`` of a converted image (else
-    None), and the DCT ``scale`` a JPEG was decoded at (1: full size), None when decoded the standard way."""
+    """`decode_image`'s result: ``pixels`` (3, R, R) in [-1, 1] (with a caller's transform: what it returns, clamped to
+    [-1, 1] when float), the original ``mode`` of a converted image (else None), and the DCT ``scale`` a JPEG was
+    decoded at (1: full size), None when decoded the standard way."""
 
     pixels: torch.Tensor
     mode: str | None
