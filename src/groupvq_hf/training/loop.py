@@ -441,6 +441,15 @@ def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> Resum
     return ResumableBatches(stream, args.train_batch_size, args.dataloader_num_workers, args.seed, rank)
 
 
+def rewrite_once(accelerator, rewrite) -> None:
+    """Once every process has read the checkpoint, the main process rewrites part of it (``rewrite()``: an earlier
+    release's file in today's format), and every process waits until it has, before loading it."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rewrite()
+    accelerator.wait_for_everyone()
+
+
 def resume_training(run: TrainingRun) -> LoopState:
     """The loop's starting state: step 0, or ``run.resume`` loaded (model, EMA, discriminator, optimizers,
     schedulers, RNG; this rank's step, image counts and data position) after checking its run arguments. Warns
@@ -452,20 +461,13 @@ def resume_training(run: TrainingRun) -> LoopState:
         for warning in check_resume_arguments(run.resume, run.run_args, args.allow_resume_changes):
             logger.warning(warning)
         compiled = check_checkpoint_files(run.resume, [run.plain_model, run.plain_disc], accelerator.process_index)
-        if compiled:  # the first release's --torch_compile keys (`encoder._orig_mod.`): renamed once, then loaded
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                for path in compiled:
-                    rename_compiled_keys(path)
-                    logger.info(f"Renamed the `_orig_mod.` keys of {path} (torch.compile wrappers') to plain names.")
-            accelerator.wait_for_everyone()
+        for path in compiled:  # the first release's --torch_compile keys (`encoder._orig_mod.`): renamed, then loaded
+            rewrite_once(accelerator, functools.partial(rename_compiled_keys, path))
+            logger.info(f"Renamed the `_orig_mod.` keys of {path} (torch.compile wrappers') to plain names.")
         if run.ema is not None:
             names = ema_parameter_names(run.plain_model)
             if load_ema_state(run.ema, names, run.resume):  # the earlier release's pickle, read safely: convert it
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    convert_legacy_ema(run.ema, names, run.resume)
-                accelerator.wait_for_everyone()
+                rewrite_once(accelerator, functools.partial(convert_legacy_ema, run.ema, names, run.resume))
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
