@@ -78,3 +78,30 @@ def test_atomic_file_replaces_the_file_on_success_and_leaves_it_on_failure(tmp_p
         assert tmp.parent == tmp_path and not tmp.exists()
         tmp.write_text("new")
     assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+
+
+def test_atomic_file_of_a_single_writer_overwrites_what_a_kill_left(tmp_path):
+    target = tmp_path / "train-000.parquet"
+    left_by_a_kill = tmp_path / ".tmp-train-000.parquet"
+    left_by_a_kill.write_text("half a shard")
+    with atomic_file(target, single_writer=True) as tmp:
+        assert tmp == left_by_a_kill  # the fixed name: the rerun writes over the leftover instead of beside it
+        tmp.write_text("whole shard")
+    assert target.read_text() == "whole shard" and sorted(os.listdir(tmp_path)) == ["train-000.parquet"]
+    with atomic_file(target) as tmp:  # any other writer gets a name no one else has
+        assert tmp.name.startswith(".tmp-train-000.parquet.") and tmp.name != left_by_a_kill.name
+        tmp.write_text("another shard")
+    assert target.read_text() == "another shard" and sorted(os.listdir(tmp_path)) == ["train-000.parquet"]
+
+
+def test_npz_writer_leaves_nothing_when_its_chunks_do_not_match_the_header(tmp_path):
+    import numpy as np
+
+    from groupvq_hf.evaluation.protocols import write_npy_chunks
+
+    chunks = [np.zeros((2, 4, 4, 3), np.uint8)]
+    with pytest.raises(ValueError, match="Chunks held 2 images, the header says 3"):
+        write_npy_chunks(tmp_path / "ref.npz", (3, 4, 4, 3), chunks)
+    assert os.listdir(tmp_path) == []
+    path = write_npy_chunks(tmp_path / "ref.npz", (2, 4, 4, 3), chunks)
+    assert np.load(path, allow_pickle=False)["arr_0"].shape == (2, 4, 4, 3) and os.listdir(tmp_path) == ["ref.npz"]

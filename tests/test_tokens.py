@@ -166,7 +166,7 @@ def test_ten_crop_views_are_llamagen_crops_of_the_processed_image(model_dir, pho
 
 def test_a_processor_with_its_own_mean_and_std_gives_the_tokens_of_its_unclamped_output(model_dir, photo_folder, tmp_path):
     """A saved model whose processor uses ImageNet statistics (pixels outside [-1, 1]): the tokens are those of
-    ``processor(image)`` as it is, not clamped to [-1, 1]."""
+    ``processor(image)`` as it is, not clamped to [-1, 1], and `decode_tokens` maps pixels back with its statistics."""
     import shutil
 
     custom = tmp_path / "model"
@@ -184,6 +184,11 @@ def test_a_processor_with_its_own_mean_and_std_gives_the_tokens_of_its_unclamped
         assert pixels.abs().max() > 1  # outside [-1, 1]: a clamp would change them
         with torch.no_grad():
             assert row["tokens"] == model.encode(pixels).indices.flatten().tolist()
+    with torch.no_grad():  # decoding maps the pixels back with the same processor's mean and std
+        decoded = model.decode_indices(torch.tensor(rows[0]["tokens"]).view(1, 8, 8))
+    image = np.asarray(decode_tokens(model, rows[0]["tokens"], token_grid=[8, 8])[0])
+    assert np.array_equal(image, processor.postprocess(decoded, output_type="np")[0])
+    assert not np.array_equal(image, GroupVQImageProcessor().postprocess(decoded, output_type="np")[0])
 
 
 @pytest.mark.parametrize("augment", list(AUGMENTATIONS))
@@ -329,7 +334,9 @@ def test_kill_while_writing_then_rerun_equals_an_uninterrupted_run(model_dir, ph
     monkeypatch.setattr(datasets.Dataset, "to_parquet", to_parquet)
     before = _shards(out)
     assert len(before) == 3 and all(Path(p).name.startswith(".tmp-") for p in calls)
-    assert (out / "data" / ".tmp-train-000-000-00003.parquet").is_file()
+    half = out / "data" / ".tmp-train-000-000-00003.parquet"
+    assert calls[-1] == str(half) and not half.exists()  # the exception's cleanup removed the half-written shard
+    half.write_bytes(b"half a parquet file")  # what a real kill leaves: no cleanup runs
     assert json.loads((out / "tokenization.json").read_text())["status"] == "running"
     resumed = _tokenize(model_dir, photo_folder, out, **kwargs)
     after = _shards(out)

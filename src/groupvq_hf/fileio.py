@@ -5,7 +5,7 @@ exception the old ``path`` (if any) is renamed aside, the new folder is renamed 
 A kill at any moment leaves either the old complete folder, or the new complete folder, at ``path`` (at worst
 beside a ``.old-``/``.tmp-`` sibling that the next write cleans up). An exception deletes the temporary folder and
 leaves ``path`` untouched. Renames are atomic on one POSIX file system. ``atomic_file(path)`` does the same for one
-file (``os.replace``: no old copy to set aside).
+file (``os.replace``: no old copy to set aside); it is the one way the package replaces a file.
 """
 
 from __future__ import annotations
@@ -117,11 +117,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, single_writer: bool = False) -> Iterator[Path]:
     """``with atomic_file("out/w.safetensors") as tmp: save_file(tensors, tmp)``: the file at ``path`` is replaced
-    all at once when the block ends without an exception; the temporary sibling is removed in every case."""
+    all at once when the block ends without an exception; the temporary sibling is removed in every case but a kill.
+
+    The temporary sibling is ``.tmp-<name>.<pid>.<random>``, so concurrent writers never share one. A file that only
+    one process ever writes (``single_writer=True``: a shard of one worker, a run's record) gets the fixed name
+    ``.tmp-<name>`` instead, so a rerun after a kill overwrites what the kill left rather than adding another.
+    """
     path = Path(path)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    suffix = "" if single_writer else f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}{suffix}"
     try:
         yield tmp
         os.replace(tmp, path)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..fileio import atomic_file
 from ..image_processing_groupvq import to_uint8
 from ..quantizer import sum_across_processes
 from .metrics import (
@@ -296,20 +297,17 @@ def _part(directory: Path, name: str, rank: int) -> Path:
 def write_npy_chunks(path: str | os.PathLike, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> Path:
     """Write a ``.npz`` holding one uint8 array ``arr_0`` of ``shape`` from ``chunks`` (C-order pieces along axis 0),
     as ``numpy.savez`` lays it out (stored zip entry ``arr_0.npy``), without holding the array; atomic."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    written = 0
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
-            np.lib.format.write_array_header_2_0(entry, header)
-            for chunk in chunks:
-                entry.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
-                written += len(chunk)
-    if written != shape[0]:
-        tmp.unlink()
-        raise ValueError(f"Chunks held {written} images, the header says {shape[0]}.")
-    os.replace(tmp, path)
+    path, written = Path(path), 0
+    with atomic_file(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as entry:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_2_0(entry, header)
+                for chunk in chunks:
+                    entry.write(np.ascontiguousarray(chunk, dtype=np.uint8).tobytes())
+                    written += len(chunk)
+        if written != shape[0]:
+            raise ValueError(f"Chunks held {written} images, the header says {shape[0]}.")
     return path
 
 
@@ -361,10 +359,8 @@ def save_image_pairs(
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
         for key, image in zip(keys, images):
-            target = folder / f"{int(key):08d}.png"
-            tmp = folder / f".{target.name}.tmp{os.getpid()}"
-            Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
-            os.replace(tmp, target)
+            with atomic_file(folder / f"{int(key):08d}.png") as tmp:
+                Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
 
 
 # ------------------------------------------------------------------------------------------- ProtocolMetrics

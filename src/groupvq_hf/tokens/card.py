@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..fileio import atomic_file
+
 UPLOAD_PATTERNS = ["data/*.parquet", "README.md", "tokenization.json"]
 
 
@@ -82,9 +84,8 @@ def write_dataset_card(output_dir: str | Path, record: dict, features, location:
     # the text `DatasetCard(...).save` writes, without parsing the YAML back (0.3 s with ImageNet's 1,000 names)
     card = f"---\n{data.to_yaml()}\n---\n\n{_describe(record, location or str(output_dir))}"
     path = output_dir / "README.md"
-    tmp = path.with_name(".tmp-README.md")
-    tmp.write_text(card, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_file(path, single_writer=True) as tmp:
+        tmp.write_text(card, encoding="utf-8")
     return path
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_file
 from ..image_processing_groupvq import GroupVQImageProcessor
 from ..quantizer import RESIZE_MODES
 
@@ -117,10 +118,13 @@ def image_processor_at_size(processor: GroupVQImageProcessor, side: int) -> Grou
 
 # ---------------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil"):
+def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", image_processor=None):
     """Images from token rows: ``tokens`` is one row (``h * w`` ints, row-major, as the ``tokens`` column holds them)
     or a batch of rows; ``token_grid`` is ``[h, w]`` (``tokenization.json``; square when None). Returns a list of PIL
     images (``output_type="pil"``), or ``"np"`` / ``"pt"`` as `GroupVQImageProcessor.postprocess`.
+
+    The pixels are mapped back with ``image_processor`` (its mean and std), by default the processor saved with the
+    model (``model.name_or_path``, as `tokenize_dataset` encodes with it), else the default one.
 
     Tokens made with ``--codebook_size`` index the resized codebook: decode them with the model resized the same way
     (``model.resize_codebook(size, mode, seed)`` with the ``resize`` of ``tokenization.json``).
@@ -145,9 +149,12 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil"):
             f"`tokens` must index the codebook of {size} codes, got values in [{int(rows.min())}, {int(rows.max())}] "
             "(tokens made with --codebook_size need the model resized the same way)."
         )
+    if image_processor is None:
+        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        image_processor = image_processor_at(source or None, model.config.sample_size)
     device = next(model.parameters()).device
     images = model.decode_indices(rows.view(-1, h, w).to(device))
-    return GroupVQImageProcessor().postprocess(images.clamp(-1, 1), output_type=output_type)
+    return image_processor.postprocess(images, output_type=output_type)  # its mean and std; clamped to [0, 1] there
 
 
 def _as_int_rows(tokens):
@@ -208,9 +215,8 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
 
 
 def write_json_atomic(data: dict, path: Path) -> Path:
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path, single_writer=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -278,17 +284,15 @@ class ShardWriter:
         table = self.table()
         stats = {"num_examples": table.num_rows, "skipped": dict(sorted(self.skipped.items()))}
         write_json_atomic(stats, self.output_dir / PROGRESS_DIR / f"{name}.json")
-        final = self.output_dir / DATA_DIR / f"{name}.parquet"
-        tmp = final.with_name(f".tmp-{name}.parquet")
         bars_were_disabled = are_progress_bars_disabled()
         disable_progress_bars()  # one bar per shard is noise
         try:
-            info = datasets.DatasetInfo(features=self.features)
-            datasets.Dataset(datasets.table.InMemoryTable(table), info=info).to_parquet(str(tmp))
+            with atomic_file(self.output_dir / DATA_DIR / f"{name}.parquet", single_writer=True) as tmp:
+                info = datasets.DatasetInfo(features=self.features)
+                datasets.Dataset(datasets.table.InMemoryTable(table), info=info).to_parquet(str(tmp))
         finally:
             if not bars_were_disabled:
                 enable_progress_bars()
-        os.replace(tmp, final)
         self.chunk += 1
         self.columns = {name: [] for name in self.features}
         self.skipped = Counter()
