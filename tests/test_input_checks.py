@@ -86,3 +86,12 @@ def test_a_checkpoint_without_the_frozen_core_is_refused(make, tmp_path):
     save_file(weights, str(weights_file), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"core.*the codebook"):
         type(shell).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("make", [tiny_groupvq_model, tiny_vae])
+def test_a_checkpoint_whose_core_has_another_shape_is_refused_even_when_mismatched_sizes_are_ignored(make, tmp_path):
+    """``ignore_mismatched_sizes=True`` would leave the core an uninitialised buffer (it is never drawn on load)."""
+    shell = make()
+    shell.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"core \[\d+, \d+, \d+\] \(the model wants \[2, .*resize_codebook"):
+        type(shell).from_pretrained(tmp_path, num_groups=2, ignore_mismatched_sizes=True)

@@ -117,14 +117,27 @@ def prepare_pixels(pixels, name: str, in_channels: int, downsample_factor: int, 
     return pixels if pixels.dtype == torch.float32 else pixels.to(dtype)
 
 
-def check_loaded_cores(missing_keys, source) -> None:
-    """Raise ValueError when a loaded checkpoint lacked a quantizer core (`quantizer.core`, `quantize.core_3`, ...):
-    the frozen cores are the codebook (Eq. 7), so a freshly drawn one would silently give other codes."""
-    cores = sorted(key for key in missing_keys if re.fullmatch(r"(.+\.)?quantiz\w*\.core(_\d+)?", key))
-    if cores:
+def check_loaded_cores(loading_info: dict, source) -> None:
+    """Raise ValueError when a loaded checkpoint lacked a quantizer core (`quantizer.core`, `quantize.core_3`, ...)
+    or held one of another shape (``ignore_mismatched_sizes=True``): the frozen cores are the codebook (Eq. 7), so a
+    fresh draw, or the uninitialised buffer the loader leaves, would silently give other codes. ``loading_info`` is
+    what ``from_pretrained(..., output_loading_info=True)`` returns (transformers and diffusers alike)."""
+    is_core = re.compile(r"(.+\.)?quantiz\w*\.core(_\d+)?").fullmatch
+    missing = sorted(key for key in loading_info.get("missing_keys", ()) if is_core(key))
+    if missing:
         raise ValueError(
-            f"The checkpoint {str(source)!r} has no {', '.join(cores)}: the frozen cores are the codebook (Eq. 7), "
+            f"The checkpoint {str(source)!r} has no {', '.join(missing)}: the frozen cores are the codebook (Eq. 7), "
             "and a fresh draw would give other codes. Load a complete checkpoint."
+        )
+    mismatched = sorted(
+        (key, tuple(saved), tuple(wanted)) for key, saved, wanted in loading_info.get("mismatched_keys", ()) if is_core(key)
+    )
+    if mismatched:
+        shapes = ", ".join(f"{key} {list(saved)} (the model wants {list(wanted)})" for key, saved, wanted in mismatched)
+        raise ValueError(
+            f"The checkpoint {str(source)!r} holds {shapes}: a codebook of another size or number of groups. Load "
+            "it with the config it was saved with; for another codebook size, resize it after loading, without "
+            "training: `model.resize_codebook(new_size, mode, seed)` (Algorithm 2)."
         )
 
 

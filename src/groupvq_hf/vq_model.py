@@ -266,7 +266,7 @@ class GroupVQVAE(VQModel):
         (`groupvq_hf.shells.check_loaded_cores`, as GroupVQModel) instead of drawing new ones."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        check_loaded_cores(info.get("missing_keys", ()), pretrained_model_name_or_path)
+        check_loaded_cores(info, pretrained_model_name_or_path)
         return (model, info) if wants_info else model
 
     # ----------------------------------------------------------------------------------------- Group-VQ
