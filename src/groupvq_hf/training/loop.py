@@ -566,6 +566,21 @@ def optimisation_step(run: TrainingRun, state: LoopState, batch: dict) -> tuple[
     return logs, g_ok
 
 
+def clip_gradients(accelerator, optimizer, parameters, max_norm: float):
+    """``accelerator.clip_grad_norm_`` for the parameters of one ``optimizer``, unscaling only its gradients.
+
+    accelerate's own unscales the gradients of every prepared optimizer (its TODO in ``unscale_gradients``). Under
+    fp16 with gradient accumulation, the generator's clip then unscaled the discriminator's gradients of the earlier
+    micro-steps, the generator's ``scaler.update()`` forgot it, and the discriminator's clip unscaled them again:
+    divided by the loss scale twice (65,536), they vanished. FSDP, DeepSpeed and XLA keep accelerate's path."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    accelerator.unscale_gradients(optimizer=optimizer)
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+
 def generator_step(run: TrainingRun, state: LoopState, pixels: torch.Tensor, gan: bool):
     """Generator loss (the quantizer counts this forward's code hits for the window usage), backward and, when
     gradients sync, clip, guard and step. Returns ``(reconstruction, logs, applied)``."""
@@ -587,7 +602,7 @@ def generator_step(run: TrainingRun, state: LoopState, pixels: torch.Tensor, gan
     accelerator.backward(g_loss)
     applied = True
     if accelerator.sync_gradients:
-        g_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.clip)
+        g_norm = clip_gradients(accelerator, run.opt_g, run.model.parameters(), run.clip)
         applied = state.guard_g.check(g_norm, state.global_step, "generator gradient")
         logs["grad_norm"] = g_norm.detach().float() if torch.is_tensor(g_norm) else torch.tensor(float(g_norm))
     if applied or run.scaled:  # under fp16 the GradScaler skips an overflowing step itself and lowers its scale
@@ -607,7 +622,7 @@ def discriminator_step(run: TrainingRun, state: LoopState, pixels: torch.Tensor,
     accelerator.backward(d_loss)
     applied = True
     if accelerator.sync_gradients:
-        d_norm = accelerator.clip_grad_norm_(run.discriminator.parameters(), run.clip)
+        d_norm = clip_gradients(accelerator, run.opt_d, run.discriminator.parameters(), run.clip)
         applied = state.guard_d.check(d_norm, state.global_step, "discriminator gradient")
     if applied or run.scaled:
         run.opt_d.step()
