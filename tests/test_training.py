@@ -594,3 +594,29 @@ def test_training_goes_on_past_a_damaged_shard(tmp_path, caplog):
         )  # fmt: skip
     assert result["global_step"] == 3
     assert any(f"Skipping the unreadable shard {damaged}" in record.getMessage() for record in caplog.records)
+
+
+def test_a_schedule_resumed_on_another_number_of_processes_is_at_the_same_optimizer_step():
+    """A prepared scheduler steps once per process at each optimizer step: a 1-process checkpoint at step 3 holds
+    position 3, which a 2-process run must read as its position 6 (it used to read step 1.5 of its schedule)."""
+    from diffusers.optimization import get_scheduler
+
+    from groupvq_hf.training.checkpoints import rescale_schedule
+
+    def schedule(world, calls):
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=2 * world, num_training_steps=10 * world)
+        for _ in range(calls):
+            optimizer.step()
+            scheduler.step()
+        return optimizer, scheduler
+
+    saved_optimizer, saved = schedule(world=1, calls=3)
+    for world in (2, 3):
+        optimizer, resumed = schedule(world, calls=0)
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+        resumed.load_state_dict(saved.state_dict())
+        rescale_schedule(resumed, saved_world_size=1, world_size=world)
+        _, straight = schedule(world, calls=3 * world)
+        assert resumed.last_epoch == straight.last_epoch == 3 * world
+        assert resumed.get_last_lr() == straight.get_last_lr() and optimizer.param_groups[0]["lr"] == straight.get_last_lr()[0]

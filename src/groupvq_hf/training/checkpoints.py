@@ -421,6 +421,29 @@ def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -
 
 
 
+def saved_world_size(checkpoint: Path) -> int | None:
+    """The number of processes of the run that wrote ``checkpoint`` (its run arguments), None when not recorded."""
+    path = Path(checkpoint) / RUN_ARGS_FILE
+    return json.loads(path.read_text()).get("world_size") if path.is_file() else None
+
+
+def rescale_schedule(scheduler, saved_world_size: int, world_size: int) -> None:
+    """Move a loaded learning-rate schedule (a diffusers ``LambdaLR``) to the same optimizer step for another
+    number of processes.
+
+    A prepared scheduler steps once per process at each optimizer step, so its position (``last_epoch``) is
+    optimizer steps x the world size of the run that saved it; this run counts in its own world size. Without the
+    rescale, a run resumed on 2 processes from a 1-process checkpoint at step 2 read step 1 of its schedule (and
+    the other way round, ran past the schedule's end)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    steps = scheduler.last_epoch // saved_world_size
+    scheduler.last_epoch = steps * world_size
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 def check_optimizer_states(folder: str | os.PathLike, optimizers: list) -> None:
     """After ``accelerator.load_state``: every per-parameter tensor of each optimizer's state (Adam's ``exp_avg``,
     ``exp_avg_sq``) has its parameter's shape. A ValueError naming the file (``optimizer.bin``,
@@ -452,6 +475,8 @@ __all__ = [
     "check_checkpoint_files",
     "plain_parameter_name",
     "rename_compiled_keys",
+    "rescale_schedule",
+    "saved_world_size",
     "check_resume_arguments",
     "convert_legacy_ema",
     "disk_full_error",

@@ -46,8 +46,10 @@ from .checkpoints import (
     load_ema_state,
     load_rank_state,
     rename_compiled_keys,
+    rescale_schedule,
     resolve_resume_path,
     run_arguments,
+    saved_world_size,
     save_checkpoint,
     save_ema_state,
 )
@@ -472,6 +474,10 @@ def resume_training(run: TrainingRun) -> LoopState:
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
         check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
+        saved_world = saved_world_size(run.resume)
+        if saved_world is not None and saved_world != accelerator.num_processes:  # --allow_resume_changes world_size
+            for scheduler in (run.sched_g, run.sched_d):
+                rescale_schedule(scheduler, saved_world, accelerator.num_processes)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
         run.batches.load_state_dict(saved["data"])
