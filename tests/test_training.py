@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -312,6 +313,16 @@ def test_epoch_lengths_from_dataset_sizes(tmp_path):
     assert dataset_num_examples(str(tmp_path / "rows.parquet")) == 5
     with pytest.raises(ValueError, match="less than one step"):
         steps_per_epoch(parse_args(["--dataset", str(tmp_path / "rows.parquet"), "--num_epochs", "1"]), world_size=1)
+    # loader workers: each drops its own partial batch, and a one-file dataset feeds one worker only
+    capped = ["--num_epochs", "2", "--max_train_samples", "6", "--train_batch_size", "4"]
+    for workers, steps in ((0, 1), (2, 2), (3, 3)):  # the demo's 64 shards: every worker yields one batch of 4
+        assert steps_per_epoch(parse_args([*capped, "--dataloader_num_workers", str(workers)]), world_size=1) == steps
+    datasets.Dataset.from_dict({"image": blobs * 2}, features=features).to_parquet(str(tmp_path / "ten.parquet"))
+    one_file = ["--dataset", str(tmp_path / "ten.parquet"), "--num_epochs", "1", "--train_batch_size", "3"]
+    assert steps_per_epoch(parse_args([*one_file, "--dataloader_num_workers", "2"]), world_size=1) == 3  # not 2 x 1
+    stream = build_image_dataset(str(tmp_path / "ten.parquet"), resolution=32, seed=7)
+    epoch = ResumableBatches(stream, 3, num_workers=2, seed=7)
+    assert sum(1 for _ in itertools.takewhile(lambda _: epoch.epoch == 0, epoch)) == 3  # what the loader yields
 
 
 def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path, capsys):

@@ -95,7 +95,23 @@ def dataset_num_examples(dataset: str, split: str = "train", network: bool = Tru
         return None
 
 
+def dataset_num_shards(dataset: str, split: str = "train", image_column: str | None = None) -> int | None:
+    """Shards of the stream of a local dataset or the demo (files; ``datasets`` deals them to loader workers and
+    stops the workers beyond their number), None for other sources (named, Hub or mixed: not read here)."""
+    from ..data.sources import SOURCES, load_image_source, parse_dataset_spec
+
+    parts = parse_dataset_spec(dataset)
+    if len(parts) != 1:
+        return None
+    name = parts[0][0]
+    source = SOURCES.get(name)
+    if name != "demo" and not Path(source.location() if source is not None else name).expanduser().exists():
+        return None
+    return load_image_source(name, split, image_column).num_shards
+
+
 __all__ = [
     "KNOWN_DATASET_SIZES",
     "dataset_num_examples",
+    "dataset_num_shards",
 ]

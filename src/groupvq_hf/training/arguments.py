@@ -7,7 +7,7 @@ import argparse
 import os
 
 from ..configuration_groupvq import PRESETS, GroupVQConfig
-from ..data.sizing import dataset_num_examples
+from ..data.sizing import dataset_num_examples, dataset_num_shards
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 from .checkpoints import RESUME_CHANGES_ALWAYS_ALLOWED
 from .finetune import add_init_arguments, check_init_arguments
@@ -289,8 +289,11 @@ def check_resolution(config: GroupVQConfig, resolution: int) -> None:
 
 
 def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
-    """Optimizer steps in one epoch: the dataset's size (capped by ``--max_train_samples`` per process and loader
-    worker) // (batch x processes) // accumulation. ValueError when the size is unknown or too small."""
+    """Optimizer steps in one epoch: each loader worker of a process that gets shards (``datasets`` deals a
+    process's shards to its workers) reads its share of the process's rows (an even split), capped by
+    ``--max_train_samples``, and drops its last partial batch; the batches of all workers // accumulation. Exact
+    when the shares are even; unequal shards make it an estimate, off by less than one batch per worker.
+    ValueError when the size is unknown or too small."""
     size = dataset_num_examples(args.dataset, args.dataset_split)
     if size is None:
         raise ValueError(
@@ -298,10 +301,14 @@ def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
             f"{args.dataset_split!r}) to decay the learning-rate schedule over the run, and it is not known without "
             "reading the whole stream; give `--max_train_steps` instead (or as well)."
         )
-    per_process = size // world_size
+    per_process, workers = size // world_size, max(1, args.dataloader_num_workers)
+    shards = dataset_num_shards(args.dataset, args.dataset_split, args.image_column) if workers > 1 else None
+    if shards is not None:  # split_dataset_by_node deals whole shards to processes only when they divide evenly
+        workers = min(workers, shards // world_size if shards % world_size == 0 else shards)
+    shares = [per_process // workers + (worker < per_process % workers) for worker in range(workers)]
     if args.max_train_samples is not None:
-        per_process = min(per_process, args.max_train_samples * max(1, args.dataloader_num_workers))
-    steps = per_process // args.train_batch_size // args.gradient_accumulation_steps
+        shares = [min(share, args.max_train_samples) for share in shares]
+    steps = sum(share // args.train_batch_size for share in shares) // args.gradient_accumulation_steps
     if steps < 1:
         raise ValueError(
             f"`--dataset` {args.dataset!r} has {size} images in split {args.dataset_split!r}: less than one step of "
