@@ -189,6 +189,16 @@ def test_arguments_and_model_config(tmp_path):
         parse_args(["--dataset", "imagenet"])
     with pytest.raises(ValueError, match="--train_batch_size"):
         parse_args(["--train_batch_size", "0"])
+    for flag, value, expected in (
+        ("--disc_learning_rate", "-1", ">= 0"), ("--adam_weight_decay", "nan", ">= 0"), ("--adam_beta1", "1.5", r"\[0, 1\)"),
+        ("--adam_beta2", "-0.1", r"\[0, 1\)"), ("--shuffle_buffer_size", "0", ">= 1"), ("--max_nonfinite_steps", "0", ">= 1"),
+        ("--lr_scheduler", "bogus", "one of linear, cosine"), ("--lr_scheduler", "piecewise_constant", "one of"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=f"`{flag}` .*{expected}"):
+            parse_args([flag, value])
+    with pytest.raises(ValueError, match="`--lr_warmup_steps` 10 has no effect with `--lr_scheduler constant`"):
+        parse_args(["--lr_warmup_steps", "10"])  # diffusers' constant schedule ignores a warm-up
+    assert parse_args(["--lr_warmup_steps", "10", "--lr_scheduler", "constant_with_warmup"]).lr_warmup_steps == 10
     config = resolve_model_config("tiny", 32)
     assert config.sample_size == 32 and config.codebook_size == 256
     config.to_json_file(str(tmp_path / "config.json"))

@@ -228,9 +228,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):  # fmt: skip
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
-    for name in ("perceptual_weight", "disc_weight", "commitment_weight", "max_grad_norm", "learning_rate"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"`--{name}` must be >= 0, got {getattr(args, name)}.")
+    for name in ("shuffle_buffer_size", "max_nonfinite_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1, got {getattr(args, name)}.")
+    for name in (
+        "perceptual_weight", "disc_weight", "commitment_weight", "max_grad_norm", "learning_rate", "disc_learning_rate",
+        "adam_weight_decay",
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and not value >= 0:  # NaN fails too
+            raise ValueError(f"`--{name}` must be >= 0, got {value}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
+    check_schedule(args.lr_scheduler, args.lr_warmup_steps)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1), got {args.ema_decay}.")
     if args.max_train_steps is None and args.num_epochs is None:
@@ -261,6 +272,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     args.allow_resume_changes = ",".join(allowed)
     return args
+
+
+def check_schedule(name: str, warmup_steps: int) -> None:
+    """ValueError unless ``--lr_scheduler`` is a diffusers schedule this script can build (``piecewise_constant``
+    needs step rules it has no flag for), and ``--lr_warmup_steps`` is 0 for a schedule without warm-up
+    (diffusers' ``constant`` ignores it: use ``constant_with_warmup``)."""
+    from diffusers.optimization import SchedulerType
+
+    names = [kind.value for kind in SchedulerType if kind != SchedulerType.PIECEWISE_CONSTANT]
+    if name not in names:
+        raise ValueError(f"`--lr_scheduler` must be one of {', '.join(names)}; got {name!r}.")
+    if name == "constant" and warmup_steps:
+        raise ValueError(
+            f"`--lr_warmup_steps` {warmup_steps} has no effect with `--lr_scheduler constant`; use "
+            "`--lr_scheduler constant_with_warmup` for a constant rate after a warm-up."
+        )
 
 
 def resolve_model_config(model_config: str, resolution: int) -> GroupVQConfig:
@@ -324,6 +351,7 @@ __all__ = [
     "build_parser",
     "parse_args",
     "check_resolution",
+    "check_schedule",
     "resolve_model_config",
     "steps_per_epoch",
 ]
