@@ -18,7 +18,7 @@ from hub_server import HubServer, HubUser
 from safetensors.torch import load_file
 from test_training import TINY_RUN
 
-from groupvq_hf import GroupVQModel, GroupVQVAE
+from groupvq_hf import GroupVQConfig, GroupVQModel, GroupVQVAE
 from groupvq_hf.training import DISCRIMINATOR_FILE, freeze_parts, load_discriminator, parse_args
 from groupvq_hf.training.losses import PatchGANDiscriminator
 
@@ -307,3 +307,17 @@ def test_init_from_settings_that_disagree_are_named(base, tmp_path):
     result = _train(tmp_path / "d", "--init_from", str(base), "--model_config", "tiny", "--no_init_discriminator",
                     "--disc_channels", "16", "--max_train_steps", "1", "--disc_start", "5")  # fmt: skip
     assert load_discriminator(Path(result["model_dir"]) / DISCRIMINATOR_FILE).base_channels == 16
+
+
+def test_fine_tuning_at_another_resolution_exports_that_resolution(base, tmp_path):
+    """A convolutional model fine-tuned at 64 px exports ``sample_size`` 64 and a 64 px image processor (it exported
+    the loaded 32); a ViT, whose stored position embeddings cover its ``sample_size`` grid, is refused."""
+    run = [a if a != "32" else "64" for a in RUN]  # --resolution 64
+    train_in_process(["--output_dir", str(tmp_path / "ft"), *run, "--init_from", str(base), "--max_train_steps", "1"])
+    out = tmp_path / "ft" / "model"
+    config, processor = (json.loads((out / name).read_text()) for name in ("config.json", "preprocessor_config.json"))
+    assert config["sample_size"] == 64 and processor["crop_size"] == {"height": 64, "width": 64}
+    vit = tmp_path / "vit"
+    GroupVQModel(GroupVQConfig.from_preset("vit-tiny", sample_size=32)).save_pretrained(vit)
+    with pytest.raises(ValueError, match="`--resolution` 64 differs from the ViT's `sample_size` 32"):
+        train_in_process(["--output_dir", str(tmp_path / "ft-vit"), *run, "--init_from", str(vit), "--max_train_steps", "1"])

@@ -365,8 +365,16 @@ def initial_config(args: argparse.Namespace) -> tuple[GroupVQConfig, InitWeights
         return resolve_model_config(args.model_config, args.resolution), None
     given = None if args.model_config is None else resolve_model_config(args.model_config, args.resolution)
     init = load_initial_weights(args, given)
-    check_resolution(init.model.config, args.resolution)
-    return init.model.config, init
+    config = init.model.config
+    check_resolution(config, args.resolution)
+    if config.sample_size != args.resolution:  # the export's image processor (and card) follow sample_size
+        if config.backbone == "vit":
+            raise ValueError(
+                f"`--resolution` {args.resolution} differs from the ViT's `sample_size` {config.sample_size}, the grid "
+                f"its stored position embeddings cover: fine-tune it at `--resolution {config.sample_size}`."
+            )
+        config.sample_size = args.resolution  # convolutional backbones: no weight depends on it
+    return config, init
 
 
 def build_models(args: argparse.Namespace, config: GroupVQConfig, device, init: InitWeights | None = None):
