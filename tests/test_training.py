@@ -641,3 +641,18 @@ def test_a_schedule_resumed_on_another_number_of_processes_is_at_the_same_optimi
         _, straight = schedule(world, calls=3 * world)
         assert resumed.last_epoch == straight.last_epoch == 3 * world
         assert resumed.get_last_lr() == straight.get_last_lr() and optimizer.param_groups[0]["lr"] == straight.get_last_lr()[0]
+
+
+def test_the_discriminator_schedule_spans_the_steps_it_trains_and_ends_with_the_run(tmp_path):
+    """The discriminator steps from --disc_start on: its schedule (warm-up included) spans those steps, so both
+    schedules end at 0 with the run (the discriminator's used to stop at its peak rate)."""
+    _train(
+        tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "6", "--lr_scheduler", "linear",
+        "--lr_warmup_steps", "2", "--disc_start", "4", "--num_validation_usage_images", "0",
+    )  # fmt: skip
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-6"
+    generator, discriminator = (
+        torch.load(checkpoint / name, weights_only=True) for name in ("scheduler.bin", "scheduler_1.bin")
+    )
+    assert (generator["last_epoch"], discriminator["last_epoch"]) == (6, 2)
+    assert generator["_last_lr"][0] == discriminator["_last_lr"][0] == 0.0

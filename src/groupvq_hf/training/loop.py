@@ -424,18 +424,21 @@ def build_optimizers(args: argparse.Namespace, model, discriminator) -> tuple[to
 
 
 def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> list:
-    """One diffusers ``--lr_scheduler`` per optimizer over ``--max_train_steps`` (counted in scheduler calls: a
-    prepared scheduler steps once per process)."""
+    """One diffusers ``--lr_scheduler`` per optimizer (generator, discriminator), counted in scheduler calls (a
+    prepared scheduler steps once per process). The generator's spans ``--max_train_steps``; the discriminator's
+    spans the steps it trains, from ``--disc_start`` on (it steps only then), so its warm-up starts with it and it
+    ends with the run."""
     from diffusers.optimization import get_scheduler
 
+    spans = (args.max_train_steps, max(1, args.max_train_steps - args.disc_start))
     return [
         get_scheduler(
             args.lr_scheduler,
             opt,
             num_warmup_steps=args.lr_warmup_steps * world_size,
-            num_training_steps=args.max_train_steps * world_size,
+            num_training_steps=steps * world_size,
         )
-        for opt in optimizers
+        for opt, steps in zip(optimizers, spans)
     ]
 
 
