@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 from .quantizer import (
     PROJECTORS,
     check_core_std,
+    check_number,
     check_positive_int,
     check_trained_group_sizes,
     default_core_std,
@@ -17,6 +18,8 @@ from .quantizer import (
 )
 
 BACKBONES = ("vqgan", "vit", "simvq")
+# Uniform groups when neither `num_groups` nor `group_sizes` is given: the paper's ImageNet setting.
+DEFAULT_NUM_GROUPS = 64
 
 
 # The paper's settings (section 4.1, Table 1). Use with ``GroupVQConfig.from_preset(name)``.
@@ -100,8 +103,9 @@ def check_vit_settings(
             f"`sample_size`={image_size} must be divisible by `patch_size`={patch_size} "
             "(the position embeddings cover the sample_size / patch_size grid)."
         )
-    if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
-        raise ValueError(f"`mlp_ratio` must be a positive number, got {mlp_ratio!r}.")
+    check_number("mlp_ratio", mlp_ratio, strict=True)
+    if int(hidden_size * mlp_ratio) < 1:
+        raise ValueError(f"`mlp_ratio`={mlp_ratio!r} leaves the MLP no unit: `hidden_size` * `mlp_ratio` must be >= 1.")
 
 
 @strict
@@ -113,7 +117,9 @@ class GroupVQConfig(PreTrainedConfig):
 
     Args:
         codebook_size (`int`): total number of codes n.
-        num_groups (`int`): number of groups k (1 = SimVQ, n = vanilla VQ); uniform groups of n/k codes.
+        num_groups (`int`, *optional*): number of groups k (1 = SimVQ, n = vanilla VQ); uniform groups of n/k codes.
+            Defaults to 64 (`DEFAULT_NUM_GROUPS`), or with `group_sizes` to their number; given beside `group_sizes`,
+            it must be that number (or 1, the quantizer's default): another value raises.
         codebook_dim (`int`): code dimension d (channels of the quantised latent).
         codebook_rank (`int`, *optional*): rank r of every group's core; defaults to `codebook_dim`.
         group_sizes (`list[int]`, *optional*): heterogeneous group sizes n_j (Algorithm 1), summing to `codebook_size`.
@@ -148,7 +154,7 @@ class GroupVQConfig(PreTrainedConfig):
     model_type = "groupvq"
 
     codebook_size: int = 65536
-    num_groups: int = 64
+    num_groups: int | None = None
     codebook_dim: int = 128
     codebook_rank: int | None = 128
     group_sizes: list[int] | tuple[int, ...] | None = None
@@ -183,20 +189,22 @@ class GroupVQConfig(PreTrainedConfig):
         for name in ("codebook_dim", "norm_num_groups", "in_channels", "out_channels", "latent_channels",
                      "layers_per_block", "sample_size"):  # fmt: skip
             check_positive_int(name, getattr(self, name))
-        if self.group_sizes is not None:
-            self.group_sizes = [int(s) for s in self.group_sizes]
-            self.num_groups = len(self.group_sizes)  # heterogeneous groups: the list decides
-        sizes, _ = resolve_groups(
+        if self.num_groups is None and self.group_sizes is None:
+            self.num_groups = DEFAULT_NUM_GROUPS
+        # the quantizer's rules (GroupVQVAE's too): entries checked as given, a contradicting `num_groups` refused
+        sizes, ranks = resolve_groups(
             self.codebook_size, self.num_groups, self.codebook_rank, self.group_sizes, self.group_ranks, self.codebook_dim
         )
-        if self.trained_group_sizes is not None:  # the rule GroupVQVAE applies too
-            self.trained_group_sizes = check_trained_group_sizes([int(t) for t in self.trained_group_sizes], sizes)
+        self.num_groups = len(sizes)
+        if self.group_sizes is not None:
+            self.group_sizes = sizes
         if self.group_ranks is not None:
-            self.group_ranks = [int(r) for r in self.group_ranks]
+            self.group_ranks = ranks
+        self.trained_group_sizes = check_trained_group_sizes(self.trained_group_sizes, sizes)
         if self.projector not in PROJECTORS:
             raise ValueError(f"`projector` must be one of {PROJECTORS}, got {self.projector!r}.")
-        if isinstance(self.commitment_beta, bool) or not isinstance(self.commitment_beta, (int, float)) or self.commitment_beta < 0:
-            raise ValueError(f"`commitment_beta` must be a number >= 0, got {self.commitment_beta!r}.")
+        self.commitment_beta = check_number("commitment_beta", self.commitment_beta)
+        self.scaling_factor = check_number("scaling_factor", self.scaling_factor, strict=True)
         self.core_std = default_core_std(self.codebook_dim) if self.core_std is None else check_core_std(self.core_std)
         if not self.block_out_channels or not all(is_positive_int(c) for c in self.block_out_channels):
             raise ValueError(f"`block_out_channels` must be a non-empty list of positive ints, got {self.block_out_channels!r}.")
@@ -214,6 +222,12 @@ class GroupVQConfig(PreTrainedConfig):
                 )
         if self.backbone not in BACKBONES:
             raise ValueError(f"`backbone` must be one of {BACKBONES}, got {self.backbone!r}.")
+        if self.backbone != "vit" and self.sample_size % self.downsample_factor:  # vit: check_vit_settings
+            raise ValueError(
+                f"`sample_size`={self.sample_size} must be divisible by the downsampling factor {self.downsample_factor} "
+                f"of backbone={self.backbone!r} (2 ** (len(block_out_channels) - 1)): the image processor crops images "
+                "to `sample_size` and the encoder takes only multiples of the factor."
+            )
         if self.backbone == "vit":
             check_vit_settings(
                 self.sample_size, self.patch_size, self.hidden_size, self.num_hidden_layers,
@@ -266,7 +280,10 @@ class GroupVQConfig(PreTrainedConfig):
         "vit-imagenet-16", "vit-tiny", "simvq-imagenet", "simvq-coco" or "simvq-tiny"."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        preset = dict(PRESETS[name])
+        if overrides.get("group_sizes") is not None:  # the caller's list decides the number of groups
+            preset.pop("num_groups", None)
+        return cls(**{**preset, **overrides})
 
 
 GroupVQConfig.register_for_auto_class()

@@ -48,11 +48,21 @@ def default_core_std(codebook_dim: int) -> float:
     return float(codebook_dim) ** -0.5
 
 
+def check_number(name: str, value, low: float = 0.0, strict: bool = False, high: float = math.inf, note: str = "") -> float:
+    """``value`` as a float when it is a finite real number (not a bool) >= ``low`` (> ``low`` if ``strict``) and
+    <= ``high``, else a ValueError naming ``name``: the one rule of the float hyperparameters (NaN and inf refused)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < low or (strict and value == low) or value > high):  # fmt: skip
+        bounds = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"`{name}` must be a number {bounds}, finite (not NaN or inf){note}, got {value!r}.")
+    return float(value)
+
+
 def check_core_std(core_std) -> float:
-    """A positive finite float, or a ValueError naming `core_std`."""
-    if isinstance(core_std, bool) or not isinstance(core_std, numbers.Real) or not math.isfinite(core_std) or core_std <= 0:
-        raise ValueError(f"`core_std` must be a positive finite float (std of the frozen core's N(0, core_std^2)), got {core_std!r}.")
-    return float(core_std)
+    """``core_std`` as a float in float32's normal range (the cores' dtype: a smaller std draws all-zero cores, a
+    larger one inf), or a ValueError naming `core_std`."""
+    f32 = torch.finfo(torch.float32)
+    return check_number("core_std", core_std, f32.tiny, high=f32.max, note=" (std of the frozen core's N(0, core_std^2))")
 
 
 def _is_int(value) -> bool:
@@ -89,9 +99,11 @@ def resolve_groups(
         sizes = list(group_sizes)
         if not sizes or not all(_is_int(s) and s > 0 for s in sizes):
             raise ValueError(f"`group_sizes` must be a non-empty list of positive ints, got {group_sizes!r}.")
-        if num_groups is not None and num_groups not in (1, len(sizes)):
+        sizes = [int(s) for s in sizes]
+        if num_groups is not None and (not _is_int(num_groups) or num_groups not in (1, len(sizes))):
             raise ValueError(
-                f"`group_sizes` has {len(sizes)} entries but `num_groups`={num_groups}; they must agree."
+                f"`group_sizes` has {len(sizes)} entries but `num_groups`={num_groups!r}; they must agree "
+                "(or leave `num_groups` unset)."
             )
         if sum(sizes) != codebook_size:
             raise ValueError(
@@ -117,6 +129,7 @@ def resolve_groups(
             )
         if not all(_is_int(r) and r > 0 for r in ranks):
             raise ValueError(f"`group_ranks` must be positive ints, got {group_ranks!r}.")
+        ranks = [int(r) for r in ranks]
     else:
         rank = codebook_dim if codebook_rank is None else codebook_rank
         if not _is_int(rank) or rank < 1:
@@ -287,17 +300,18 @@ def usage_statistics(
 
 
 def check_trained_group_sizes(trained: Sequence[int] | None, group_sizes: Sequence[int]) -> list[int] | None:
-    """`trained_group_sizes` as a list: one count per group with 0 <= count <= group size, else ValueError."""
+    """`trained_group_sizes` as a list of ints: one integer count per group (Python or numpy ints, no bools or
+    floats) with 0 <= count <= group size, else ValueError."""
     if trained is None:
         return None
     counts = list(trained)
-    valid = all(isinstance(t, int) and not isinstance(t, bool) for t in counts)
+    valid = all(_is_int(t) for t in counts)
     if not valid or len(counts) != len(group_sizes) or any(not 0 <= t <= n for t, n in zip(counts, group_sizes)):
         raise ValueError(
             f"`trained_group_sizes` needs one count per group with 0 <= count <= group size {list(group_sizes)}, "
             f"got {trained!r}."
         )
-    return counts
+    return [int(t) for t in counts]
 
 
 
@@ -355,12 +369,11 @@ class GroupVectorQuantizer(nn.Module):
             raise ValueError(f"`codebook_dim` must be a positive int, got {codebook_dim!r}.")
         if projector not in PROJECTORS:
             raise ValueError(f"`projector` must be one of {PROJECTORS}, got {projector!r}.")
-        if not isinstance(commitment_beta, (int, float)) or commitment_beta < 0:
-            raise ValueError(f"`commitment_beta` must be a non-negative float, got {commitment_beta!r}.")
+        commitment_beta = check_number("commitment_beta", commitment_beta)
         sizes, ranks = resolve_groups(codebook_size, num_groups, codebook_rank, group_sizes, group_ranks, codebook_dim)
         self.codebook_dim = codebook_dim
         self.projector = projector
-        self.commitment_beta = float(commitment_beta)
+        self.commitment_beta = commitment_beta
         self.core_std = default_core_std(codebook_dim) if core_std is None else check_core_std(core_std)
         self.check_finite = True  # raise on NaN/inf latents (one reduction per forward); False skips the check
         self.track_usage: bool | None = False  # count only inside counting_usage() (see the class docstring)

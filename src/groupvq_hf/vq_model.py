@@ -65,7 +65,8 @@ class GroupVQVAE(VQModel):
     `vq_embed_dim` the code dimension d, defaulting to `latent_channels`), plus:
 
     Parameters:
-        num_groups (`int`, defaults to 1): number of uniform groups k (1 = SimVQ, n = vanilla VQ).
+        num_groups (`int`, defaults to 1): number of uniform groups k (1 = SimVQ, n = vanilla VQ); with `group_sizes`,
+            1 or their number (another value raises).
         codebook_rank (`int`, *optional*): rank r of every group's frozen core; defaults to the code dimension.
         group_sizes (`list[int]`, *optional*): heterogeneous group sizes n_j (Algorithm 1), summing to
             `num_vq_embeddings`.
@@ -130,8 +131,6 @@ class GroupVQVAE(VQModel):
         code_dim = latent_channels if vq_embed_dim is None else vq_embed_dim
         try:
             arguments = quantizer_arguments(locals())  # QUANTIZER_CONFIG_KEYS, as GroupVQModel passes them
-            if group_sizes is not None:
-                arguments["num_groups"] = len(group_sizes)  # heterogeneous groups: the list decides
             quantize = GroupVectorQuantizer(num_vq_embeddings, code_dim, **arguments)
         except ValueError as err:
             raise ValueError(
