@@ -29,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..fileio import atomic_file
 from ..quantizer import (
     check_positive_int,
     code_counts,
@@ -697,16 +698,17 @@ def analyze_codebook(
 
 
 def save_analysis(analysis: CodebookAnalysis, output_dir: str | os.PathLike, dpi: int = 100) -> dict[str, str]:
-    """Write every figure as ``<name>.png`` and the numbers as ``codebook_analysis.json``; returns name -> path."""
+    """Write every figure as ``<name>.png`` and the numbers as ``codebook_analysis.json`` (each file atomically);
+    returns name -> path."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {}
     for name, fig in analysis.figures.items():
         paths[name] = os.path.join(output_dir, f"{name}.png")
-        with open(paths[name], "wb") as f:
-            f.write(figure_to_png(fig, dpi))
+        with atomic_file(paths[name]) as tmp:
+            tmp.write_bytes(figure_to_png(fig, dpi))
     paths["json"] = os.path.join(output_dir, JSON_NAME)
-    with open(paths["json"], "w") as f:
-        json.dump(analysis.stats, f, indent=1, allow_nan=False)
+    with atomic_file(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(analysis.stats, indent=1, allow_nan=False))
     return paths
 
 

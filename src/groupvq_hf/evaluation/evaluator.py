@@ -16,12 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_file
 from ..hub.cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
 from ..quantizer import RESIZE_MODES, check_positive_int, sum_across_processes
 from .metrics import (
@@ -136,13 +138,15 @@ def evaluate_model(
     ``rfid`` (``lpips_alex_weights``: its AlexNet backbone); ``adm`` writes ``references.npz`` and
     ``reconstructions.npz`` to ``npz_dir`` (their paths under ``"npz"``). ``save_images``: a folder for the
     reference / reconstruction PNG pairs. Images are keyed by their stream rows (batches of
-    [`build_eval_dataloader`]) or, for plain tensors, by their order in this process.
+    [`build_eval_dataloader`]) or, for plain tensors, by their order interleaved over processes (the i-th image
+    of process r: ``i * num_processes + r``), so keys and PNG names never collide across processes.
     """
     from tqdm.auto import tqdm
 
     names = parse_metrics(metrics, protocol)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     show = progress and (accelerator is None or accelerator.is_local_main_process)
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     recon_names = [m for m in names if m != "codebook_usage"]
     recon = ProtocolMetrics(
         protocol, recon_names, device=device, lpips_weights=lpips_weights, inception_weights=inception_weights,
@@ -185,7 +189,8 @@ def evaluate_model(
                 pixels = pixels.to(device)
                 out = model(pixels)
                 if recon is not None:
-                    keys = [rows[i] for i in keep] if info else range(num_images, num_images + len(keep))
+                    local = range(num_images, num_images + len(keep))
+                    keys = [rows[i] for i in keep] if info else [i * world_size + rank for i in local]
                     recon.add_batch(pixels, out.reconstruction.clamp(-1, 1), keys)
                 usage.add_batch(predictions=out.indices)
                 num_images += pixels.shape[0]
@@ -233,7 +238,8 @@ def write_json(data, path: str | os.PathLike) -> Path:
     """Write ``data`` as indented JSON (non-finite floats as ``Infinity``/``NaN``, as Python's json reads them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -247,6 +253,12 @@ def update_model_card(card_path: str | os.PathLike, results: dict, model_name: s
     new = model_index_entries(results)
     if card_path.is_file():
         card = ModelCard.load(card_path)
+        head, _, rest = card.text.partition("\n")
+        if head.strip() == "---" and not re.search(r"^---\s*$", rest, flags=re.MULTILINE):  # kept as text: not metadata
+            raise ValueError(
+                f"`card_path` {card_path} starts a YAML front matter block with '---' but never closes it (a "
+                "truncated file?); repair or remove it: its `model-index` would be lost."
+            )
     else:
         card = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n")
     data = card.data
@@ -259,7 +271,8 @@ def update_model_card(card_path: str | os.PathLike, results: dict, model_name: s
     data.eval_results = [e for e in old if key(e) not in replaced] + new
     data.model_name = data.model_name or model_name or card_path.parent.name or "groupvq"
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    card.save(card_path)
+    with atomic_file(card_path) as tmp:  # a kill mid-write leaves the old card, not a truncated one
+        card.save(tmp)
     return card_path
 
 
@@ -378,7 +391,8 @@ def plot_resize_study(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -606,7 +620,8 @@ def run_resize_study(args, accelerator=None) -> dict:
         }
         paths["json"] = write_json({**context, "rows": rows}, out / "resize_study.json")
         paths["markdown"] = out / "resize_study.md"
-        paths["markdown"].write_text(resize_study_markdown(rows) + "\n", encoding="utf-8")
+        with atomic_file(paths["markdown"]) as tmp:
+            tmp.write_text(resize_study_markdown(rows) + "\n", encoding="utf-8")
         if "rfid" in names or "psnr" in names:
             paths["plot"] = plot_resize_study(rows, out / "resize_study.png")
     accelerator.wait_for_everyone()

@@ -88,12 +88,26 @@ def to_unit_images(images, name: str = "images") -> torch.Tensor:
         raise ValueError(f"`{name}` must be float in [-1, 1] or uint8, got dtype {images.dtype}.")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"float `{name}` must be (N, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}.")
-    if images.numel() and (images.min() < -2 or images.max() > 2):
+    check_image_values(images, name)
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def check_image_values(images: torch.Tensor, name: str = "images") -> None:
+    """A ValueError naming ``name`` when float ``images`` hold NaN / inf (they would be dropped from the means,
+    not counted as failures) or values far outside [-1, 1]; one read-back per call."""
+    if not images.numel() or not images.is_floating_point():
+        return
+    low, high = torch.stack(torch.aminmax(images)).float().tolist()  # NaN propagates through min and max
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(
-            f"float `{name}` must be in [-1, 1], got values in [{float(images.min()):.3g}, {float(images.max()):.3g}]"
+            f"`{name}` holds NaN/inf values (got values in [{low}, {high}]); every image must be finite "
+            "(e.g. a half-precision overflow in the decoder)."
+        )
+    if low < -2 or high > 2:
+        raise ValueError(
+            f"float `{name}` must be in [-1, 1], got values in [{low:.3g}, {high:.3g}]"
             " (images in [0, 255] must be passed as uint8 (N, H, W, 3))."
         )
-    return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def check_metric_names(metrics, allowed: Sequence[str] = RECONSTRUCTION_METRICS) -> tuple[str, ...]:
@@ -297,8 +311,8 @@ class ReconstructionMetrics(evaluate.Metric):
             raise ValueError(f"Unexpected arguments {sorted(kwargs)} for ReconstructionMetrics.compute.")
         if metrics is not None:
             metrics = check_metric_names(metrics)
-            if self.num_images == 0:
-                self.metrics = metrics  # nothing accumulated yet: accumulate only what is asked for
+            if self._total_images() == 0:  # nothing accumulated on any process: accumulate only what is asked for
+                self.metrics = metrics  # (decided on the sum, so every rank keeps the same states for the collectives)
             elif set(metrics) - set(self.metrics):
                 raise ValueError(
                     f"`metrics` {list(metrics)} asks for metrics that were not accumulated ({list(self.metrics)}); "
@@ -307,7 +321,7 @@ class ReconstructionMetrics(evaluate.Metric):
         if predictions is not None or references is not None:
             self.add_batch(predictions=predictions, references=references)
         names = metrics or self.metrics
-        num_images = int(sum_across_processes(torch.tensor(self.num_images, dtype=torch.float64)))
+        num_images = self._total_images()
         if num_images == 0:
             raise ValueError("No images were added: call add_batch(predictions=..., references=...) first.")
         device = self.device or self._batch_device
@@ -318,6 +332,10 @@ class ReconstructionMetrics(evaluate.Metric):
                 results[name] = value
         results["num_images"] = num_images
         return results
+
+    def _total_images(self) -> int:
+        """Images added on all processes (a collective)."""
+        return int(sum_across_processes(torch.tensor(self.num_images, dtype=torch.float64)))
 
 
 # -------------------------------------------------------------------------------------------- CodebookUsage
@@ -398,6 +416,7 @@ __all__ = [
     "FrechetDistance",
     "RECONSTRUCTION_METRICS",
     "ReconstructionMetrics",
+    "check_image_values",
     "frechet_distance",
     "to_unit_images",
     "trace_sqrt_product",

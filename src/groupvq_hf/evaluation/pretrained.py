@@ -20,6 +20,8 @@ from unittest import mock
 import torch
 from torch import nn
 
+from ..fileio import atomic_file
+
 # torchvision's VGG16 ImageNet weights (``VGG16_Weights.IMAGENET1K_V1``), the backbone of LPIPS(VGG16).
 VGG16_WEIGHTS_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 # LPIPS(VGG) cuts VGG16 ``features`` after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (slice1..slice5).
@@ -224,7 +226,8 @@ def save_lpips_weights(
         state = {k: v.to(dtype) for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -343,7 +346,8 @@ def save_pytorch_fid_inception_weights(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -431,7 +435,8 @@ def save_inception_weights(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

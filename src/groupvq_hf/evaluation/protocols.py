@@ -34,11 +34,12 @@ from PIL import Image
 
 from ..fileio import atomic_file
 from ..image_processing_groupvq import to_uint8
-from ..quantizer import sum_across_processes
+from ..quantizer import check_positive_int, sum_across_processes
 from .metrics import (
     RECONSTRUCTION_METRICS,
     FrechetDistance,
     ReconstructionMetrics,
+    check_image_values,
     check_metric_names,
     to_unit_images,
 )
@@ -50,6 +51,7 @@ ADM_METRICS = ("psnr", "ssim", "lpips", "l1")  # rFID: the ADM evaluator on the 
 PROTOCOL_METRICS = {"default": RECONSTRUCTION_METRICS, "simvq": SIMVQ_METRICS, "adm": ADM_METRICS}
 NPZ_NAMES = ("references", "reconstructions")
 ADM_EVALUATOR_COMMAND = "python evaluations/evaluator.py {references} {reconstructions}"
+NO_IMAGES_ADDED = "No images were added: call add_batch(references, reconstructions, keys) first."
 
 
 def check_protocol(protocol: str) -> str:
@@ -194,7 +196,7 @@ class SimVQMetrics:
     ):
         self.metrics = check_metric_names(metrics, SIMVQ_METRICS)
         self.device = torch.device(device)
-        self.psnr_batch_size = psnr_batch_size
+        self.psnr_batch_size = check_positive_int("psnr_batch_size", psnr_batch_size)
         wanted = [net for net in ("alex", "vgg") if f"lpips_{net}" in self.metrics]
         self.lpips_nets = {net: lpips_nets[net].to(self.device) for net in wanted}
         # per-image means: float64 sums over this process's images (summed across processes in ``compute``)
@@ -214,6 +216,8 @@ class SimVQMetrics:
             structural_similarity,
         )
 
+        check_image_values(references, "references")
+        check_image_values(reconstructions, "reconstructions")
         images, recs = references.to(self.device), reconstructions.to(self.device)
         for net, lpips in self.lpips_nets.items():
             self.sums[f"lpips_{net}"] += float(lpips(images, recs).double().sum())
@@ -242,6 +246,8 @@ class SimVQMetrics:
     def compute(self) -> dict:
         """The metrics over every process's images (a collective: every rank calls it)."""
         totals = sum_across_processes(torch.tensor([self.num_images, *self.sums.values()], dtype=torch.float64))
+        if totals[0] == 0:  # the same on every rank: all raise
+            raise ValueError(NO_IMAGES_ADDED)
         results = {name: float(total / totals[0]) for name, total in zip(self.sums, totals[1:])}
         if self.fid is not None:
             results["rfid"] = float(self.fid.compute())
@@ -400,6 +406,7 @@ class ProtocolMetrics:
             raise ValueError(f"`npz_dir` writes the ADM evaluator's inputs: it needs protocol 'adm', got {protocol!r}.")
         if npz_dir is None and self.protocol == "adm":
             raise ValueError("Protocol 'adm' needs `npz_dir` (where references.npz and reconstructions.npz go).")
+        check_positive_int("psnr_batch_size", psnr_batch_size)
         self.device = torch.device(device)
         self.rank, self.world_size = _rank()
         self.npz = NpzPairWriter(npz_dir, self.rank) if npz_dir is not None else None
@@ -426,8 +433,10 @@ class ProtocolMetrics:
         keys = [int(k) for k in keys]
         if len(keys) != len(references):
             raise ValueError(f"`keys` must hold one key per image, got {len(keys)} for {len(references)} images.")
+        check_image_values(references, "references")  # every protocol: NaN / inf are errors, not dropped images
+        check_image_values(reconstructions, "reconstructions")
         needs_uint8 = self.protocol == "adm" or self.save_images is not None
-        refs_u8 = to_uint8(to_unit_images(references)).permute(0, 2, 3, 1).cpu() if needs_uint8 else None
+        refs_u8 = to_uint8(to_unit_images(references, "references")).permute(0, 2, 3, 1).cpu() if needs_uint8 else None
         recs_u8 = reconstruction_uint8(self.protocol, reconstructions) if needs_uint8 else None
         if self.state is None:
             pass
@@ -449,6 +458,8 @@ class ProtocolMetrics:
         if self.npz is not None:
             self.npz.close()
             shapes = [s for s in _all_gather(self.npz.image_shape) if s is not None]
+            if not shapes:  # the same on every rank: all raise
+                raise ValueError(NO_IMAGES_ADDED)
             paths = {name: str(self.npz.directory / f"{name}.npz") for name in NPZ_NAMES}
             if self.rank == 0:
                 paths = pack_npz(self.npz.directory, self.world_size, shapes[0])
