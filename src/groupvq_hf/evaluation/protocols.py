@@ -7,9 +7,9 @@ Published tokenizer tables use different protocols, and their numbers are compar
 - ``simvq``: SimVQ's ``evaluation.py`` (``youngsheen/SimVQ``), reproduced with the libraries it uses: torchvision
   ``Resize(size)`` + ``CenterCrop(size)``, pixels ``x / 127.5 - 1``; rFID with pytorch-fid's ``InceptionV3`` on
   float images in [0, 1] (float64 statistics, pytorch-fid's ``calculate_frechet_distance``); LPIPS with the
-  ``lpips`` package's AlexNet and VGG; SSIM per image with scikit-image on uint8-truncated values; PSNR as SimVQ
-  computes it (``psnr_simvq``: scikit-image's PSNR of each block of `SIMVQ_BATCH_SIZE` consecutive images,
-  averaged over blocks) beside the per-image mean ``psnr``.
+  ``lpips`` package's AlexNet and VGG; SSIM as SimVQ averages it (scikit-image's per image on uint8-truncated
+  values, averaged per block of `SIMVQ_BATCH_SIZE` consecutive images, then over blocks); PSNR as SimVQ computes
+  it (``psnr_simvq``: scikit-image's PSNR of each block, averaged over blocks) beside the per-image mean ``psnr``.
 - ``adm``: the inputs of OpenAI's ADM evaluator (``guided-diffusion/evaluations/evaluator.py``): references
   cropped by ADM's ``center_crop_arr``, reconstructions quantised to uint8 as LlamaGen's
   ``reconstruction_vq_ddp.py`` does, both written as ``references.npz`` / ``reconstructions.npz`` (``arr_0``, uint8
@@ -158,15 +158,25 @@ def _rank() -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------------ SimVQ
 
 
+def _block_means(values: Sequence[float], batch_size: int, name: str) -> np.ndarray:
+    """The mean of each block of ``batch_size`` consecutive ``values`` (SimVQ's batches, the last one partial)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError(f"`{name}` must hold at least one value.")
+    return np.array([values[i : i + batch_size].mean() for i in range(0, len(values), batch_size)])
+
+
 def simvq_psnr(mse: Sequence[float], batch_size: int = SIMVQ_BATCH_SIZE, data_range: float = 1.0) -> float:
     """SimVQ's PSNR from per-image mean squared errors in evaluation order: scikit-image's PSNR of each block of
     ``batch_size`` consecutive images (the MSE of the block: all images have the same size), averaged over blocks."""
-    mse = np.asarray(mse, dtype=np.float64)
-    if mse.size == 0:
-        raise ValueError("`mse` must hold at least one value.")
-    blocks = [mse[i : i + batch_size].mean() for i in range(0, len(mse), batch_size)]
     with np.errstate(divide="ignore"):
-        return float(np.mean([10 * np.log10(data_range**2 / b) for b in blocks]))
+        return float(np.mean(10 * np.log10(data_range**2 / _block_means(mse, batch_size, "mse"))))
+
+
+def simvq_mean(values: Sequence[float], batch_size: int = SIMVQ_BATCH_SIZE) -> float:
+    """SimVQ's mean of a per-image metric (its SSIM) in evaluation order: each batch's mean (``ssim_temp / B``),
+    averaged over batches (``/ num_iter``); it differs from the per-image mean when the last batch is partial."""
+    return float(np.mean(_block_means(values, batch_size, "values")))
 
 
 class PytorchFIDDistance(FrechetDistance):
@@ -200,10 +210,11 @@ class SimVQMetrics:
         wanted = [net for net in ("alex", "vgg") if f"lpips_{net}" in self.metrics]
         self.lpips_nets = {net: lpips_nets[net].to(self.device) for net in wanted}
         # per-image means: float64 sums over this process's images (summed across processes in ``compute``)
-        self.sums = {name: 0.0 for name in ("psnr", "ssim", "lpips_alex", "lpips_vgg") if name in self.metrics}
+        self.sums = {name: 0.0 for name in ("psnr", "lpips_alex", "lpips_vgg") if name in self.metrics}
         fid = PytorchFIDDistance(feature=inception_net.to(self.device)) if "rfid" in self.metrics else None
         self.fid = fid.to(self.device) if fid is not None else None
-        self.mse: list[tuple[int, float]] = []  # (stream key, per-image MSE) for psnr_simvq
+        # (stream key, per-image value): psnr_simvq and ssim average SimVQ's batches, so they need the order
+        self.per_image: dict[str, list[tuple[int, float]]] = {"mse": [], "ssim": []}
         self.num_images = 0
 
     @torch.no_grad()
@@ -229,18 +240,18 @@ class SimVQMetrics:
         rgb_restored = (recs * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
         rgb_gt = (images * 255.0).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
         rgb_restored, rgb_gt = rgb_restored.astype(np.float32) / 255.0, rgb_gt.astype(np.float32) / 255.0
-        ssim, psnr = [], []
+        psnr = []
         for key, restored, gt in zip(keys, rgb_restored, rgb_gt):
             if "ssim" in self.metrics:
-                ssim.append(structural_similarity(restored, gt, data_range=1.0, channel_axis=-1))
+                ssim = structural_similarity(restored, gt, data_range=1.0, channel_axis=-1)
+                self.per_image["ssim"].append((int(key), float(ssim)))
             if "psnr" in self.metrics:
                 with np.errstate(divide="ignore"):
                     psnr.append(peak_signal_noise_ratio(gt, restored))
             if "psnr_simvq" in self.metrics:
-                self.mse.append((int(key), float(mean_squared_error(gt, restored))))
-        for name, values in (("ssim", ssim), ("psnr", psnr)):
-            if name in self.sums:
-                self.sums[name] += float(np.sum(values, dtype=np.float64))
+                self.per_image["mse"].append((int(key), float(mean_squared_error(gt, restored))))
+        if "psnr" in self.sums:
+            self.sums["psnr"] += float(np.sum(psnr, dtype=np.float64))
         self.num_images += len(rgb_gt)
 
     def compute(self) -> dict:
@@ -251,9 +262,10 @@ class SimVQMetrics:
         results = {name: float(total / totals[0]) for name, total in zip(self.sums, totals[1:])}
         if self.fid is not None:
             results["rfid"] = float(self.fid.compute())
-        if "psnr_simvq" in self.metrics:
-            pairs = sorted(pair for part in _all_gather(self.mse) for pair in part)
-            results["psnr_simvq"] = simvq_psnr([mse for _, mse in pairs], self.psnr_batch_size)
+        for name, metric, average in (("mse", "psnr_simvq", simvq_psnr), ("ssim", "ssim", simvq_mean)):
+            if metric in self.metrics:  # in stream order, whatever the processes: SimVQ's batches
+                pairs = sorted(pair for part in _all_gather(self.per_image[name]) for pair in part)
+                results[metric] = average([value for _, value in pairs], self.psnr_batch_size)
         return {name: results[name] for name in self.metrics}
 
 
