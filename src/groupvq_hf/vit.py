@@ -14,7 +14,8 @@
 Position embeddings are stored for the `image_size / patch_size` grid; other (divisible) input sizes use a
 bicubic interpolation of them, as transformers' ViT does with `interpolate_pos_encoding=True`.
 
-This file imports only torch and the relative quantizer module: it travels to the Hub as remote code.
+This file imports only torch and the relative quantizer and configuration modules: it travels to the Hub as remote
+code.
 """
 
 from __future__ import annotations
