@@ -656,3 +656,12 @@ def test_the_discriminator_schedule_spans_the_steps_it_trains_and_ends_with_the_
     )
     assert (generator["last_epoch"], discriminator["last_epoch"]) == (6, 2)
     assert generator["_last_lr"][0] == discriminator["_last_lr"][0] == 0.0
+
+
+def test_fp16_on_the_cpu_says_it_computes_in_float32(tmp_path, caplog):
+    """accelerate accepts `--mixed_precision fp16` on a CPU and runs without autocast or loss scaling: say so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _train(tmp_path, "--max_train_steps", "1", "--mixed_precision", "fp16", "--num_validation_usage_images", "0")
+    assert "`--mixed_precision fp16` has no autocast on the CPU: this run computes in float32." in caplog.text

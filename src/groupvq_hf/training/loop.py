@@ -350,6 +350,8 @@ def start_accelerator(args: argparse.Namespace):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = build_accelerator(args)
     logger.info(accelerator.state)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("`--mixed_precision fp16` has no autocast on the CPU: this run computes in float32.")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
