@@ -164,6 +164,32 @@ def test_simvq_preprocessing_is_torchvision_resize_then_center_crop():
         assert torch.equal(transform(image), expected)
 
 
+@pytest.mark.parametrize("protocol", ["simvq", "adm"])
+def test_protocol_streams_open_images_as_the_reference_loaders_do(protocol, tmp_path):
+    """SimVQ's and ADM's loaders read a file with ``Image.open(...).convert("RGB")``: no EXIF rotation (which
+    ``datasets`` applies) and alpha dropped, not composited on white. The protocol streams see the same pixels; the
+    default protocol keeps the rotated, composited image."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rotated = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees on display
+    rotated.save(folder / "a_rotated.jpg", exif=exif)
+    rgba = rng.integers(0, 256, (48, 48, 4), dtype=np.uint8)
+    rgba[..., 3] = 40  # mostly transparent: a composite on white differs from dropping alpha
+    Image.fromarray(rgba, "RGBA").save(folder / "b_alpha.png")
+    files = sorted(folder.iterdir())
+    transform = protocol_transform(protocol, 32)
+    loader = build_eval_dataloader(str(folder), resolution=32, batch_size=2, transform=transform, ordered=True)
+    pixels = next(iter(loader))["pixel_values"]
+    expected = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    assert torch.equal(pixels, expected)
+    default = next(iter(build_eval_dataloader(str(folder), resolution=32, batch_size=2, ordered=True)))["pixel_values"]
+    plain = build_eval_dataloader(str(folder), resolution=32, batch_size=2, ordered=True).dataset.transform
+    assert not torch.equal(default[0], plain(Image.open(files[0]).convert("RGB")).clamp(-1, 1))  # rotated there
+
+
 # ------------------------------------------------------------------------------------------------------ ADM
 
 

@@ -37,6 +37,22 @@ def open_image(image: dict) -> Image.Image:
     return datasets.Image().decode_example(image)
 
 
+def open_as_reference(image: dict) -> tuple[Image.Image, str | None]:
+    """A stored image as reference evaluation loaders read their files: PIL's ``Image.open`` and, for any other
+    mode, ``convert("RGB")`` (SimVQ's taming ``ImagePaths``, ADM's ``image_datasets.py``): no EXIF rotation (which
+    ``datasets.Image`` applies), alpha dropped rather than composited on white. Returns the image and its original
+    mode when converted. A remote path without bytes is opened by ``datasets`` (rotated, as `open_image` does)."""
+    blob, path = (image or {}).get("bytes"), (image or {}).get("path")
+    if blob is not None:
+        source = Image.open(io.BytesIO(blob))
+    elif isinstance(path, str) and not path.startswith(DEMO_URL) and os.path.isfile(path):
+        source = Image.open(path)
+    else:
+        source = open_image(image or {})
+    source.load()
+    return (source, None) if source.mode == "RGB" else (source.convert("RGB"), source.mode)
+
+
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert any PIL mode to RGB. Returns the image and the original mode when a conversion was needed.
 
@@ -208,7 +224,8 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
     and flip are drawn first on the header's size (`plan_crop`, the transform's own draws), the scale follows
     (`CropPlan.dct_scale`), and only the crop is resampled from the smaller decode (`render_crop`). Other formats,
     EXIF-rotated JPEGs and ``full_decode=True`` decode in full and apply ``transform`` itself: today's output
-    exactly (evaluation protocols that must match a reference preprocessing pass ``full_decode=True``).
+    exactly (evaluation protocols that must match a reference preprocessing pass ``full_decode=True``, and a
+    transform with ``decode_as_reference = True`` gets the image as their loaders open it: `open_as_reference`).
     Raises `SkippedImage` for an undecodable image and one whose shorter side is below ``min_image_size``.
     """
     source = None if full_decode else _open_jpeg(image or {})
@@ -216,7 +233,9 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
         full_size, plan = source.size, plan_crop(transform, source.size)
         scale = plan.dct_scale()
     try:
-        if source is None:
+        if source is None and getattr(transform, "decode_as_reference", False):  # an evaluation protocol's loader
+            decoded, mode = open_as_reference(image)
+        elif source is None:
             decoded, mode = to_rgb(open_image(image or {}))
         else:
             if scale > 1:
@@ -244,6 +263,7 @@ __all__ = [
     "SkippedImage",
     "decode_image",
     "image_transform",
+    "open_as_reference",
     "open_image",
     "plan_crop",
     "render_crop",

@@ -83,7 +83,10 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
 
 class _SimVQTransform:
     """SimVQ's validation images: torchvision ``Resize(size)`` of the shorter side, ``CenterCrop(size)``, then
-    ``x / 127.5 - 1`` (numpy float64, cast to float32); (3, S, S)."""
+    ``x / 127.5 - 1`` (numpy float64, cast to float32); (3, S, S). The stream opens images as its loader does
+    (``decode_as_reference``: `groupvq_hf.data.decoding.open_as_reference`, no EXIF rotation)."""
+
+    decode_as_reference = True
 
     def __init__(self, resolution: int):
         from torchvision import transforms
@@ -97,7 +100,9 @@ class _SimVQTransform:
 
 class _ADMTransform:
     """ADM's evaluation images: [`center_crop_arr`], then ``x.astype(float32) / 127.5 - 1`` as its dataset does;
-    (3, S, S)."""
+    (3, S, S). The stream opens images as its dataset does (``decode_as_reference``, no EXIF rotation)."""
+
+    decode_as_reference = True
 
     def __init__(self, resolution: int):
         self.resolution = resolution
