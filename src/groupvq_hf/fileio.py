@@ -11,6 +11,7 @@ file (``os.replace``: no old copy to set aside); it is the one way the package r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -135,6 +136,16 @@ def atomic_file(path: str | os.PathLike, *, single_writer: bool = False) -> Iter
         tmp.unlink(missing_ok=True)
 
 
+def write_json(data, path: str | os.PathLike, *, single_writer: bool = False) -> Path:
+    """Write ``data`` as indented JSON to ``path`` (its folder made) through `atomic_file` (``single_writer`` as
+    there); non-finite floats as ``Infinity``/``NaN``, as Python's json reads them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, single_writer=single_writer) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def relative_import_files(module_file: str | os.PathLike) -> list[str]:
     """File names of ``module_file`` and, transitively, of every module it imports relatively (``from .x import``):
     the code a saved model folder must carry for ``trust_remote_code`` (the model files import only each other)."""
@@ -151,4 +162,5 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
 
 __all__ = [
     "atomic_directory", "atomic_file", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
+    "write_json",
 ]

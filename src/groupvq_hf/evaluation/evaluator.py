@@ -14,7 +14,6 @@ resample up and self-extend (n * 2^p) without training (Algorithm 2, Eq. 11), ev
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_file
+from ..fileio import atomic_file, write_json  # noqa: F401  (write_json: re-exported)
 from ..hub.cards import model_index_entries, resize_study_markdown  # noqa: F401  (card formatting: one home, .cards)
 from ..quantizer import RESIZE_MODES, check_positive_int, sum_across_processes
 from .metrics import (
@@ -232,15 +231,6 @@ def results_record(metrics: dict, **context) -> dict:
     }
     groups = {k: v for k, v in metrics.items() if isinstance(v, list)}
     return {**context, "num_samples": metrics.get("num_images"), **counts, "metrics": scalars, **groups}
-
-
-def write_json(data, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON (non-finite floats as ``Infinity``/``NaN``, as Python's json reads them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def update_model_card(card_path: str | os.PathLike, results: dict, model_name: str | None = None) -> Path:

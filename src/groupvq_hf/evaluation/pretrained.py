@@ -202,6 +202,16 @@ def _load_lpips_state(module: nn.Module, state: dict, slice_ends: tuple[int, ...
     module.load_state_dict(mapped, strict=False)
 
 
+def _save_file(state: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` of a state dict to ``path`` (its folder made), atomically: the one writer of the weights files
+    that `_load_file` reads back with ``weights_only=True``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
 def save_lpips_weights(
     path: str | os.PathLike, network: nn.Module | None = None, dtype: torch.dtype | None = None
 ) -> Path:
@@ -224,11 +234,7 @@ def save_lpips_weights(
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-    return path
+    return _save_file(state, path)
 
 
 # ------------------------------------------------------------------------ the `lpips` package (SimVQ protocol)
@@ -344,11 +350,7 @@ def save_pytorch_fid_inception_weights(
     state = built[0].state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-    return path
+    return _save_file(state, path)
 
 
 # -------------------------------------------------------------------------------------------------- Inception
@@ -433,11 +435,7 @@ def save_inception_weights(
     state = network.state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-    return path
+    return _save_file(state, path)
 
 
 __all__ = [

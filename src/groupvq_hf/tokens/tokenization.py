@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_file
+from ..fileio import atomic_file, write_json
 from ..image_processing_groupvq import GroupVQImageProcessor
 from ..quantizer import RESIZE_MODES
 
@@ -210,14 +210,8 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
     except OSError as err:
         raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable: {err}") from err
     if existing is None:
-        write_json_atomic({"status": "running", "settings": settings}, record_path)
+        write_json({"status": "running", "settings": settings}, record_path, single_writer=True)
     return existing
-
-
-def write_json_atomic(data: dict, path: Path) -> Path:
-    with atomic_file(path, single_writer=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def shard_name(split: str, rank: int, worker: int, chunk: int) -> str:
@@ -283,7 +277,7 @@ class ShardWriter:
         name = shard_name(self.split, self.rank, self.worker, self.chunk)
         table = self.table()
         stats = {"num_examples": table.num_rows, "skipped": dict(sorted(self.skipped.items()))}
-        write_json_atomic(stats, self.output_dir / PROGRESS_DIR / f"{name}.json")
+        write_json(stats, self.output_dir / PROGRESS_DIR / f"{name}.json", single_writer=True)
         bars_were_disabled = are_progress_bars_disabled()
         disable_progress_bars()  # one bar per shard is noise
         try:
@@ -559,7 +553,7 @@ def _finish(accelerator, output_dir, split, settings, model, grid, views, resize
             "num_skipped": sum(skipped.values()), "skipped": dict(sorted(skipped.items())),
         }  # fmt: skip
         write_dataset_card(output_dir, record, features, location=push_to_hub or str(output_dir))
-        write_json_atomic(record, output_dir / RECORD_FILE)
+        write_json(record, output_dir / RECORD_FILE, single_writer=True)
         print(
             f"Tokenized {num_examples} rows ({len(views)} view(s) per image) of {dataset!r} {split} into "
             f"{output_dir} ({num_shards} shards); skipped {record['num_skipped']} image(s)"
