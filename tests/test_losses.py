@@ -90,6 +90,11 @@ def test_ema_decay_is_fixed_by_default_and_ramps_with_ema_warmup():
     restored = build_ema([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
     restored.load_state_dict(state)
     assert restored.get_decay(1) == 0.9 and torch.equal(restored.shadow_params[0], fixed.shadow_params[0])
+    # --no_ema keeps no EMA: a decay or warm-up given with it is a contradiction, not silently dropped
+    assert parse_args(["--no_ema"]).ema_decay == 0.999 and parse_args(["--ema_decay", "0.99"]).ema_decay == 0.99
+    for flag in (["--ema_decay", "0.99"], ["--ema_warmup"]):
+        with pytest.raises(ValueError, match=f"`{flag[0]}` sets the EMA, which `--no_ema` turns off"):
+            parse_args(["--no_ema", *flag])
 
 
 def test_model_card_says_which_recipe_trained_the_model(tiny_config):

@@ -176,8 +176,12 @@ def test_nonfinite_guard_skips_then_stops():
     assert not guard.check(torch.tensor(float("nan")), 1, "loss")
     assert guard.check(torch.tensor(2.0), 2, "loss") and guard.total == 1
     assert not guard.check(torch.tensor(float("inf")), 3, "loss")
-    with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
-        guard.check(torch.tensor(float("nan")), 4, "loss")
+    resumed = NonFiniteGuard(limit=2)  # a checkpoint's counts: the resumed run stops where this one would
+    resumed.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert resumed.state_dict() == {"consecutive": 1, "total": 2}
+    for stopping in (guard, resumed):
+        with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
+            stopping.check(torch.tensor(float("nan")), 4, "loss")
 
 
 def test_arguments_and_model_config(tmp_path):
@@ -462,7 +466,32 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     caplog.clear()
     with caplog.at_level("WARNING"):
         _train(tmp_path, "--max_train_steps", "1")  # a fresh run in a folder that holds checkpoints
-    assert "already holds checkpoints of an earlier run (checkpoint-2)" in caplog.text
+    assert "held checkpoints past step 0 (checkpoint-2): an earlier run's. Moved them aside" in caplog.text
+    assert list_checkpoints(tmp_path / "checkpoints", complete_only=False) == []  # `latest` finds none of them
+    (aside,) = (tmp_path / "checkpoints").glob("set-aside-*-at-step-0")
+    assert json.loads((aside / "checkpoint-2" / "run_args.json").read_text()) == recorded  # kept whole
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):
+    """Resumed from checkpoint-2 while checkpoint-4 exists, with `--checkpoints_total_limit 1`: the rotation kept
+    the highest steps and deleted the new checkpoint-3, and `latest` resumed the abandoned checkpoint-4."""
+    _train(tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    root = tmp_path / "checkpoints"
+    state_file = root / "checkpoint-2" / "training_state_rank0.json"
+    state = json.loads(state_file.read_text())
+    assert state["nonfinite"] == {"generator": {"consecutive": 0, "total": 0}, "discriminator": {"consecutive": 0, "total": 0}}
+    state["nonfinite"]["generator"]["total"] = 3  # as if three steps had been skipped: the count goes on from there
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        result = _train(tmp_path, "--resume_from_checkpoint", str(root / "checkpoint-2"), "--max_train_steps", "3",
+               "--checkpointing_steps", "3", "--checkpoints_total_limit", "1")  # fmt: skip
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-3"]
+    assert resolve_resume_path("latest", root) == root / "checkpoint-3"
+    assert result["nonfinite_steps"] == 3
+    assert json.loads((root / "checkpoint-3" / "training_state_rank0.json").read_text())["nonfinite"]["generator"]["total"] == 3
+    assert "(checkpoint-4): written after checkpoint-2 by the run this one replaces" in caplog.text
+    (aside,) = root.glob("set-aside-*-at-step-2")
+    assert [p.name for p in aside.iterdir()] == ["checkpoint-4"] and (aside / "checkpoint-4" / COMPLETE_FILE).is_file()
 
 
 def test_interrupted_checkpoint_replacement_leaves_latest_on_the_newest_complete(
@@ -658,10 +687,19 @@ def test_the_discriminator_schedule_spans_the_steps_it_trains_and_ends_with_the_
     assert generator["_last_lr"][0] == discriminator["_last_lr"][0] == 0.0
 
 
-def test_fp16_on_the_cpu_says_it_computes_in_float32(tmp_path, caplog):
-    """accelerate accepts `--mixed_precision fp16` on a CPU and runs without autocast or loss scaling: say so."""
+def test_settings_that_do_nothing_in_this_run_say_so(tmp_path, caplog):
+    """accelerate accepts `--mixed_precision fp16` on a CPU and runs without autocast or loss scaling; with
+    `--commitment_weight 0` the projectors get no gradient at all (their weights do not move): say so."""
     import logging
 
+    from groupvq_hf import GroupVQModel
+
     with caplog.at_level(logging.WARNING):
-        _train(tmp_path, "--max_train_steps", "1", "--mixed_precision", "fp16", "--num_validation_usage_images", "0")
+        _train(tmp_path, "--max_train_steps", "1", "--mixed_precision", "fp16", "--num_validation_usage_images", "0",
+               "--commitment_weight", "0", "--no_ema", "--disc_start", "0")  # fmt: skip
     assert "`--mixed_precision fp16` has no autocast on the CPU: this run computes in float32." in caplog.text
+    assert "`--commitment_weight 0`: the quantizer's projectors learn through" in caplog.text
+    torch.manual_seed(7)  # the run's seed: the same initial weights
+    initial = GroupVQModel(resolve_model_config("tiny", 32)).quantizer.state_dict()
+    trained = GroupVQModel.from_pretrained(tmp_path / "model").quantizer.state_dict()
+    assert initial.keys() == trained.keys() and all(torch.equal(initial[k], trained[k]) for k in initial)

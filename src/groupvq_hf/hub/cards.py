@@ -19,7 +19,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult
 
 from ..data.sources import SOURCES
-from ..training.arguments import build_parser
+from ..training.arguments import DEFAULT_EMA_DECAY, build_parser
 
 DATASET_IDS = {name: source.repo_id for name, source in SOURCES.items()} | {"imagenet-1k": "ILSVRC/imagenet-1k"}
 DATASET_NAMES = {"ILSVRC/imagenet-1k": "ImageNet-1k", "detection-datasets/coco": "MS-COCO"}
@@ -211,6 +211,8 @@ def _describe_changes(training: dict) -> str:
             default = training.get("learning_rate", parser.get_default("learning_rate"))
         elif name == "ema_warmup":
             default = False
+        elif name == "ema_decay":  # the flag's default is None (so --no_ema can tell it was given)
+            default = DEFAULT_EMA_DECAY
         if name in training and training[name] != default:
             changed.append(f"`--{name} {training[name]}`")
     if not changed:

@@ -13,6 +13,7 @@ from .checkpoints import RESUME_CHANGES_ALWAYS_ALLOWED
 from .finetune import add_init_arguments, check_init_arguments
 
 DEFAULT_DEMO_STEPS = 300
+DEFAULT_EMA_DECAY = 0.999  # SimVQ's, fixed from the first step
 # The CPU-scale recipe: what `--dataset demo` changes in SimVQ's recipe when the flag is not given. A few hundred steps
 # are ~1,000x fewer than the paper's, so (measured in benchmarks/trends/RESULTS.md) the projectors need a 100x larger
 # learning rate to travel as far relative to the encoder, and the EMA a warm-up, else the export is mostly the
@@ -145,7 +146,9 @@ def _add_optimisation_arguments(g) -> None:
     g.add_argument(
         "--max_grad_norm", type=float, default=0.0, help="clip gradient norms to this value; 0 (default, SimVQ) disables"
     )
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay, fixed from the first step (SimVQ)")
+    g.add_argument(
+        "--ema_decay", type=float, default=None, help="EMA decay, fixed from the first step (SimVQ); default 0.999"
+    )
     g.add_argument(
         "--ema_warmup",
         nargs="?",
@@ -242,6 +245,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ValueError(f"`--{name}` must be in [0, 1), got {getattr(args, name)}.")
     check_schedule(args.lr_scheduler, args.lr_warmup_steps)
+    if args.no_ema:  # demo's recipe fills --ema_warmup below: only what the user gave is a contradiction
+        given = [name for name in ("ema_decay", "ema_warmup") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"`--{given[0]}` sets the EMA, which `--no_ema` turns off: give one or the other.")
+    if args.ema_decay is None:
+        args.ema_decay = DEFAULT_EMA_DECAY
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1), got {args.ema_decay}.")
     if args.max_train_steps is None and args.num_epochs is None:
@@ -347,6 +356,7 @@ def steps_per_epoch(args: argparse.Namespace, world_size: int) -> int:
 
 __all__ = [
     "DEFAULT_DEMO_STEPS",
+    "DEFAULT_EMA_DECAY",
     "DEMO_RECIPE",
     "build_parser",
     "parse_args",

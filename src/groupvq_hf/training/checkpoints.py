@@ -79,6 +79,29 @@ def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | Non
     return removed
 
 
+def set_aside_later_checkpoints(checkpoint_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move the checkpoints past ``step`` into ``checkpoint_dir/set-aside-<UTC time>-at-step-<step>/``; returns
+    their new paths (none moved: empty).
+
+    A run that starts at ``step`` (0 for a fresh run, the resumed step otherwise) in a folder holding later
+    checkpoints did not write them: another run's, or the abandoned continuation of a run resumed from an earlier
+    checkpoint. Left in place, `latest` would resume them after a crash, and [`rotate_checkpoints`], which keeps the
+    highest steps, would delete this run's new checkpoints first. Moved aside, nothing is lost."""
+    root = Path(checkpoint_dir)
+    later = [
+        p for p in list_checkpoints(root, complete_only=False) if int(p.name[len(CHECKPOINT_PREFIX) :]) > step
+    ]
+    if not later:
+        return []
+    aside = root / f"set-aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-at-step-{step}"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in later:
+        os.replace(path, aside / path.name)
+        moved.append(aside / path.name)
+    return moved
+
+
 def resolve_resume_path(resume_from_checkpoint: str | None, checkpoint_dir: str | os.PathLike) -> Path | None:
     """``"latest"`` -> newest complete checkpoint in ``checkpoint_dir`` (None when there is none); a path must
     exist and be complete."""
@@ -477,6 +500,7 @@ __all__ = [
     "rename_compiled_keys",
     "rescale_schedule",
     "saved_world_size",
+    "set_aside_later_checkpoints",
     "check_resume_arguments",
     "convert_legacy_ema",
     "disk_full_error",

@@ -42,7 +42,6 @@ from .checkpoints import (
     check_optimizer_states,
     check_resume_arguments,
     convert_legacy_ema,
-    list_checkpoints,
     load_ema_state,
     load_rank_state,
     rename_compiled_keys,
@@ -52,6 +51,7 @@ from .checkpoints import (
     saved_world_size,
     save_checkpoint,
     save_ema_state,
+    set_aside_later_checkpoints,
 )
 from .finetune import (
     InitWeights,
@@ -116,6 +116,13 @@ class NonFiniteGuard:
                 "Lower --learning_rate, prefer --mixed_precision bf16 over fp16, or check the data."
             )
         return False
+
+    def state_dict(self) -> dict:
+        """The counts a checkpoint keeps, so a resumed run stops where the uninterrupted one would."""
+        return {"consecutive": self.consecutive, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive, self.total = int(state["consecutive"]), int(state["total"])
 
 
 @functools.cache
@@ -306,6 +313,12 @@ def setup_training(args: argparse.Namespace) -> TrainingRun:
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(args.seed)
     config, init = initial_config(args)
+    if args.commitment_weight == 0 and args.trainable in ("all", "quantizer+decoder"):
+        logger.warning(
+            "`--commitment_weight 0`: the quantizer's projectors learn through the commitment loss's codebook term "
+            "only (the straight-through estimator gives the codes no reconstruction gradient), so they keep their "
+            "initial values in this run."
+        )
     model, discriminator, loss_fn = build_models(args, config, accelerator.device, init)
     opt_g, opt_d = build_optimizers(args, model, discriminator)
     if args.max_train_steps is None:  # --num_epochs alone: the schedule spans the epochs' real number of steps
@@ -493,6 +506,9 @@ def resume_training(run: TrainingRun) -> LoopState:
                 rescale_schedule(scheduler, saved_world, accelerator.num_processes)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
+        for guard, name in ((state.guard_g, "generator"), (state.guard_d, "discriminator")):
+            if name in saved.get("nonfinite", {}):  # checkpoints before this count was kept start from zero
+                guard.load_state_dict(saved["nonfinite"][name])
         run.batches.load_state_dict(saved["data"])
         before, now = saved.get("dataset_rows"), run.dataset_rows
         if before is not None and now is not None and now < before:
@@ -506,14 +522,29 @@ def resume_training(run: TrainingRun) -> LoopState:
         logger.info(f"Resumed from {run.resume} at step {state.global_step} (data position {saved['data']}).")
     elif args.resume_from_checkpoint:
         logger.info(f"No checkpoint in {run.checkpoint_dir}; starting from scratch.")
-    if run.resume is None and list_checkpoints(run.checkpoint_dir, complete_only=False):
-        found = ", ".join(p.name for p in list_checkpoints(run.checkpoint_dir, complete_only=False))
-        logger.warning(
-            f"{run.checkpoint_dir} already holds checkpoints of an earlier run ({found}) and this run starts from "
-            "scratch: its checkpoints replace those of the same steps. To continue that run pass "
-            "`--resume_from_checkpoint latest`; to keep the runs apart use another `--output_dir`."
-        )
+    set_aside_checkpoints_past_start(run, state.global_step)
     return state
+
+
+def set_aside_checkpoints_past_start(run: TrainingRun, step: int) -> None:
+    """Once every process has loaded its checkpoint, the main process moves the checkpoints past ``step`` that this
+    run did not write aside ([`set_aside_later_checkpoints`]), so `latest` and the rotation see this run's only;
+    every process waits until it has."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        moved = set_aside_later_checkpoints(run.checkpoint_dir, step)
+        if moved:
+            whose = "an earlier run's"
+            if run.resume is not None:
+                whose = f"written after {run.resume.name} by the run this one replaces"
+            run.logger.warning(
+                f"{run.checkpoint_dir} held checkpoints past step {step} ({', '.join(p.name for p in moved)}): "
+                f"{whose}. Moved them aside to {moved[0].parent}, so that "
+                "`--resume_from_checkpoint latest` resumes this run. To continue the earlier run instead, move "
+                "them back and pass `--resume_from_checkpoint latest`; to keep runs apart use another `--output_dir`."
+            )
+    accelerator.wait_for_everyone()
 
 
 def load_validation_images(run: TrainingRun, step: int) -> None:
@@ -712,6 +743,7 @@ def save_training_checkpoint(run: TrainingRun, state: LoopState) -> Path:
         "global_step": state.global_step, "data": run.batches.state_dict(), "skipped_images": state.skipped_images,
         "converted_images": state.converted_images,
         "world_size": run.accelerator.num_processes, "dataset_rows": run.dataset_rows,
+        "nonfinite": {"generator": state.guard_g.state_dict(), "discriminator": state.guard_d.state_dict()},
     }  # fmt: skip
     names = ema_parameter_names(run.plain_model)
     write_ema = None if run.ema is None else functools.partial(save_ema_state, run.ema, names)
@@ -759,6 +791,7 @@ def finish_training(run: TrainingRun, state: LoopState) -> dict:
         "global_step": state.global_step, "skipped_images": state.skipped_images,
         "converted_images": state.converted_images, "weights_sha256": digest,
         "resumed_from": None if run.resume is None else str(run.resume), "learning_rate": run.sched_g.get_last_lr()[0],
+        "nonfinite_steps": state.guard_g.total + state.guard_d.total,
     }  # fmt: skip
     if accelerator.is_main_process:
         result.update(export_final_model(run, state))
