@@ -347,22 +347,29 @@ def test_push_to_a_silent_port_ends_in_one_clear_line_after_the_timeout(saved_mo
 
 
 @pytest.mark.parametrize("flag", ["--eval_results", "--training_args"])
-def test_a_file_that_is_not_json_is_named_before_any_upload(saved_model, tmp_path, flag):
+def test_a_file_that_is_not_json_is_named_before_any_upload(saved_model, tmp_path, flag, monkeypatch):
+    """The script's code in this process (`_push_script` runs it as a user does): the file is read before any
+    request, which offline (`HF_HUB_OFFLINE=1`) would fail with another message."""
+    from groupvq_hf.hub.cli import publish_main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
     not_json = tmp_path / "results.json"
     not_json.write_text("psnr: 24.1\n")  # YAML-ish, not JSON
-    with socket.socket() as probe:  # the file is read first: no request is made (this port answers nothing)
-        probe.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    code, lines = _push_script(saved_model, endpoint, tmp_path, "--repo_id", "tester/x", flag, not_json)
-    assert code == 1 and len(lines) == 1, lines
-    assert lines[0].startswith(f"push_to_hub: error: `{flag[2:]}` file {str(not_json)!r} is not valid JSON: "), lines[0]
-    assert "line 1 column 1" in lines[0]
+    with pytest.raises(SystemExit) as exit_info:
+        publish_main(["--model", str(saved_model), "--repo_id", "tester/x", flag, str(not_json)])
+    message = str(exit_info.value.code)  # sys.exit(message): printed on stderr, exit code 1
+    assert message.startswith(f"push_to_hub: error: `{flag[2:]}` file {str(not_json)!r} is not valid JSON: "), message
+    assert "line 1 column 1" in message and "\n" not in message
 
 
-def test_timeout_must_be_positive(saved_model):
-    result = subprocess.run([sys.executable, SCRIPT, "--model", str(saved_model), "--repo_id", "tester/x",
-                             "--timeout", "0"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "--timeout must be a positive number of seconds" in result.stderr
+def test_timeout_must_be_positive(saved_model, capsys):
+    from groupvq_hf.hub.cli import publish_main
+
+    for timeout in ("0", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            publish_main(["--model", str(saved_model), "--repo_id", "tester/x", "--timeout", timeout])
+        assert exit_info.value.code == 2
+        assert f"--timeout must be a positive number of seconds, got {float(timeout)}" in capsys.readouterr().err
 
 
 def test_an_upload_that_fails_midway_is_completed_by_a_rerun(hub, saved_model, tmp_path):
