@@ -233,7 +233,8 @@ def test_two_processes_loader_workers_and_batch_sizes_give_the_same_dataset(mode
     assert "skipped 2 image(s)" in log
     two = json.loads((tmp_path / "two" / "tokenization.json").read_text())
     assert two["settings"]["num_processes"] == 2 and two["num_examples"] == 12
-    assert {p.name.split("-")[1] for p in (tmp_path / "two" / "data").glob("*.parquet")} == {"000", "001"}
+    ranks = {"-".join(p.name.split("-")[1:4]) for p in (tmp_path / "two" / "data").glob("*.parquet")}
+    assert ranks == {"00000-of-00002", "00001-of-00002"}  # process r of n: `datasets`' sharded split pattern
     one = _tokenize(model_dir, photo_folder, tmp_path / "one", augment="flip", batch_size=5)
     workers = _tokenize(model_dir, photo_folder, tmp_path / "workers", augment="flip", batch_size=1,
                         dataloader_num_workers=2)  # fmt: skip
@@ -334,7 +335,7 @@ def test_kill_while_writing_then_rerun_equals_an_uninterrupted_run(model_dir, ph
     monkeypatch.setattr(datasets.Dataset, "to_parquet", to_parquet)
     before = _shards(out)
     assert len(before) == 3 and all(Path(p).name.startswith(".tmp-") for p in calls)
-    half = out / "data" / ".tmp-train-000-000-00003.parquet"
+    half = out / "data" / ".tmp-train-00000-of-00001-000-00003.parquet"
     assert calls[-1] == str(half) and not half.exists()  # the exception's cleanup removed the half-written shard
     half.write_bytes(b"half a parquet file")  # what a real kill leaves: no cleanup runs
     assert json.loads((out / "tokenization.json").read_text())["status"] == "running"
@@ -361,7 +362,7 @@ def test_each_shard_holds_exactly_its_source_rows_when_a_batch_mixes_skipped_and
     out = tmp_path / "tokens"
     _tokenize(model_dir, photo_folder, out, rows_per_shard=1, batch_size=2)
     shards = sorted((out / "data").glob("*.parquet"))
-    assert [p.stem for p in shards] == [f"train-000-000-{c:05d}" for c in range(8)]
+    assert [p.stem for p in shards] == [f"train-00000-of-00001-000-{c:05d}" for c in range(8)]
     keys = [pq.read_table(p).column("key").to_pylist() for p in shards]
     assert [[Path(k).stem for k in shard] for shard in keys] == [[], *([f"photo{i}"] for i in range(6)), []]
     progress = [json.loads((out / ".progress" / f"{p.stem}.json").read_text()) for p in shards]
@@ -424,18 +425,95 @@ def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tm
     assert not encoded
 
 
+def test_any_split_name_loads_back_from_the_shard_names(model_dir, photo_folder, tmp_path):
+    """`datasets` reads a split name from `data/{split}-NNNNN-of-NNNNN*` only; before, a split other than
+    train/validation/test (ImageNet's `val`, an `unlabeled` split) could not be loaded back."""
+    import datasets
+
+    source = tmp_path / "source"
+    (source / "data").mkdir(parents=True)
+    images = [{"bytes": (photo_folder / f"photo{i}.png").read_bytes(), "path": f"photo{i}.png"} for i in (1, 3)]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        str(source / "data" / "unlabeled-00000-of-00001.parquet")
+    )
+    record = _tokenize(model_dir, source, tmp_path / "out", split="unlabeled", augment="flip")
+    loaded = datasets.load_dataset(str(tmp_path / "out"), split="unlabeled")
+    assert record["num_examples"] == len(loaded) == 4 and set(loaded["augmentation"]) == {"center", "flip"}
+    with pytest.raises(ValueError, match=r"`split` must be a split name .* got 'train\[:2\]'"):
+        _tokenize(model_dir, source, tmp_path / "bad", split="train[:2]")
+
+
+def test_a_folder_made_from_other_weights_or_another_dataset_is_refused(model_dir, photo_folder, tmp_path, monkeypatch):
+    """The settings hold the weights' SHA-256 (another in-memory model, or the folder saved again with other
+    weights, is another model) and local dataset paths made absolute (a relative path from another folder)."""
+    torch.manual_seed(1)
+    other = GroupVQModel(GroupVQConfig.from_preset("tiny")).eval()
+    out = tmp_path / "out"
+    record = _tokenize(model_dir, photo_folder, out, max_samples=2)
+    assert len(record["settings"]["model"]["weights_sha256"]) == 64
+    with pytest.raises(ValueError, match=r"other settings \(model: .*'weights_sha256'"):
+        tokenize_dataset(other, str(photo_folder), out, RESOLUTION, max_samples=2, progress=False)
+    monkeypatch.chdir(photo_folder.parent)
+    assert _tokenize(model_dir, photo_folder.name, out, max_samples=2)["num_examples"] == record["num_examples"]
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / photo_folder.name).mkdir(parents=True)
+    (elsewhere / photo_folder.name / "a.png").write_bytes((photo_folder / "photo1.png").read_bytes())
+    monkeypatch.chdir(elsewhere)  # the same relative name, another folder
+    with pytest.raises(ValueError, match=r"other settings \(dataset: "):
+        _tokenize(model_dir, photo_folder.name, out, max_samples=2)
+
+
+def test_a_kill_while_the_folder_is_set_up_leaves_a_folder_the_rerun_takes(model_dir, photo_folder, tmp_path):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)  # what a kill before the record was renamed into place left
+    (out / ".progress").mkdir()
+    (out / ".tmp-tokenization.json").write_text('{"status": "run')
+    record = _tokenize(model_dir, photo_folder, out, max_samples=2)  # broken.jpg and photo0.jpg
+    assert record["status"] == "complete" and (record["num_examples"], record["num_skipped"]) == (1, 1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data").mkdir()
+    (tmp_path / "mine" / "data" / "notes.txt").write_text("a user's file")  # not ours: still refused
+    with pytest.raises(ValueError, match="holds no tokenization.json"):
+        _tokenize(model_dir, photo_folder, tmp_path / "mine")
+
+
+def test_no_image_to_tokenize_and_a_label_column_that_is_the_image_are_errors(model_dir, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(2):
+        Image.new("RGB", (4, 4), (i, 20, 30)).save(small / f"s{i}.png")
+    with pytest.raises(ValueError, match=r"No image of `dataset` .* could be tokenized: 2 skipped \{'too_small': 2\}"):
+        _tokenize(model_dir, small, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenization.json").read_text())["status"] == "running"
+    with pytest.raises(ValueError, match="`label_column` 'image' is the image column"):
+        _tokenize(model_dir, small, tmp_path / "labels", label_column="image")
+
+
+def test_decode_tokens_names_a_bad_token_grid(model_dir):
+    model = GroupVQModel.from_pretrained(model_dir)
+    for grid in ([8], [-8, -8], [4.0, 4], "8x8"):
+        with pytest.raises(ValueError, match=r"`token_grid` must be two positive ints"):
+            decode_tokens(model, [[0] * 64], grid)
+    assert len(decode_tokens(model, [[0] * 64], (np.int64(8), 8))) == 1
+
+
 # ---------------------------------------------------------------------------------------------------- hub
 PUSH_AND_LOAD = Path(__file__).resolve().parent / "drivers" / "tokens_push_and_load.py"
 
 
 def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
-    from hub_server import HubServer, HubUser
+    from hub_server import HubRepo, HubServer, HubUser
 
     out = tmp_path / "tokens"
     args = ["--model", str(model_dir), "--dataset", "demo", "--split", "validation", "--max_samples", "6",
             "--resolution", str(RESOLUTION), "--output_dir", str(out), "--push_to_hub", "tester/demo-tokens",
             "--no_progress"]  # fmt: skip
     with HubServer(tokens={"hf_write": HubUser("tester")}) as hub:
+        stale = "data/validation-00000-of-00001-000-00099.parquet"  # an earlier push's shard: deleted by this one
+        hub.datasets["tester/demo-tokens"] = HubRepo(
+            "tester/demo-tokens", files={stale: b"not parquet"}, commits=[{"oid": "0" * 40, "summary": "earlier",
+                                                                          "files": [stale]}],
+        )  # fmt: skip
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
         log = _run([sys.executable, str(PUSH_AND_LOAD), *args], **env)
@@ -443,7 +521,7 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
     prefix = "/datasets/tester/demo-tokens/resolve/"
     assert any(path.startswith(prefix) and path.endswith(".parquet") for path in downloads)
-    assert "README.md" in files and "tokenization.json" in files
+    assert "README.md" in files and "tokenization.json" in files and stale not in files
     assert any(name.startswith("data/validation-") and name.endswith(".parquet") for name in files)
     pushed = json.loads(log.split("ROWS ", 1)[1].splitlines()[0])
     local = sorted([r["key"], r["augmentation"], r["tokens"]] for r in _rows(out, "validation"))

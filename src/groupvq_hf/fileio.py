@@ -146,6 +146,21 @@ def write_json(data, path: str | os.PathLike, *, single_writer: bool = False) ->
     return path
 
 
+def weights_digest(module) -> str:
+    """SHA-256 of a ``torch.nn.Module``'s parameters and buffers (names, dtypes and bytes), to compare replicas,
+    runs and the model a token dataset was made with."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def relative_import_files(module_file: str | os.PathLike) -> list[str]:
     """File names of ``module_file`` and, transitively, of every module it imports relatively (``from .x import``):
     the code a saved model folder must carry for ``trust_remote_code`` (the model files import only each other)."""
@@ -161,6 +176,7 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
+    "weights_digest",
     "atomic_directory", "atomic_file", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
     "write_json",
 ]

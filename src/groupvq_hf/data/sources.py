@@ -285,6 +285,11 @@ def load_image_source(
     if found is not None and column not in found:
         raise ValueError(f"`image_column` {column!r} is not a column of {name!r} (columns: {_columns(found)}).")
     label = _resolve_label_column(label_column, source, found, name)
+    if label is not None and label == column:
+        raise ValueError(
+            f"`label_column` {label!r} is the image column of {name!r}: name the column holding the labels "
+            f"(columns: {_columns(found) if found is not None else 'unknown'}), or none."
+        )
     _check_image_feature(None if found is None else found[column], column, name)
     marked = found is not None and UNREADABLE_SHARD in found  # read by `_shard_stream`
     ds = ds.select_columns([column] + ([label] if label else []) + ([UNREADABLE_SHARD] if marked else []))

@@ -101,6 +101,7 @@ def push_tokens_to_hub(output_dir: str | Path, repo_id: str, private: bool = Fal
     url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(
         folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", allow_patterns=UPLOAD_PATTERNS,
+        delete_patterns=["data/*.parquet"],  # an earlier push's shards (another layout) would join this split
         commit_message="Upload Group-VQ tokens (groupvq-hf scripts/tokenize_dataset.py)",
     )  # fmt: skip
     return str(url)

@@ -20,7 +20,8 @@ loader workers send the cropped uint8 pixels and the encoder's device normalises
 
 Each process writes its own shards: the rows of DataLoader worker ``w`` of process ``r`` are cut into chunks of
 ``rows_per_shard // views`` source rows (skipped images count as rows), chunk ``c`` is written to
-``data/{split}-{r:03d}-{w:03d}-{c:05d}.parquet`` under a temporary name and renamed when complete (its counts are
+``data/{split}-{r:05d}-of-{n:05d}-{w:03d}-{c:05d}.parquet`` (process ``r`` of ``n``: the shard-name
+pattern `datasets` reads any split name from) under a temporary name and renamed when complete (its counts are
 kept in ``.progress/``). A rerun of the same command skips the rows of complete shards without decoding them, so a
 killed run, run again, ends equal to an uninterrupted one.
 """
@@ -28,14 +29,16 @@ killed run, run again, ends equal to an uninterrupted one.
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from ..fileio import atomic_file, write_json
+from ..fileio import atomic_file, weights_digest, write_json
 from ..image_processing_groupvq import GroupVQImageProcessor
 from ..quantizer import RESIZE_MODES
 
@@ -51,8 +54,11 @@ DATA_DIR = "data"
 # settings two runs into the same folder must share (else the folder is refused, naming the differences)
 SETTINGS = (
     "model", "dataset", "split", "image_column", "label_column", "resolution", "augment", "codebook_size", "resize",
-    "max_samples", "rows_per_shard", "num_processes", "dataloader_num_workers",
+    "max_samples", "rows_per_shard", "num_processes", "dataloader_num_workers", "layout",
 )  # fmt: skip
+# 2: shards named `{split}-{rank:05d}-of-{world:05d}-...` (1: `{split}-{rank:03d}-...`, which `datasets` read as a
+# split only for train/validation/test); a folder of another layout is refused, naming it
+LAYOUT = 2
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -140,6 +146,11 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
     if token_grid is None:
         side = round(length**0.5)
         token_grid = (side, side)
+    if (
+        not isinstance(token_grid, (list, tuple)) or len(token_grid) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in token_grid)
+    ):  # fmt: skip
+        raise ValueError(f"`token_grid` must be two positive ints [h, w], got {token_grid!r}.")
     h, w = (int(v) for v in token_grid)
     if h * w != length:
         raise ValueError(f"`token_grid` {[h, w]} holds {h * w} tokens, but a row of `tokens` has {length}.")
@@ -182,7 +193,9 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
     record_path = output_dir / RECORD_FILE
     existing = None
     if output_dir.is_dir() and any(output_dir.iterdir()):
-        if overwrite:
+        if not record_path.is_file() and _only_setup_files(output_dir):
+            pass  # killed while the folder was being set up (before its record was in place): start it afresh
+        elif overwrite:
             for name in ours:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -202,26 +215,41 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
                 "empty or new folder, or --overwrite."
             )
     try:
-        (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if existing is None:  # first: a folder with our record is ours, whenever a kill comes
+            write_json({"status": "running", "settings": settings}, record_path, single_writer=True)
+        (output_dir / DATA_DIR).mkdir(exist_ok=True)
         (output_dir / PROGRESS_DIR).mkdir(exist_ok=True)
         probe = output_dir / PROGRESS_DIR / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise ValueError(f"`output_dir` {str(output_dir)!r} is not writable: {err}") from err
-    if existing is None:
-        write_json({"status": "running", "settings": settings}, record_path, single_writer=True)
     return existing
 
 
-def shard_name(split: str, rank: int, worker: int, chunk: int) -> str:
-    return f"{split}-{rank:03d}-{worker:03d}-{chunk:05d}"
+def _only_setup_files(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds nothing but what a setup killed before its record was in place leaves: our
+    (empty) ``data/`` and ``.progress/`` folders and temporary files."""
+    for path in output_dir.iterdir():
+        if path.name in (DATA_DIR, PROGRESS_DIR) and path.is_dir():
+            if any(not p.name.startswith((".tmp-", ".probe-")) for p in path.iterdir()):
+                return False
+        elif not path.name.startswith(".tmp-"):
+            return False
+    return True
 
 
-def complete_chunks(output_dir: Path, split: str, rank: int, worker: int) -> int:
+def shard_name(split: str, rank: int, world_size: int, worker: int, chunk: int) -> str:
+    """``{split}-{rank:05d}-of-{world_size:05d}-{worker:03d}-{chunk:05d}``: `datasets`' sharded split pattern
+    (``data/{split}-NNNNN-of-NNNNN*``), from which ``load_dataset(folder, split=split)`` reads any split name."""
+    return f"{split}-{rank:05d}-of-{world_size:05d}-{worker:03d}-{chunk:05d}"
+
+
+def complete_chunks(output_dir: Path, split: str, rank: int, world_size: int, worker: int) -> int:
     """How many leading chunks of this worker's rows are written (shards are complete in order)."""
     chunk = 0
-    while (output_dir / DATA_DIR / f"{shard_name(split, rank, worker, chunk)}.parquet").is_file():
+    while (output_dir / DATA_DIR / f"{shard_name(split, rank, world_size, worker, chunk)}.parquet").is_file():
         chunk += 1
     return chunk
 
@@ -231,9 +259,10 @@ class ShardWriter:
     then renamed), with its counts in ``.progress/<shard>.json`` written first. Token grids are kept as numpy arrays
     and written as one Arrow ``FixedSizeList`` column (no Python int per token)."""
 
-    def __init__(self, output_dir: Path, split: str, rank: int, worker: int, chunk: int, rows_per_chunk: int,
-                 features):  # fmt: skip
+    def __init__(self, output_dir: Path, split: str, rank: int, world_size: int, worker: int, chunk: int,
+                 rows_per_chunk: int, features):  # fmt: skip
         self.output_dir, self.split, self.rank, self.worker = output_dir, split, rank, worker
+        self.world_size = world_size
         self.chunk, self.rows_per_chunk, self.features = chunk, rows_per_chunk, features
         self.length = features["tokens"].length
         self.columns: dict[str, list] = {name: [] for name in features}
@@ -274,7 +303,7 @@ class ShardWriter:
 
         from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-        name = shard_name(self.split, self.rank, self.worker, self.chunk)
+        name = shard_name(self.split, self.rank, self.world_size, self.worker, self.chunk)
         table = self.table()
         stats = {"num_examples": table.num_rows, "skipped": dict(sorted(self.skipped.items()))}
         write_json(stats, self.output_dir / PROGRESS_DIR / f"{name}.json", single_writer=True)
@@ -362,16 +391,36 @@ def read_progress(output_dir: Path, split: str) -> tuple[int, Counter, int]:
 
 # ---------------------------------------------------------------------------------------------------- run
 def _model_identity(model, name: str) -> dict:
-    """``{"name_or_path", "commit"}``: a local folder as an absolute path, a Hub repo id with its commit."""
+    """``{"name_or_path", "commit", "weights_sha256"}``: a local folder as an absolute path, a Hub repo id with its
+    commit, and the weights as loaded (before any resize): a folder saved again with other weights, or another
+    in-memory model, is another model."""
     local = Path(name).expanduser()
     commit = getattr(model.config, "_commit_hash", None)
+    digest = weights_digest(model)
     if local.exists():
-        return {"name_or_path": str(local.resolve()), "commit": None}
-    return {"name_or_path": name, "commit": commit}
+        return {"name_or_path": str(local.resolve()), "commit": None, "weights_sha256": digest}
+    return {"name_or_path": name, "commit": commit, "weights_sha256": digest}
+
+
+def _dataset_identity(dataset: str) -> str:
+    """``dataset`` with each local path made absolute (a relative path run from another folder is another dataset);
+    named sources, Hub ids and weights as given."""
+    from ..data.sources import SOURCES, parse_dataset_spec
+
+    parts = []
+    for name, weight in parse_dataset_spec(dataset):
+        local = Path(name).expanduser()
+        if name != "demo" and name not in SOURCES and local.exists():  # as `load_image_source` tells them apart
+            name = str(local.resolve())
+        parts.append(name if weight is None else f"{name}:{weight:g}")
+    return "+".join(parts)
 
 
 def _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader_num_workers, max_samples,
-                     resize_mode, codebook_size) -> None:  # fmt: skip
+                     resize_mode, codebook_size, split) -> None:  # fmt: skip
+    if not isinstance(split, str) or not re.fullmatch(r"\w+(\.\w+)*", split):  # `datasets`' rule for split names
+        raise ValueError(f"`split` must be a split name of letters, digits and underscores, got {split!r}.")
+
     def positive(value, name, allow_none=False):
         if allow_none and value is None:
             return
@@ -442,7 +491,7 @@ def tokenize_dataset(
     from ..evaluation import build_accelerator, load_model
 
     _check_arguments(resolution, augment, rows_per_shard, batch_size, dataloader_num_workers, max_samples,
-                     resize_mode, codebook_size)  # fmt: skip
+                     resize_mode, codebook_size, split)  # fmt: skip
     accelerator = accelerator or build_accelerator()
     rank, world_size = accelerator.process_index, accelerator.num_processes
     output_dir = Path(output_dir).expanduser()
@@ -453,6 +502,7 @@ def tokenize_dataset(
     else:
         model = model.to(accelerator.device).eval()
     trained = {"codebook_size": model.config.codebook_size, "group_sizes": list(model.quantizer.group_sizes)}
+    identity = _model_identity(model, name)  # the weights as loaded, before any resize
     resize = None
     if codebook_size is not None:  # Algorithm 2; an impossible size raises here, before any image is read
         try:
@@ -476,10 +526,11 @@ def tokenize_dataset(
     )  # fmt: skip
     features = _output_features((stream.examples.features or {}).get("label"), grid[0] * grid[1])
     settings = {
-        "model": _model_identity(model, name), "dataset": dataset, "split": split, "image_column": image_column,
+        "model": identity, "dataset": _dataset_identity(dataset), "split": split, "image_column": image_column,
         "label_column": label_column, "resolution": resolution, "augment": augment,
         "codebook_size": model.config.codebook_size, "resize": resize, "max_samples": max_samples,
         "rows_per_shard": rows_per_shard, "num_processes": world_size, "dataloader_num_workers": dataloader_num_workers,
+        "layout": LAYOUT,
     }  # fmt: skip
     error, complete = None, False
     if accelerator.is_main_process:
@@ -497,9 +548,11 @@ def tokenize_dataset(
 
     workers = max(1, dataloader_num_workers)
     rows_per_chunk = max(1, rows_per_shard // len(views))
-    done = {w: complete_chunks(output_dir, split, rank, w) for w in range(workers)}
+    done = {w: complete_chunks(output_dir, split, rank, world_size, w) for w in range(workers)}
     stream.resume_at = {w: (0, chunks * rows_per_chunk) for w, chunks in done.items()}
-    writers = {w: ShardWriter(output_dir, split, rank, w, done[w], rows_per_chunk, features) for w in range(workers)}
+    writers = {
+        w: ShardWriter(output_dir, split, rank, world_size, w, done[w], rows_per_chunk, features) for w in range(workers)
+    }
     loader = torch.utils.data.DataLoader(
         stream, batch_size=batch_size, collate_fn=collate_examples, num_workers=dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
@@ -539,11 +592,17 @@ def tokenize_dataset(
 def _finish(accelerator, output_dir, split, settings, model, grid, views, resize, dataset, label_column, features,
             notes, push_to_hub, private) -> dict:  # fmt: skip
     """Write the record and the card from the complete shards (main process), push them; the record everywhere."""
-    record = None
+    record = error = None
     if accelerator.is_main_process:
         from .card import push_tokens_to_hub, write_dataset_card
 
         num_examples, skipped, num_shards = read_progress(output_dir, split)
+        if num_examples == 0:  # a folder `load_dataset` cannot load: no card, the record stays "running"
+            error = (
+                f"No image of `dataset` {dataset!r} (split {split!r}) could be tokenized: "
+                f"{sum(skipped.values())} skipped {dict(sorted(skipped.items()))}."
+            )
+    if error is None and accelerator.is_main_process:
         record = {
             "status": "complete", "settings": settings, "model": settings["model"],
             "codebook_size": model.config.codebook_size, "num_groups": model.quantizer.num_groups,
@@ -564,7 +623,10 @@ def _finish(accelerator, output_dir, split, settings, model, grid, views, resize
         if push_to_hub:
             record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, private=private)
     accelerator.wait_for_everyone()
-    return _broadcast(accelerator, record)
+    error, record = _broadcast(accelerator, (error, record))
+    if error:
+        raise ValueError(error)
+    return record
 
 
 def _broadcast(accelerator, value):

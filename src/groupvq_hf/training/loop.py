@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import hashlib
 import json
 import os
 import time
@@ -27,6 +26,7 @@ import torch
 from ..configuration_groupvq import GroupVQConfig
 from ..data.sizing import dataset_num_examples
 from ..data.stream import ResumableBatches
+from ..fileio import weights_digest
 from ..image_processing_groupvq import to_uint8
 from .arguments import (
     check_resolution,
@@ -62,16 +62,6 @@ from .finetune import (
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers (names, dtypes and bytes), to compare replicas and runs."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def reconstruction_grid(pixels: torch.Tensor, reconstruction: torch.Tensor):
     """A PIL image: originals on the top row, reconstructions below (inputs in [-1, 1])."""
     from PIL import Image
