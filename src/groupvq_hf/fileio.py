@@ -176,7 +176,6 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
-    "weights_digest",
     "atomic_directory", "atomic_file", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
-    "write_json",
+    "weights_digest", "write_json",
 ]

@@ -114,6 +114,13 @@ def _guess_image_column(features, where: str) -> str:
     raise ValueError(f"No image column found in {where} (columns: {list(features)}); pass `image_column`.")
 
 
+def local_source_path(name: str) -> Path | None:
+    """The local file or folder a source ``name`` stands for; None for ``demo``, a named source or a Hub repo id
+    (a named source wins over a folder of the same name)."""
+    path = Path(name).expanduser()
+    return path if name != "demo" and name not in SOURCES and path.exists() else None
+
+
 def local_loader(path: Path) -> tuple[str, dict]:
     """``load_dataset`` arguments for a local file or folder (parquet, webdataset tar shards or image files)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -268,8 +275,7 @@ def load_image_source(
     if source is not None:
         column = image_column or source.image_column
         ds = _load_split(source.location(), source.split(split), streaming, source.config)
-    elif Path(name).expanduser().exists():
-        path = Path(name).expanduser()
+    elif (path := local_source_path(name)) is not None:
         kind, kwargs = local_loader(path)
         ds = _load_split(kind, _local_split(kind, kwargs, split, f"local dataset {name!r}", notes), streaming, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
@@ -382,6 +388,7 @@ __all__ = [
     "SPLIT_ALIASES",
     "load_image_source",
     "local_loader",
+    "local_source_path",
     "parse_dataset_spec",
     "shard_errors",
 ]

@@ -395,23 +395,22 @@ def _model_identity(model, name: str) -> dict:
     commit, and the weights as loaded (before any resize): a folder saved again with other weights, or another
     in-memory model, is another model."""
     local = Path(name).expanduser()
-    commit = getattr(model.config, "_commit_hash", None)
-    digest = weights_digest(model)
     if local.exists():
-        return {"name_or_path": str(local.resolve()), "commit": None, "weights_sha256": digest}
-    return {"name_or_path": name, "commit": commit, "weights_sha256": digest}
+        name_or_path, commit = str(local.resolve()), None
+    else:
+        name_or_path, commit = name, getattr(model.config, "_commit_hash", None)
+    return {"name_or_path": name_or_path, "commit": commit, "weights_sha256": weights_digest(model)}
 
 
 def _dataset_identity(dataset: str) -> str:
     """``dataset`` with each local path made absolute (a relative path run from another folder is another dataset);
     named sources, Hub ids and weights as given."""
-    from ..data.sources import SOURCES, parse_dataset_spec
+    from ..data.sources import local_source_path, parse_dataset_spec
 
     parts = []
     for name, weight in parse_dataset_spec(dataset):
-        local = Path(name).expanduser()
-        if name != "demo" and name not in SOURCES and local.exists():  # as `load_image_source` tells them apart
-            name = str(local.resolve())
+        local = local_source_path(name)
+        name = name if local is None else str(local.resolve())
         parts.append(name if weight is None else f"{name}:{weight:g}")
     return "+".join(parts)
 

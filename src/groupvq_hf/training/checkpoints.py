@@ -65,7 +65,12 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike, complete_only: bool = Tr
     found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
     if complete_only:
         found = [p for p in found if is_complete_checkpoint(p)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
@@ -88,9 +93,7 @@ def set_aside_later_checkpoints(checkpoint_dir: str | os.PathLike, step: int) ->
     checkpoint. Left in place, `latest` would resume them after a crash, and [`rotate_checkpoints`], which keeps the
     highest steps, would delete this run's new checkpoints first. Moved aside, nothing is lost."""
     root = Path(checkpoint_dir)
-    later = [
-        p for p in list_checkpoints(root, complete_only=False) if int(p.name[len(CHECKPOINT_PREFIX) :]) > step
-    ]
+    later = [p for p in list_checkpoints(root, complete_only=False) if checkpoint_step(p) > step]
     if not later:
         return []
     aside = root / f"set-aside-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-at-step-{step}"
@@ -485,6 +488,7 @@ def check_optimizer_states(folder: str | os.PathLike, optimizers: list) -> None:
 
 __all__ = [
     "check_optimizer_states",
+    "checkpoint_step",
     "CHECKPOINT_PREFIX",
     "COMPLETE_FILE",
     "EMA_STATE_FILE",
