@@ -433,3 +433,81 @@ def test_names_moved_out_of_sources_still_import_from_there_with_a_deprecation_w
                 assert getattr(sources, name) is getattr(home, name)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         sources.not_a_name
+
+
+# ------------------------------------------------------------------------------------ odd shards, rows and paths
+def _image_struct_table(blobs, extra: dict | None = None, hf_image_feature: bool = False):
+    """An arrow table in ImageNet's parquet schema (image {bytes, path}, label) from ``blobs`` (bytes or a dict
+    standing for the image value as stored), with ``extra`` columns; ``hf_image_feature`` adds datasets' own
+    schema metadata (the column is then an ``Image`` feature, as in shards written by ``datasets``)."""
+    import datasets
+    import pyarrow as pa
+
+    images = [b if isinstance(b, dict) or b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(blobs)]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {"image": pa.array(images, struct), "label": pa.array([i % 3 for i in range(len(blobs))], pa.int64())}
+    table = pa.table({**columns, **{name: pa.array(values) for name, values in (extra or {}).items()}})
+    if hf_image_feature:
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        features.update({name: datasets.Value("string") for name in extra or {}})
+        table = table.replace_schema_metadata(features.arrow_schema.metadata)
+    return table
+
+
+def _decoded_and_skipped(spec: str, **kwargs):
+    stream = build_image_dataset(spec, resolution=8, train=False, **kwargs)
+    examples = list(stream)
+    return sum(e["pixel_values"] is not None for e in examples), [e["skipped"] for e in examples if e["pixel_values"] is None]
+
+
+@pytest.mark.parametrize("extra_in", ["second", "first"])
+def test_a_shard_with_an_extra_or_missing_column_is_read_in_full(tmp_path, extra_in):
+    """Shards of one dataset whose columns drift (a caption added to later shards, or dropped from them) are read
+    like the others: before, a later shard with an extra column was dropped whole as unreadable."""
+    import pyarrow.parquet as pq
+
+    for shard in range(2):
+        blobs = [_jpeg(10 * shard + i) for i in range(5)]
+        has_extra = (shard == 1) == (extra_in == "second")
+        extra = {"caption": [f"caption {i}" for i in range(5)]} if has_extra else None
+        pq.write_table(_image_struct_table(blobs, extra), tmp_path / f"train-{shard:05d}-of-00002.parquet")
+    assert _decoded_and_skipped(str(tmp_path)) == (10, [])
+    labelled = list(build_image_dataset(str(tmp_path), resolution=8, train=False, label_column="label"))
+    assert [e["label"] for e in labelled] == [i % 3 for i in range(5)] * 2
+
+
+@pytest.mark.parametrize("hf_image_feature", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_an_image_with_neither_bytes_nor_path_is_skipped_and_counted(tmp_path, hf_image_feature, train):
+    """``{"bytes": None, "path": None}`` (an empty struct, as a null image often lands in parquet) is a bad image
+    like a null one: skipped and counted, never a crash of the whole stream."""
+    import pyarrow.parquet as pq
+
+    blobs = [_jpeg(i) for i in range(6)]
+    blobs[2], blobs[4] = {"bytes": None, "path": None}, None
+    pq.write_table(_image_struct_table(blobs, hf_image_feature=hf_image_feature), tmp_path / "train.parquet")
+    if not train:
+        decoded, skipped = _decoded_and_skipped(str(tmp_path))
+        assert decoded == 4 and len(skipped) == 2 and all(reason == "missing_image" for reason in skipped)
+        return
+    stream = build_image_dataset(str(tmp_path), resolution=8, train=True, shuffle_buffer_size=1)
+    examples = list(stream)
+    assert len(examples) == 4 and stream.skipped == {"missing_image": 2}
+
+
+def test_a_local_path_holding_a_plus_sign_is_one_source_not_a_mix(tmp_path):
+    folder = tmp_path / "photos+more"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_jpeg(i, fmt="PNG"))
+    assert parse_dataset_spec(str(folder)) == [(str(folder), 1.0)]
+    assert _decoded_and_skipped(str(folder)) == (3, [])
+    assert parse_dataset_spec("demo+coco") == [("demo", 0.5), ("coco", 0.5)]  # a spec that is no path still mixes
+
+
+def test_a_missing_local_path_shaped_like_a_repo_id_offline_is_a_clear_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"'no-such/folder' is not an existing local path.*Offline, only local paths"):
+        build_image_dataset("no-such/folder", resolution=8)

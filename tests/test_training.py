@@ -355,7 +355,7 @@ def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path
         skipped, converted = skipped + batch["num_skipped"], converted + batch.get("num_converted", 0)
     assert converted > 0 and (result["skipped_images"], result["converted_images"]) == (skipped, converted)
     out = capsys.readouterr().out
-    assert f"Training images skipped (undecodable or too small): {skipped}; converted to RGB: {converted}." in out
+    assert f"Training images skipped (missing, undecodable or too small): {skipped}; converted to RGB: {converted}." in out
     # the folder has a single split: the usage images are training images, and the end of the run says so
     usage = result["validation_codebook_usage"]
     usage_line = f"Codebook usage of the EMA model on 4 images of the training split 'train' (not held out): {usage:.3f}"

@@ -180,7 +180,8 @@ def render_crop(image: Image.Image, plan: CropPlan, scale: int = 1) -> torch.Ten
 
 
 class SkippedImage(ValueError):
-    """An image the stream leaves out; ``reason`` is ``"too_small"`` or ``"undecodable:<error type>"``."""
+    """An image the stream leaves out; ``reason`` is ``"too_small"``, ``"missing_image"`` (a null image, or neither
+    bytes nor path) or ``"undecodable:<error type>"``."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -226,8 +227,11 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
     EXIF-rotated JPEGs and ``full_decode=True`` decode in full and apply ``transform`` itself: today's output
     exactly (evaluation protocols that must match a reference preprocessing pass ``full_decode=True``, and a
     transform with ``decode_as_reference = True`` gets the image as their loaders open it: `open_as_reference`).
-    Raises `SkippedImage` for an undecodable image and one whose shorter side is below ``min_image_size``.
+    Raises `SkippedImage` for a missing image (None, or neither bytes nor path), an undecodable one and one whose
+    shorter side is below ``min_image_size``.
     """
+    if not image or (image.get("bytes") is None and not image.get("path")):
+        raise SkippedImage("missing_image")
     source = None if full_decode else _open_jpeg(image or {})
     if source is not None:  # the geometry first, from the header's size (outside the try: a bad transform raises)
         full_size, plan = source.size, plan_crop(transform, source.size)

@@ -78,6 +78,8 @@ def parse_dataset_spec(dataset: str) -> list[tuple[str, float]]:
         raise ValueError(
             f"`dataset` must be a non-empty string (demo, imagenet, coco, a+b, a repo id or a path), got {dataset!r}."
         )
+    if local_source_path(dataset) is not None:  # an existing file or folder, even with "+" or ":" in its name
+        return [(dataset, 1.0)]
     parts = []
     for part in dataset.split("+"):
         name, weight = part.strip(), None
@@ -171,11 +173,29 @@ def shard_errors() -> tuple[type[BaseException], ...]:
 
 
 def _open_shard(kind: str, shard: str, features=None):
-    """One data file read by datasets' own ``kind`` builder, as a streaming dataset (nothing decoded)."""
+    """One data file read by datasets' own ``kind`` builder, as a streaming dataset (nothing decoded). With
+    ``features`` (the first shard's), a parquet file is read for those columns only: a later shard holding one
+    more column (a caption added to a dataset over time) is read like the others."""
     import datasets
 
-    ds = datasets.load_dataset(kind, data_files=[shard], split="train", streaming=True, features=features)
+    columns = {}
+    if features is not None and kind == "parquet":  # the shard's own columns from its footer (local or hf:// file)
+        import fsspec
+        import pyarrow.parquet as pq
+
+        with fsspec.open(shard, "rb") as file:
+            held = set(pq.read_schema(file).names)
+        columns = {"columns": [name for name in features if name in held]}  # a missing one is filled with nulls
+    ds = datasets.load_dataset(kind, data_files=[shard], split="train", streaming=True, features=features, **columns)
     return ds.decode(False)
+
+
+def _no_empty_images(row: dict) -> dict:
+    """``row`` with every ``{"bytes": None, "path": None}`` value (how a null image often lands in parquet) made None:
+    `datasets.Image` refuses to encode it and would end the stream, while None is a missing image, skipped and
+    counted like an undecodable one."""
+    empty = {"bytes": None, "path": None}
+    return {name: None if value == empty else value for name, value in row.items()}
 
 
 def _read_shards(shards: list[str], kind: str, features):
@@ -187,7 +207,7 @@ def _read_shards(shards: list[str], kind: str, features):
             # shard's rows across workers again; the outer stream already gave this worker its shards)
             for rows in _open_shard(kind, shard, features).iter(batch_size=SHARD_READ_ROWS):
                 for values in zip(*rows.values()):
-                    yield {**dict(zip(rows, values)), UNREADABLE_SHARD: ""}
+                    yield {**_no_empty_images(dict(zip(rows, values))), UNREADABLE_SHARD: ""}
         except shard_errors() as err:
             logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
             yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
@@ -280,7 +300,14 @@ def load_image_source(
         ds = _load_split(kind, _local_split(kind, kwargs, split, f"local dataset {name!r}", notes), streaming, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
-        ds = _load_split(name, split, streaming)
+        try:
+            ds = _load_split(name, split, streaming)
+        except ConnectionError as err:  # offline (HF_HUB_OFFLINE=1) or no network: say what else it could have been
+            raise ValueError(
+                f"`dataset` source {name!r} is not an existing local path, and the Hub dataset of that name cannot be "
+                f"reached ({err}). Offline, only local paths, 'demo' and the named sources' local mirrors "
+                "(GROUPVQ_<NAME>_PATH) can be read."
+            ) from err
         column = image_column or _guess_image_column(ds.features, name)
     else:
         raise ValueError(

@@ -37,7 +37,7 @@ def _describe(record: dict, location: str) -> str:
         ),
         f"- Token grid: {h} x {w} = {h * w} tokens per row, row-major (`tokens[i * {w} + j]` is row i, column j).",
         f"- Views per image (`--augment {record['augment']}`): {views}.",
-        f"- Rows: {record['num_examples']:,}; images skipped (undecodable or too small): {record['num_skipped']}"
+        f"- Rows: {record['num_examples']:,}; images skipped (missing, undecodable or too small): {record['num_skipped']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in record['skipped'].items())})" if record["num_skipped"] else "")
         + ".",
         "",

@@ -787,7 +787,7 @@ def finish_training(run: TrainingRun, state: LoopState) -> dict:
         result.update(export_final_model(run, state))
         # Printed also without trackers (--report_to none): every process has the totals.
         print(
-            f"Training images skipped (undecodable or too small): {state.skipped_images}; converted to RGB: "
+            f"Training images skipped (missing, undecodable or too small): {state.skipped_images}; converted to RGB: "
             f"{state.converted_images}."
         )
     accelerator.end_training()
