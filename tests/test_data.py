@@ -511,3 +511,28 @@ def test_a_missing_local_path_shaped_like_a_repo_id_offline_is_a_clear_error(mon
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"'no-such/folder' is not an existing local path.*Offline, only local paths"):
         build_image_dataset("no-such/folder", resolution=8)
+
+
+def test_epoch_sizes_count_what_the_stream_reads_for_odd_folders_and_tar_samples(tmp_path):
+    """The epoch size equals the rows streamed: image-folder extensions datasets reads (.jfif, .ppm, upper case)
+    count, and a tar sample with two image members (a photo and its mask) is one row, not two."""
+    from groupvq_hf.data import dataset_num_examples
+
+    folder = tmp_path / "folder"
+    formats = {".png": "PNG", ".JPEG": "JPEG", ".jfif": "JPEG", ".ppm": "PPM", ".tif": "TIFF"}
+    for i, (suffix, fmt) in enumerate(formats.items()):
+        (folder / "train").mkdir(parents=True, exist_ok=True)
+        (folder / "train" / f"{i}{suffix}").write_bytes(_jpeg(i, fmt=fmt))
+    (folder / "train" / "notes.txt").write_text("not an image")
+    assert dataset_num_examples(str(folder)) == len(list(build_image_dataset(str(folder), resolution=8))) == 5
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "train-0000.tar", "w") as tar:
+        for i in range(3):
+            for name, blob in ((f"s{i}.jpg", _jpeg(i)), (f"s{i}.seg.png", _jpeg(9, fmt="PNG")), (f"s{i}.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    streamed = list(build_image_dataset(str(shards), resolution=8, image_column="jpg"))
+    assert dataset_num_examples(str(shards)) == len(streamed) == 3

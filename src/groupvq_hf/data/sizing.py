@@ -15,9 +15,10 @@ KNOWN_DATASET_SIZES = {
 
 
 def _count_shard_rows(kind: str, shard: str) -> int:
-    """Rows of one local parquet file (from its metadata) or images in one tar shard; 0 for an unreadable one
-    (the stream skips it and names it)."""
-    from ..data.sources import IMAGE_EXTENSIONS, shard_errors
+    """Rows of one local parquet file (from its metadata) or samples in one tar shard (as datasets' webdataset
+    builder groups members into samples: by the name before the first dot, so ``k.jpg`` + ``k.seg.png`` + ``k.cls``
+    is one row); 0 for an unreadable one (the stream skips it and names it)."""
+    from ..data.sources import shard_errors
 
     try:
         if kind == "parquet":
@@ -26,21 +27,25 @@ def _count_shard_rows(kind: str, shard: str) -> int:
             return pq.ParquetFile(shard).metadata.num_rows
         import tarfile
 
+        from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
         with tarfile.open(shard) as tar:
-            return sum(1 for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS))
+            keys = (base_plus_ext(m.name)[0] for m in tar if m.isfile())
+            return len({key for key in keys if key is not None})
     except shard_errors():
         return 0
 
 
 def _count_local_rows(kind: str, files: list[str]) -> int:
-    """Rows of local parquet files, images of an image folder, or images in tar shards (readable shards only)."""
-    from ..data.sources import IMAGE_EXTENSIONS
+    """Rows of local parquet files, images of an image folder, or samples in tar shards (readable shards only)."""
+    from ..data.sources import image_extensions
 
     if kind == "parquet":
         return sum(_count_shard_rows(kind, f) for f in files if f.endswith(".parquet"))
     if kind == "webdataset":
         return sum(_count_shard_rows(kind, f) for f in files)
-    return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    extensions = image_extensions()
+    return sum(1 for f in files if Path(f).suffix.lower() in extensions)
 
 
 def dataset_num_examples(dataset: str, split: str = "train", network: bool = True) -> int | None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from .demo import demo_dataset
 from .rows import UNREADABLE_SHARD, row_features
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARDED_FORMATS = ("parquet", "webdataset")  # datasets builders whose data files are read shard by shard
 SHARD_READ_ROWS = 64  # rows read from a shard at a time (a damaged shard loses at most these before its marker)
 
@@ -123,6 +122,14 @@ def local_source_path(name: str) -> Path | None:
     return path if name != "demo" and name not in SOURCES and path.exists() else None
 
 
+def image_extensions() -> tuple[str, ...]:
+    """The file extensions (lower case, with the dot) that ``datasets``' imagefolder and webdataset builders read as
+    images: one list for what a local folder streams and what sizing counts (`groupvq_hf.data.sizing`)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return tuple(ImageFolder.EXTENSIONS)
+
+
 def local_loader(path: Path) -> tuple[str, dict]:
     """``load_dataset`` arguments for a local file or folder (parquet, webdataset tar shards or image files)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -131,12 +138,12 @@ def local_loader(path: Path) -> tuple[str, dict]:
         kind = "parquet"
     elif suffixes[".tar"]:
         kind = "webdataset"
-    elif any(suffixes[e] for e in IMAGE_EXTENSIONS):
+    elif any(suffixes[e] for e in image_extensions()):
         kind = "imagefolder"
     else:
         raise ValueError(
-            f"`dataset` path {str(path)!r} holds no parquet files, webdataset .tar shards or images "
-            f"({', '.join(IMAGE_EXTENSIONS)})."
+            f"`dataset` path {str(path)!r} holds no parquet files, webdataset .tar shards or images (files ending "
+            "in .jpg, .jpeg, .png, .webp ... : any extension datasets' imagefolder reads)."
         )
     if path.is_file():
         return kind, {"data_files": {"train": str(path)}}
@@ -395,6 +402,8 @@ def __getattr__(name: str):
     import importlib
     import warnings
 
+    if name == "IMAGE_EXTENSIONS":  # a constant until 2026-12-05, now datasets' own list (read lazily)
+        return image_extensions()
     for module in SPLIT_INTO:
         home = importlib.import_module(f"{__package__}.{module}")
         if name in home.__all__:
@@ -410,9 +419,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataSource",
-    "IMAGE_EXTENSIONS",
     "SOURCES",
     "SPLIT_ALIASES",
+    "image_extensions",
     "load_image_source",
     "local_loader",
     "local_source_path",
