@@ -536,3 +536,52 @@ def test_epoch_sizes_count_what_the_stream_reads_for_odd_folders_and_tar_samples
                 tar.addfile(info, io.BytesIO(blob))
     streamed = list(build_image_dataset(str(shards), resolution=8, image_column="jpg"))
     assert dataset_num_examples(str(shards)) == len(streamed) == 3
+
+
+# --------------------------------------------------------------------------------------------- local image folders
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """ImageNet's ``train/<class>/*.JPEG`` layout, scaled down: 4 classes x 16 photos, plus ``val/`` (2 x 3)."""
+    root = tmp_path_factory.mktemp("class-folder")
+    for split, classes, count in (("train", 4, 16), ("val", 2, 3)):
+        for c in range(classes):
+            (root / split / f"n0{c}").mkdir(parents=True)
+            for i in range(count):
+                (root / split / f"n0{c}" / f"{split}_{c}_{i:02d}.JPEG").write_bytes(_jpeg(100 * c + i, size=(20, 16)))
+    return root
+
+
+def test_an_image_folder_without_shuffle_reads_datasets_own_rows_in_its_order(class_folder):
+    """Evaluation and tokens streams (no shuffle) read the rows datasets' imagefolder yields, in its order, with its
+    class labels (names from every split's folders)."""
+    import datasets
+
+    for split in ("train", "validation"):
+        theirs = datasets.load_dataset("imagefolder", data_dir=str(class_folder), split=split, streaming=True)
+        expected = [(row["image"]["path"], row["label"]) for row in theirs.decode(False)]
+        ours = build_image_dataset(str(class_folder), split=split, resolution=8, train=False, label_column="auto")
+        assert [(e["key"], e["label"]) for e in ours] == expected
+        assert ours.examples.features["label"] == theirs.features["label"]
+    assert ours.num_shards == 6  # one file per shard below FOLDER_SHARDS files
+
+
+def test_an_image_folder_trains_with_every_loader_worker_and_classes_mixed(class_folder):
+    """Before, an image folder was one shard: only loader worker 0 read it, and a shuffle buffer smaller than a class
+    gave single-class batches. Now its files are permuted with the seed and sharded: every worker reads, batches
+    mix classes, and each epoch holds every file once."""
+    from collections import Counter
+
+    from groupvq_hf.data import ResumableBatches
+
+    stream = build_image_dataset(str(class_folder), resolution=8, label_column="auto", shuffle_buffer_size=4, seed=3)
+    batches = iter(ResumableBatches(stream, batch_size=8, num_workers=2, seed=3))
+    epoch = [next(batches) for _ in range(8)]  # 64 photos: one epoch
+    assert Counter(b["worker"] for b in epoch) == {0: 4, 1: 4}
+    assert all(len(set(b["labels"])) >= 2 for b in epoch)
+    keys = [k for b in epoch for k in b["keys"]]
+    assert sorted(keys) == sorted(str(p) for p in (class_folder / "train").rglob("*.JPEG"))
+    # two ranks read disjoint halves that cover the folder
+    halves = [
+        _keys(build_image_dataset(str(class_folder), resolution=8, rank=rank, world_size=2, seed=3)) for rank in (0, 1)
+    ]
+    assert not set(halves[0]) & set(halves[1]) and len(halves[0]) + len(halves[1]) == 64

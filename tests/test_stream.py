@@ -94,13 +94,30 @@ def test_resume_with_loader_workers_equals_the_straight_run(parquet_folder, num_
 def test_positions_from_other_layouts_are_refused(parquet_folder):
     batches = ResumableBatches(_stream(parquet_folder), 2)
     batches.load_state_dict({"epoch": 3, "batches_in_epoch": 0})  # an epoch boundary needs no worker positions
-    assert batches.state_dict() == {"epoch": 3, "batches_in_epoch": 0, "workers": [[0, 0]]}
+    assert batches.state_dict() == {"epoch": 3, "batches_in_epoch": 0, "workers": [[0, 0]], "stream_order": 2}
     with pytest.raises(ValueError, match="older version"):
         batches.load_state_dict({"epoch": 1, "batches_in_epoch": 4})
     with pytest.raises(ValueError, match="inconsistent"):
         batches.load_state_dict({"epoch": 1, "batches_in_epoch": 4, "workers": [[3, 9]]})
     with pytest.raises(ValueError, match="no full batch"):
         next(iter(ResumableBatches(build_image_dataset(parquet_folder, resolution=16, max_samples=2), batch_size=4)))
+
+
+def test_a_mid_epoch_position_of_the_older_stream_order_resumes_with_a_warning(parquet_folder, caplog):
+    """Positions saved before image folders streamed as shards of files (no ``stream_order``) still load; mid-epoch
+    the warning says which sources may repeat or miss images; at an epoch boundary nothing is said."""
+    batches = ResumableBatches(_stream(parquet_folder), 2)
+    with caplog.at_level("WARNING"):
+        batches.load_state_dict({"epoch": 1, "batches_in_epoch": 0})
+        assert not caplog.records
+        batches.load_state_dict({"epoch": 1, "batches_in_epoch": 3, "workers": [[3, 6]]})
+    assert [r.getMessage() for r in caplog.records if "stream order 1" in r.getMessage() and "image folder" in
+            r.getMessage()]  # fmt: skip
+    assert batches.state_dict()["workers"] == [[3, 6]]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        batches.load_state_dict(batches.state_dict())
+    assert not caplog.records
 
 
 def test_rows_deleted_between_a_kill_and_the_resume_are_reported(parquet_folder, tmp_path, caplog):

@@ -28,6 +28,7 @@ from .demo import demo_dataset
 from .rows import UNREADABLE_SHARD, row_features
 
 SHARDED_FORMATS = ("parquet", "webdataset")  # datasets builders whose data files are read shard by shard
+FOLDER_SHARDS = 1024  # a local image folder streams as up to this many shards of files (`_image_files_stream`)
 SHARD_READ_ROWS = 64  # rows read from a shard at a time (a damaged shard loses at most these before its marker)
 
 logger = logging.getLogger(__name__)
@@ -242,17 +243,69 @@ def _shard_stream(kind: str, shards: list[str], where: str):
     )
 
 
-def _load_split(path: str, split: str, streaming: bool, config: str | None = None, **kwargs):
+def _read_image_files(chunks: list[list[str]], labelled: bool):
+    """The rows of local image files, chunk after chunk: the file as a stored image (its path; read when decoded)
+    and, with ``labelled``, its folder's name as the label (datasets' imagefolder rule; the ``ClassLabel`` feature
+    turns it into the class index)."""
+    for files in chunks:
+        for file in files:
+            row = {"image": {"bytes": None, "path": file}}
+            yield {**row, "label": os.path.basename(os.path.dirname(file))} if labelled else row
+
+
+def _image_files_stream(builder, split: str, files: list[str], file_order_seed: int | None, **kwargs):
+    """A local image folder's ``split`` as a stream of up to `FOLDER_SHARDS` shards of files, or None when
+    datasets' own imagefolder stream must read it (metadata files, archives, remote files).
+
+    ``datasets`` streams an image folder as one shard: only one DataLoader worker (and, split by node, rank) would
+    read it, and a shuffle buffer could not mix the classes of an ImageNet ``train/<class>/`` layout. Here the rows
+    (paths and labels) are those datasets yields, with its features; ``file_order_seed`` permutes the files before
+    they are cut into shards (training), so every shard spans the classes; None keeps datasets' sorted order."""
+    import random
+
+    import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions, files = image_extensions(), [str(f) for f in files]
+    images = [f for f in files if Path(f).suffix.lower() in extensions]
+    others = [Path(f) for f in files if Path(f).suffix.lower() not in extensions]  # datasets ignores most of them
+    if any("://" in f for f in files) or any(
+        p.name in ImageFolder.METADATA_FILENAMES or p.suffix.lower() == ".zip" or p.with_suffix("").suffix.lower()
+        in extensions for p in others
+    ) or not images:  # fmt: skip
+        return None  # metadata files, zip archives, compressed images (x.png.gz), remote files or no image
+    # features as datasets gives them (its class names come from every split's folders)
+    features = datasets.load_dataset(builder.name, split=split, streaming=True, **kwargs).features
+    features["image"] = datasets.Image(decode=False)
+    if file_order_seed is not None:
+        random.Random(file_order_seed).shuffle(images)
+    size = -(-len(images) // FOLDER_SHARDS)
+    chunks = [images[i : i + size] for i in range(0, len(images), size)]
+    return datasets.IterableDataset.from_generator(
+        _read_image_files, features=features, gen_kwargs={"chunks": chunks, "labelled": "label" in features}
+    )
+
+
+def _load_split(
+    path: str, split: str, streaming: bool, config: str | None = None, file_order_seed: int | None = None, **kwargs
+):
     import datasets
 
     if streaming:  # parquet and webdataset files are read shard by shard, so that a damaged one is skipped
         builder = datasets.load_dataset_builder(path, config, **kwargs)
         files = {str(name): list(shards) for name, shards in (builder.config.data_files or {}).items()}
-        if builder.name in SHARDED_FORMATS and files:
+        if (builder.name in SHARDED_FORMATS or builder.name == "imagefolder") and files:
             for name in (split, *SPLIT_ALIASES.get(split, ())):
-                if name in files:
+                if name not in files:
+                    continue
+                if builder.name in SHARDED_FORMATS:
                     return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
-            raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
+                stream = _image_files_stream(builder, name, files[name], file_order_seed, **kwargs)
+                if stream is not None:
+                    return stream
+                break
+            else:
+                raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
@@ -278,6 +331,7 @@ def load_image_source(
     streaming: bool = True,
     notes: list[str] | None = None,
     label_column: str | None = None,
+    file_order_seed: int | None = None,
 ):
     """One source as an ``IterableDataset`` with columns ``image`` (``Image(decode=False)``) and ``key`` (and
     ``label`` with ``label_column``).
@@ -286,6 +340,8 @@ def load_image_source(
     file or folder with a single split is read for any ``split``, with a line appended to ``notes``.
     ``label_column``: a column to keep as ``label`` (its feature, a ``ClassLabel`` with its names, kept), ``"auto"``
     (the named source's label column, else the first ``ClassLabel`` column, else none) or None (no label).
+    ``file_order_seed``: a local image folder's files are permuted with this seed before they are cut into shards
+    (`_image_files_stream`; training streams pass their seed), None keeps their sorted order.
     """
     import datasets
 
@@ -301,10 +357,11 @@ def load_image_source(
     source = SOURCES.get(name)
     if source is not None:
         column = image_column or source.image_column
-        ds = _load_split(source.location(), source.split(split), streaming, source.config)
+        ds = _load_split(source.location(), source.split(split), streaming, source.config, file_order_seed)
     elif (path := local_source_path(name)) is not None:
         kind, kwargs = local_loader(path)
-        ds = _load_split(kind, _local_split(kind, kwargs, split, f"local dataset {name!r}", notes), streaming, **kwargs)
+        local_split = _local_split(kind, kwargs, split, f"local dataset {name!r}", notes)
+        ds = _load_split(kind, local_split, streaming, file_order_seed=file_order_seed, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
         try:

@@ -27,6 +27,9 @@ from .rows import UNREADABLE_SHARD, example_key, example_seed, hash_seed
 from .sources import load_image_source, parse_dataset_spec
 
 SHUFFLE_BUFFER_SIZE = 1000
+# The stream order a saved data position refers to. 2 (2026-12-05): a local image folder streams as many shards of
+# files, permuted with the run's seed for training (1: as one shard in sorted order).
+STREAM_ORDER = 2
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +240,11 @@ def build_image_dataset(
     notes: list[str] = []
     if label_column == "auto" and len(parts) > 1:
         label_column = None  # a mix of sources has no one label set
-    sources = [load_image_source(name, split, image_column, streaming, notes, label_column) for name, _ in parts]
+    order_seed = seed if train else None  # a local image folder's files, permuted once before they are sharded
+    sources = [
+        load_image_source(name, split, image_column, streaming, notes, label_column, file_order_seed=order_seed)
+        for name, _ in parts
+    ]
     if len(sources) == 1:
         ds = sources[0]
     else:
@@ -323,6 +330,7 @@ class ResumableBatches:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "workers": [list(position) for position in self.workers],
+            "stream_order": STREAM_ORDER,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -343,6 +351,14 @@ class ResumableBatches:
         if sum(int(b) for b, _ in workers) != batches:
             raise ValueError(
                 f"The data position {state} is inconsistent: worker batches do not sum to batches_in_epoch."
+            )
+        order = int(state.get("stream_order", 1))
+        if batches and order != STREAM_ORDER:
+            logger.warning(
+                f"The data position was saved mid-epoch (epoch {epoch}, batch {batches}) with stream order {order}; this "
+                f"version reads order {STREAM_ORDER}, in which a local image folder streams as shuffled shards of files. "
+                "If this run reads a local image folder, the rest of this epoch may repeat or miss some of its images "
+                "(other sources resume exactly); the next epochs are whole."
             )
         self.epoch, self.batches_in_epoch = epoch, batches
         self.workers = [[int(b), int(r)] for b, r in workers]

@@ -57,8 +57,10 @@ SETTINGS = (
     "max_samples", "rows_per_shard", "num_processes", "dataloader_num_workers", "layout",
 )  # fmt: skip
 # 2: shards named `{split}-{rank:05d}-of-{world:05d}-...` (1: `{split}-{rank:03d}-...`, which `datasets` read as a
-# split only for train/validation/test); a folder of another layout is refused, naming it
-LAYOUT = 2
+# split only for train/validation/test); 3: a local image folder streams as many shards of files, so its rows are split
+# across processes and loader workers by file chunks (2: as one shard, by row); a folder of another layout is
+# refused, naming it
+LAYOUT = 3
 
 
 # ---------------------------------------------------------------------------------------------------- views
