@@ -232,7 +232,7 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
     """
     if not image or (image.get("bytes") is None and not image.get("path")):
         raise SkippedImage("missing_image")
-    source = None if full_decode else _open_jpeg(image or {})
+    source = None if full_decode else _open_jpeg(image)
     if source is not None:  # the geometry first, from the header's size (outside the try: a bad transform raises)
         full_size, plan = source.size, plan_crop(transform, source.size)
         scale = plan.dct_scale()
@@ -240,7 +240,7 @@ def decode_image(image: dict, transform, full_decode: bool = False, min_image_si
         if source is None and getattr(transform, "decode_as_reference", False):  # an evaluation protocol's loader
             decoded, mode = open_as_reference(image)
         elif source is None:
-            decoded, mode = to_rgb(open_image(image or {}))
+            decoded, mode = to_rgb(open_image(image))
         else:
             if scale > 1:
                 _, box = source.draft(source.mode, (source.width // scale, source.height // scale)) or (None, None)

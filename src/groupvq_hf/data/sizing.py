@@ -38,14 +38,13 @@ def _count_shard_rows(kind: str, shard: str) -> int:
 
 def _count_local_rows(kind: str, files: list[str]) -> int:
     """Rows of local parquet files, images of an image folder, or samples in tar shards (readable shards only)."""
-    from ..data.sources import image_extensions
+    from ..data.sources import image_files
 
     if kind == "parquet":
         return sum(_count_shard_rows(kind, f) for f in files if f.endswith(".parquet"))
     if kind == "webdataset":
         return sum(_count_shard_rows(kind, f) for f in files)
-    extensions = image_extensions()
-    return sum(1 for f in files if Path(f).suffix.lower() in extensions)
+    return len(image_files(files))
 
 
 def dataset_num_examples(dataset: str, split: str = "train", network: bool = True) -> int | None:

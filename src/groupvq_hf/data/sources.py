@@ -131,6 +131,12 @@ def image_extensions() -> tuple[str, ...]:
     return tuple(ImageFolder.EXTENSIONS)
 
 
+def image_files(files) -> list[str]:
+    """The ``files`` (paths) that are images by their extension (`image_extensions`, any case), in their order."""
+    extensions = image_extensions()
+    return [str(f) for f in files if Path(f).suffix.lower() in extensions]
+
+
 def local_loader(path: Path) -> tuple[str, dict]:
     """``load_dataset`` arguments for a local file or folder (parquet, webdataset tar shards or image files)."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -266,10 +272,10 @@ def _image_files_stream(builder, split: str, files: list[str], file_order_seed: 
     import datasets
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    extensions, files = image_extensions(), [str(f) for f in files]
-    images = [f for f in files if Path(f).suffix.lower() in extensions]
-    others = [Path(f) for f in files if Path(f).suffix.lower() not in extensions]  # datasets ignores most of them
-    if any("://" in f for f in files) or any(
+    extensions, images = image_extensions(), image_files(files)
+    kept = set(images)
+    others = [Path(f) for f in map(str, files) if f not in kept]  # datasets ignores most of them
+    if any("://" in str(f) for f in files) or any(
         p.name in ImageFolder.METADATA_FILENAMES or p.suffix.lower() == ".zip" or p.with_suffix("").suffix.lower()
         in extensions for p in others
     ) or not images:  # fmt: skip
@@ -295,17 +301,14 @@ def _load_split(
         builder = datasets.load_dataset_builder(path, config, **kwargs)
         files = {str(name): list(shards) for name, shards in (builder.config.data_files or {}).items()}
         if (builder.name in SHARDED_FORMATS or builder.name == "imagefolder") and files:
-            for name in (split, *SPLIT_ALIASES.get(split, ())):
-                if name not in files:
-                    continue
-                if builder.name in SHARDED_FORMATS:
-                    return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
-                stream = _image_files_stream(builder, name, files[name], file_order_seed, **kwargs)
-                if stream is not None:
-                    return stream
-                break
-            else:
+            name = next((n for n in (split, *SPLIT_ALIASES.get(split, ())) if n in files), None)
+            if name is None:
                 raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
+            if builder.name in SHARDED_FORMATS:
+                return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
+            stream = _image_files_stream(builder, name, files[name], file_order_seed, **kwargs)
+            if stream is not None:
+                return stream  # else datasets' own imagefolder stream, below
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
@@ -479,6 +482,7 @@ __all__ = [
     "SOURCES",
     "SPLIT_ALIASES",
     "image_extensions",
+    "image_files",
     "load_image_source",
     "local_loader",
     "local_source_path",
