@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_data import write_imagenet_shards
+from bench_data import imagenet_size_jpegs, write_imagenet_shards
 from common import interleaved_times, markdown_table, paired_ratio, print_header, spread
 
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     print_header("Resume at 90% of an epoch vs the same epoch without resume (one process)", args.clock)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "imagenet-1k"
-        shards = write_imagenet_shards(folder, args.images, args.shards)
+        shards = write_imagenet_shards(folder, imagenet_size_jpegs(args.images), args.shards)
         size_mib = sum(p.stat().st_size for p in shards) / (1 << 20)
         # the epoch's batches and the position after `fraction` of them, from one straight pass
         batches = make_batches(folder, args)

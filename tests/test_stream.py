@@ -139,3 +139,42 @@ def test_rows_deleted_between_a_kill_and_the_resume_are_reported(parquet_folder,
     assert resumed.epoch == 1 and batch["pixel_values"].shape[0] == 3
     messages = [record.getMessage() for record in caplog.records]
     assert any(f"{rows_read - 24} of the {rows_read} rows read before the resume are missing" in m for m in messages)
+
+
+def _through_first_batch_of_epoch_1(batches):
+    """Batches of epoch 0, then epoch 1's first batch (taken on its own)."""
+    epoch_0, iterator = [], iter(batches)
+    for batch in iterator:
+        if batches.epoch == 1:
+            return epoch_0, batch
+        epoch_0.append(batch)
+    raise AssertionError("the stream never reached epoch 1")
+
+
+@pytest.mark.parametrize("num_workers, batch_size", [(0, 5), (2, 4)])  # both lose a bad image without the tails
+def test_every_bad_image_of_an_epoch_is_counted_even_after_a_workers_last_full_batch(
+    parquet_folder, num_workers, batch_size
+):
+    """The 9 bad rows of the 48 are all counted by the time epoch 1's first batch arrives, also those read after a
+    loader worker's last full batch and those before the good images of the partial batch it drops. That first
+    batch also carries the bad rows epoch 1 read before it: its worker's rows read minus its images."""
+    batches = ResumableBatches(_stream(parquet_folder), batch_size, num_workers, seed=4)
+    epoch_0, first = _through_first_batch_of_epoch_1(batches)
+    assert all(batch["pixel_values"].shape[0] == batch_size for batch in epoch_0 + [first])
+    counted = sum(batch["num_skipped"] for batch in epoch_0) + first["num_skipped"]
+    assert counted == 9 + first["rows_read"] - batch_size
+
+
+def test_bad_images_read_after_a_workers_last_full_batch_are_counted_once_across_a_resume(parquet_folder):
+    """Resumed after any batch of the epoch, the rest of the run counts the same bad images as the straight run
+    (a worker's tail is neither lost nor counted twice)."""
+    straight_0, straight_first = _through_first_batch_of_epoch_1(ResumableBatches(_stream(parquet_folder), 4, 2, 4))
+    straight = straight_0 + [straight_first]
+    for k in range(len(straight_0) - 3, len(straight_0) + 1):
+        first = ResumableBatches(_stream(parquet_folder), 4, 2, seed=4)
+        _take(first, k)
+        resumed = ResumableBatches(_stream(parquet_folder), 4, 2, seed=4)
+        resumed.load_state_dict(first.state_dict())
+        rest = _take(resumed, len(straight) - k)
+        assert [b["keys"] for b in rest] == [b["keys"] for b in straight[k:]], k
+        assert [b["num_skipped"] for b in rest] == [b["num_skipped"] for b in straight[k:]], k

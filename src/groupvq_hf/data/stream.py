@@ -54,8 +54,9 @@ class ImageStream(torch.utils.data.IterableDataset):
     dropped just before it, ``converted`` is its original mode when it was converted to RGB (else ""). Training
     augmentations draw from a seed of ``(seed, rank, epoch, worker, row)`` (`example_seed`).
 
-    Evaluation streams (``train=False``) yield bad images too, as ``{"pixel_values": None, "skipped": reason,
-    "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every process and
+    A training stream ends with ``{"tail": True, "num_skipped", "worker", "row"}`` when bad images follow the
+    worker's last good one. Evaluation streams (``train=False``) yield bad images too, as ``{"pixel_values": None,
+    "skipped": reason, "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every process and
     loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
     batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
 
@@ -179,6 +180,8 @@ class ImageStream(torch.utils.data.IterableDataset):
                 "row": row, **labelled,
             }  # fmt: skip
             pending, yielded = 0, yielded + 1
+        if pending:  # bad images after this worker's last good one: a tail marker carries their count
+            yield {"tail": True, "num_skipped": pending, "worker": worker, "row": rows_read - 1}
         if rows_read < skip_rows:  # the dataset lost rows (files deleted) between the checkpoint and this resume
             logger.warning(
                 f"Process {self.rank}, loader worker {worker}: {skip_rows - rows_read} of the {skip_rows} rows read "
@@ -275,7 +278,8 @@ def collate_pixels(batch: list[dict]) -> torch.Tensor:
 def collate_examples(batch: list[dict]) -> dict:
     """A batch of [`ImageStream`] examples: ``pixel_values`` (B, 3, R, R) of the decoded ones (an empty tensor
     when there is none), their ``keys`` and stream ``rows``, the ``worker`` that read them and ``rows_read`` (rows
-    it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, ``(row, reason)`` pairs)
+    it has read through this batch), ``num_skipped`` / ``skipped`` (bad images: count, with a training stream's
+    ``tail``, and the ``(row, reason)`` pairs of an evaluation stream's)
     and ``num_converted`` / ``modes`` (converted images: count, each image's original mode or ""), and ``labels``
     when the stream carries a ``label`` column (`build_image_dataset(label_column=...)`). A batch of
     resume placeholders is ``{"placeholder": True, "worker", "rows_read"}``."""
@@ -285,13 +289,14 @@ def collate_examples(batch: list[dict]) -> dict:
     if all(example.get("placeholder") for example in batch):
         return {"placeholder": True, **position}
     good = [example for example in batch if example.get("pixel_values") is not None]
-    bad = [(example["row"], example["skipped"]) for example in batch if example.get("pixel_values") is None]
+    bad = [(example["row"], example["skipped"]) for example in batch if "skipped" in example]
+    tail = sum(int(example["num_skipped"]) for example in batch if example.get("tail"))
     modes = [example.get("converted") or "" for example in good]
     return {
         "pixel_values": collate_pixels(good) if good else torch.empty(0, 3, 0, 0),
         "keys": [example.get("key", "") for example in good],
         "rows": [example.get("row", -1) for example in good],
-        "num_skipped": sum(int(example.get("num_skipped", 0)) for example in good) + len(bad),
+        "num_skipped": sum(int(example.get("num_skipped", 0)) for example in good) + len(bad) + tail,
         "skipped": bad,
         "num_converted": sum(1 for mode in modes if mode),
         "modes": modes,
@@ -304,7 +309,9 @@ class ResumableBatches:
     """Endless batches of an [`ImageStream`], epoch after epoch, with a position that can be saved and restored.
 
     Epoch ``e`` reshuffles the stream (``set_epoch(e)``); each example's augmentation is seeded from ``(seed,
-    rank, e, worker, row)``, so the global RNG is left alone. ``state_dict`` / ``load_state_dict`` save and restore
+    rank, e, worker, row)``, so the global RNG is left alone. Every batch holds ``batch_size`` images; a loader
+    worker's last, partial batch is not trained on (as ``drop_last``), but the bad images read for it (and after it)
+    are added to the next batch's ``num_skipped``, so every bad image is counted once. ``state_dict`` / ``load_state_dict`` save and restore
     the position (a JSON-able dict); the number of loader workers must be the same when resuming mid-epoch.
     """
 
@@ -321,6 +328,7 @@ class ResumableBatches:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.workers = self._fresh_positions()
+        self._uncounted = 0  # bad images read after the last batch of the previous epoch (for its next batch)
 
     def _fresh_positions(self) -> list[list[int]]:
         return [[0, 0] for _ in range(max(1, self.num_workers))]  # per worker: [batches, rows read]
@@ -362,6 +370,7 @@ class ResumableBatches:
             )
         self.epoch, self.batches_in_epoch = epoch, batches
         self.workers = [[int(b), int(r)] for b, r in workers]
+        self._uncounted = 0
 
     def _epoch_seed(self, epoch: int) -> int:
         return hash_seed(self.seed, self.rank, epoch)
@@ -379,13 +388,18 @@ class ResumableBatches:
                 batch_size=self.batch_size,
                 collate_fn=collate_examples,
                 num_workers=self.num_workers,
-                drop_last=True,
+                drop_last=False,  # a worker's partial last batch is read for its bad-image count, then dropped
                 # workers' base seed: drawn from here, not from the global RNG (augmentations are seeded per example)
                 generator=torch.Generator().manual_seed(self._epoch_seed(epoch)),
                 pin_memory=torch.cuda.is_available(),
             )
-            count = 0
+            count, uncounted = 0, self._uncounted  # full batches; bad images of partial batches not yet reported
             for batch in loader:
+                if not batch.get("placeholder") and len(batch["keys"]) < self.batch_size:
+                    worker = batch["worker"]  # this worker's partial last batch: its rows are read, not trained on
+                    positions[worker] = [positions[worker][0], batch["rows_read"]]
+                    uncounted += batch["num_skipped"]
+                    continue
                 count += 1
                 if count <= skip:
                     if not batch.get("placeholder"):
@@ -394,6 +408,7 @@ class ResumableBatches:
                 worker = batch["worker"]
                 positions[worker] = [positions[worker][0] + 1, batch["rows_read"]]
                 self.batches_in_epoch, self.workers = count, [list(p) for p in positions]
+                batch["num_skipped"], uncounted = batch["num_skipped"] + uncounted, 0
                 yield batch
             if count == 0:
                 raise ValueError(
@@ -407,6 +422,7 @@ class ResumableBatches:
                     "saved position: the dataset or the data arguments changed."
                 )
             self.epoch, self.batches_in_epoch, self.workers = epoch + 1, 0, self._fresh_positions()
+            self._uncounted = uncounted  # reported with the next epoch's first batch
 
 
 __all__ = [
