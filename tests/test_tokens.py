@@ -191,6 +191,48 @@ def test_a_processor_with_its_own_mean_and_std_gives_the_tokens_of_its_unclamped
     assert not np.array_equal(image, GroupVQImageProcessor().postprocess(decoded, output_type="np")[0])
 
 
+def _odd_mode_images() -> dict[str, Image.Image]:
+    """A photo stored in the modes the stream converts: 16-bit and 32-bit grey, float, alpha, palette with a
+    transparent colour, CMYK, greyscale with alpha."""
+    photo = demo_images()[0].copy()
+    photo.thumbnail((60, 60))
+    grey = np.asarray(photo.convert("L"), dtype=np.float64)
+    transparent = photo.convert("RGBA")
+    transparent.putalpha(Image.fromarray((np.arange(photo.width)[None] * 4 % 256).repeat(photo.height, 0).astype(np.uint8)))
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    palette.info["transparency"] = 3
+    return {
+        "i16.png": Image.fromarray((grey * 200).astype(np.uint16)),  # 16-bit, values up to 51,000
+        "i32.tiff": Image.fromarray((grey * 3).astype(np.int32)),
+        "float.tiff": Image.fromarray((grey / 255).astype(np.float32)),  # a float image in [0, 1]
+        "rgba.png": transparent,
+        "palette.png": palette,
+        "cmyk.jpg": photo.convert("CMYK"),
+        "la.png": transparent.convert("LA"),
+    }
+
+
+def test_images_of_any_mode_give_the_tokens_of_the_processor_applied_to_the_image_as_opened(model_dir, tmp_path):
+    """16-bit, float, alpha, palette and CMYK images: every row's tokens equal ``model.encode(processor(image))``
+    with the image as PIL opens it (no conversion by the caller), so the processor and the stream convert alike."""
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    for name, image in _odd_mode_images().items():
+        image.save(folder / name)
+    out = tmp_path / "tokens"
+    _tokenize(model_dir, folder, out)
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    processor = GroupVQImageProcessor.for_resolution(RESOLUTION)
+    rows = _rows(out)
+    assert sorted(Path(row["key"]).name for row in rows) == sorted(_odd_mode_images())
+    for row in rows:
+        opened = Image.open(row["key"])
+        pixels = processor(opened, return_tensors="pt")["pixel_values"]
+        assert pixels.std() > 0.1, row["key"]  # a real picture, not a saturated one
+        with torch.no_grad():
+            assert row["tokens"] == model.encode(pixels).indices.flatten().tolist(), row["key"]
+
+
 @pytest.mark.parametrize("augment", list(AUGMENTATIONS))
 def test_loader_workers_send_uint8_views_that_normalise_to_the_processor_output_bit_for_bit(augment):
     """The workers send a quarter of the bytes; the device-side normalisation gives exactly the processed views, for

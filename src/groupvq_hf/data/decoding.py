@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
+from ..image_processing_groupvq import to_rgb  # the one RGB rule, shared with the model's processor
 from .demo import DEMO_URL, open_demo
 
 # Shorter side, in pixels, below which an image is skipped (training, evaluation) or refused (the demo page).
@@ -51,27 +52,6 @@ def open_as_reference(image: dict) -> tuple[Image.Image, str | None]:
         source = open_image(image or {})
     source.load()
     return (source, None) if source.mode == "RGB" else (source.convert("RGB"), source.mode)
-
-
-def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """Convert any PIL mode to RGB. Returns the image and the original mode when a conversion was needed.
-
-    Alpha is composited on white; 16/32-bit and float images are rescaled to 8 bits by their maximum.
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image, None
-    if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB"), mode
 
 
 def image_transform(resolution: int, train: bool, crop_scale: tuple[float, float] | None = None):
