@@ -587,3 +587,28 @@ def test_an_image_folder_trains_with_every_loader_worker_and_classes_mixed(class
         _keys(build_image_dataset(str(class_folder), resolution=8, rank=rank, world_size=2, seed=3)) for rank in (0, 1)
     ]
     assert not set(halves[0]) & set(halves[1]) and len(halves[0]) + len(halves[1]) == 64
+
+
+def test_a_stream_left_unfinished_exits_without_an_error_from_its_shard_reader(tmp_path):
+    """A script that reads one example of a parquet stream and exits: the shard reader is finalised at interpreter
+    shutdown and must not raise there (it printed an ImportError traceback, 'Python is likely shutting down')."""
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image()})
+    for shard in range(2):
+        rows = [{"image": {"bytes": _jpeg(i), "path": None}} for i in range(12)]
+        _write_parquet(tmp_path / f"train-{shard:05d}-of-00002.parquet", rows, features)
+    script = (
+        "import sys; from groupvq_hf.data import build_image_dataset\n"
+        "examples = iter(build_image_dataset(sys.argv[1], resolution=16, train=False))\n"
+        "print(next(examples)['row'])\n"  # `examples` lives until the interpreter shuts down
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "0", proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

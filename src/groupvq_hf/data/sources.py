@@ -215,6 +215,7 @@ def _no_empty_images(row: dict) -> dict:
 def _read_shards(shards: list[str], kind: str, features):
     """The rows of ``shards`` one shard after the other. A shard that cannot be read (up front or partway) is
     logged and ends in one marker row whose `UNREADABLE_SHARD` names it; the next shard follows."""
+    errors = shard_errors()  # now: a reader left unfinished is closed at shutdown, when `import` no longer works
     for shard in shards:
         try:
             # .iter(): every row of the shard, also inside a DataLoader worker (iterating the dataset would split the
@@ -222,7 +223,7 @@ def _read_shards(shards: list[str], kind: str, features):
             for rows in _open_shard(kind, shard, features).iter(batch_size=SHARD_READ_ROWS):
                 for values in zip(*rows.values()):
                     yield {**_no_empty_images(dict(zip(rows, values))), UNREADABLE_SHARD: ""}
-        except shard_errors() as err:
+        except errors as err:
             logger.warning(f"Skipping the unreadable shard {shard} ({type(err).__name__}: {err}).")
             yield {**dict.fromkeys(features), UNREADABLE_SHARD: shard}
 
