@@ -160,13 +160,11 @@ def local_loader(path: Path) -> tuple[str, dict]:
 SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}
 
 
-def _local_split(kind: str, kwargs: dict, split: str, where: str, notes: list[str]) -> str:
-    """The split of a local dataset to read for ``split``: itself, an alias (val / validation), or the only split
-    there is (with a note in ``notes``); a ValueError listing the splits otherwise."""
-    import datasets
-
+def _local_split(builder, split: str, where: str, notes: list[str]) -> str:
+    """The split of a local dataset (its ``datasets`` builder) to read for ``split``: itself, an alias (val /
+    validation), or the only split there is (with a note in ``notes``); a ValueError listing the splits otherwise."""
     # the resolved data files name the splits without reading any of them (a damaged first shard stays readable)
-    splits = [str(name) for name in datasets.load_dataset_builder(kind, **kwargs).config.data_files]
+    splits = [str(name) for name in builder.config.data_files]
     for name in (split, *SPLIT_ALIASES.get(split, ())):
         if name in splits:
             return name
@@ -260,7 +258,7 @@ def _read_image_files(chunks: list[list[str]], labelled: bool):
             yield {**row, "label": os.path.basename(os.path.dirname(file))} if labelled else row
 
 
-def _image_files_stream(builder, split: str, files: list[str], file_order_seed: int | None, **kwargs):
+def _image_files_stream(builder, split: str, files: list[str], file_order_seed: int | None):
     """A local image folder's ``split`` as a stream of up to `FOLDER_SHARDS` shards of files, or None when
     datasets' own imagefolder stream must read it (metadata files, archives, remote files).
 
@@ -282,7 +280,7 @@ def _image_files_stream(builder, split: str, files: list[str], file_order_seed: 
     ) or not images:  # fmt: skip
         return None  # metadata files, zip archives, compressed images (x.png.gz), remote files or no image
     # features as datasets gives them (its class names come from every split's folders)
-    features = datasets.load_dataset(builder.name, split=split, streaming=True, **kwargs).features
+    features = builder.as_streaming_dataset(split=split).features
     features["image"] = datasets.Image(decode=False)
     if file_order_seed is not None:
         random.Random(file_order_seed).shuffle(images)
@@ -294,12 +292,21 @@ def _image_files_stream(builder, split: str, files: list[str], file_order_seed: 
 
 
 def _load_split(
-    path: str, split: str, streaming: bool, config: str | None = None, file_order_seed: int | None = None, **kwargs
+    path: str,
+    split: str,
+    streaming: bool,
+    config: str | None = None,
+    file_order_seed: int | None = None,
+    builder=None,
+    **kwargs,
 ):
+    """``split`` of the dataset at ``path`` as an ``IterableDataset``. ``builder``: its ``datasets`` builder when
+    the caller already made one (a local folder's data files are resolved once: on ImageNet's 1.28 M files each
+    resolution walks the tree dozens of times)."""
     import datasets
 
     if streaming:  # parquet and webdataset files are read shard by shard, so that a damaged one is skipped
-        builder = datasets.load_dataset_builder(path, config, **kwargs)
+        builder = builder or datasets.load_dataset_builder(path, config, **kwargs)
         files = {str(name): list(shards) for name, shards in (builder.config.data_files or {}).items()}
         if (builder.name in SHARDED_FORMATS or builder.name == "imagefolder") and files:
             name = next((n for n in (split, *SPLIT_ALIASES.get(split, ())) if n in files), None)
@@ -307,17 +314,23 @@ def _load_split(
                 raise ValueError(f"`split` {split!r} is not a split of {path!r} (splits: {list(files)}).")
             if builder.name in SHARDED_FORMATS:
                 return _shard_stream(builder.name, files[name], f"{path!r} (split {name!r})")
-            stream = _image_files_stream(builder, name, files[name], file_order_seed, **kwargs)
+            stream = _image_files_stream(builder, name, files[name], file_order_seed)
             if stream is not None:
                 return stream  # else datasets' own imagefolder stream, below
+
+    def read(name: str):
+        if streaming:  # what load_dataset(..., streaming=True) does with the builder it makes
+            return builder.as_streaming_dataset(split=name)
+        return datasets.load_dataset(path, config, split=name, streaming=False, **kwargs)
+
     try:
-        ds = datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
+        ds = read(split)
     except ValueError as err:  # e.g. a repo that names its validation split "val" (or the other way round)
         if "split" not in str(err).lower():
             raise
         for alias in SPLIT_ALIASES.get(split, ()):
             try:
-                ds = datasets.load_dataset(path, config, split=alias, streaming=streaming, **kwargs)
+                ds = read(alias)
                 break
             except ValueError:
                 continue
@@ -364,8 +377,9 @@ def load_image_source(
         ds = _load_split(source.location(), source.split(split), streaming, source.config, file_order_seed)
     elif (path := local_source_path(name)) is not None:
         kind, kwargs = local_loader(path)
-        local_split = _local_split(kind, kwargs, split, f"local dataset {name!r}", notes)
-        ds = _load_split(kind, local_split, streaming, file_order_seed=file_order_seed, **kwargs)
+        builder = datasets.load_dataset_builder(kind, **kwargs)  # resolves the data files: once per source
+        local_split = _local_split(builder, split, f"local dataset {name!r}", notes)
+        ds = _load_split(kind, local_split, streaming, file_order_seed=file_order_seed, builder=builder, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
     elif name.count("/") == 1 and not name.startswith((".", "/")):
         try:
