@@ -586,6 +586,33 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
     assert len(made) == 1 and next(iter(stream))["pixel_values"].shape == (3, 8, 8)
 
 
+def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tmp_path, monkeypatch):
+    """Sizing, shard count, the training and the validation streams of one folder share one builder in a process;
+    a file added (or renamed) under the folder gives a new one that sees it."""
+    import shutil
+
+    import datasets
+
+    from groupvq_hf.data import dataset_num_examples, dataset_num_shards
+
+    folder = tmp_path / "photos"
+    for split, count in (("train", 5), ("val", 2)):
+        for i in range(count):
+            (folder / split / "n01").mkdir(parents=True, exist_ok=True)
+            (folder / split / "n01" / f"{split}_{i}.JPEG").write_bytes(_jpeg(i, size=(20, 16)))
+    made = []
+    real = datasets.load_dataset_builder
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert dataset_num_examples(str(folder), "train") == 5 and dataset_num_shards(str(folder), "train") == 5
+    build_image_dataset(str(folder), split="train", resolution=8)
+    assert len(list(build_image_dataset(str(folder), split="validation", resolution=8, train=False))) == 2
+    assert len(made) == 1
+    shutil.copy(folder / "train" / "n01" / "train_0.JPEG", folder / "train" / "n01" / "train_new.JPEG")
+    assert dataset_num_examples(str(folder), "train") == 6 and len(made) == 2
+    (folder / "train" / "n01" / "train_new.JPEG").rename(folder / "train" / "n01" / "train_new.txt")
+    assert dataset_num_examples(str(folder), "train") == 5 and len(made) == 3
+
+
 def test_an_image_folder_trains_with_every_loader_worker_and_classes_mixed(class_folder):
     """Before, an image folder was one shard: only loader worker 0 read it, and a shuffle buffer smaller than a class
     gave single-class batches. Now its files are permuted with the seed and sharded: every worker reads, batches

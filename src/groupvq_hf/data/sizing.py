@@ -60,7 +60,7 @@ def dataset_num_examples(dataset: str, split: str = "train", network: bool = Tru
         SOURCES,
         SPLIT_ALIASES,
         load_image_source,
-        local_loader,
+        local_builder,
         parse_dataset_spec,
     )
 
@@ -73,10 +73,7 @@ def dataset_num_examples(dataset: str, split: str = "train", network: bool = Tru
     source = SOURCES.get(name)
     path = Path(source.location() if source is not None else name).expanduser()
     if path.exists():
-        import datasets
-
-        kind, kwargs = local_loader(path)
-        builder = datasets.load_dataset_builder(kind, **kwargs)
+        kind, _, builder = local_builder(path)
         files = builder.config.data_files or {}
         wanted = "train" if path.is_file() else (source.split(split) if source is not None else split)
         # the split the stream reads (data._local_split): itself, an alias, or the only split there is

@@ -157,6 +157,50 @@ def local_loader(path: Path) -> tuple[str, dict]:
     return kind, {"data_dir": str(path)}
 
 
+_LOCAL_BUILDERS: dict = {}  # listing key -> datasets builder, for the last `_LOCAL_BUILDERS_KEPT` local sources
+_LOCAL_BUILDERS_KEPT = 4
+
+
+def _listing_key(path: Path) -> str:
+    """What a local source's builder depends on: the name, size and mtime of every file under ``path`` (and the
+    folders). One walk with a ``stat`` per file: about 0.5 s per 100,000 files, against a minute for ``datasets``'
+    resolution of the data files."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    if path.is_file():
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(errors="surrogateescape"))
+        return digest.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        digest.update(f"{root}\0{dirs}\n".encode(errors="surrogateescape"))
+        for name in sorted(files):
+            stat = os.stat(os.path.join(root, name))
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()
+
+
+def local_builder(path: Path) -> tuple[str, dict, object]:
+    """``(kind, kwargs, builder)`` of a local source: `local_loader`'s arguments and the ``datasets`` builder made
+    with them (its ``config.data_files`` name the splits and their files).
+
+    ``datasets`` resolves a folder's data files by walking it once per candidate split pattern (45 walks: about a
+    minute per 100,000 files on 2 cores, a quarter of an hour for ImageNet's 1.28 M), and a training start asks for
+    the same source's builder for sizing, shards, the training and the validation stream. So the builder is kept
+    for this process while the files under ``path`` are unchanged (`_listing_key`); a file added, removed, renamed
+    or rewritten gives a new one."""
+    import datasets
+
+    kind, kwargs = local_loader(path)
+    key = (kind, repr(sorted(kwargs.items())), _listing_key(path))
+    if key not in _LOCAL_BUILDERS:
+        while len(_LOCAL_BUILDERS) >= _LOCAL_BUILDERS_KEPT:
+            _LOCAL_BUILDERS.pop(next(iter(_LOCAL_BUILDERS)))
+        _LOCAL_BUILDERS[key] = datasets.load_dataset_builder(kind, **kwargs)
+    return kind, kwargs, _LOCAL_BUILDERS[key]
+
+
 SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}
 
 
@@ -376,8 +420,7 @@ def load_image_source(
         column = image_column or source.image_column
         ds = _load_split(source.location(), source.split(split), streaming, source.config, file_order_seed)
     elif (path := local_source_path(name)) is not None:
-        kind, kwargs = local_loader(path)
-        builder = datasets.load_dataset_builder(kind, **kwargs)  # resolves the data files: once per source
+        kind, kwargs, builder = local_builder(path)  # resolves the data files: once per source and process
         local_split = _local_split(builder, split, f"local dataset {name!r}", notes)
         ds = _load_split(kind, local_split, streaming, file_order_seed=file_order_seed, builder=builder, **kwargs)
         column = image_column or _guess_image_column(ds.features, name)
@@ -499,6 +542,7 @@ __all__ = [
     "image_extensions",
     "image_files",
     "load_image_source",
+    "local_builder",
     "local_loader",
     "local_source_path",
     "parse_dataset_spec",
