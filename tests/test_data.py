@@ -578,6 +578,9 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
         features = datasets.Features({"image": datasets.Image()})
         _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [{"image": {"bytes": _jpeg(1), "path": None}}],
                        features)  # fmt: skip
+    from groupvq_hf.data import sources
+
+    monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})  # earlier tests read class_folder in this process
     folder = class_folder if layout == "class_folder" else tmp_path
     made = []
     real = datasets.load_dataset_builder
