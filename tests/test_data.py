@@ -576,8 +576,8 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
 
     if layout == "parquet":
         features = datasets.Features({"image": datasets.Image()})
-        _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [{"image": {"bytes": _jpeg(1), "path": None}}],
-                       features)  # fmt: skip
+        rows = [{"image": {"bytes": _jpeg(1), "path": None}}]
+        _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", rows, features)
     from groupvq_hf.data import sources
 
     monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})  # earlier tests read class_folder in this process

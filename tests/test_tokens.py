@@ -198,7 +198,8 @@ def _odd_mode_images() -> dict[str, Image.Image]:
     photo.thumbnail((60, 60))
     grey = np.asarray(photo.convert("L"), dtype=np.float64)
     transparent = photo.convert("RGBA")
-    transparent.putalpha(Image.fromarray((np.arange(photo.width)[None] * 4 % 256).repeat(photo.height, 0).astype(np.uint8)))
+    alpha = (np.arange(photo.width)[None] * 4 % 256).repeat(photo.height, 0).astype(np.uint8)  # a ramp
+    transparent.putalpha(Image.fromarray(alpha))
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     palette.info["transparency"] = 3
     return {

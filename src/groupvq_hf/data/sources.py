@@ -157,7 +157,7 @@ def local_loader(path: Path) -> tuple[str, dict]:
     return kind, {"data_dir": str(path)}
 
 
-_LOCAL_BUILDERS: dict = {}  # listing key -> datasets builder, for the last `_LOCAL_BUILDERS_KEPT` local sources
+_LOCAL_BUILDERS: dict = {}  # (path, listing key) -> (kind, kwargs, builder), the last `_LOCAL_BUILDERS_KEPT` sources
 _LOCAL_BUILDERS_KEPT = 4
 
 
@@ -186,19 +186,19 @@ def local_builder(path: Path) -> tuple[str, dict, object]:
     with them (its ``config.data_files`` name the splits and their files).
 
     ``datasets`` resolves a folder's data files by walking it once per candidate split pattern (45 walks: about a
-    minute per 100,000 files on 2 cores, a quarter of an hour for ImageNet's 1.28 M), and a training start asks for
-    the same source's builder for sizing, shards, the training and the validation stream. So the builder is kept
-    for this process while the files under ``path`` are unchanged (`_listing_key`); a file added, removed, renamed
-    or rewritten gives a new one."""
+    minute per 100,000 files on 2 cores; by extrapolation a quarter of an hour for ImageNet's 1.28 M), and a
+    training start asks for the same source's builder for sizing, shards, the training and the validation stream.
+    So the builder is kept for this process while the files under ``path`` are unchanged (`_listing_key`); a file
+    added, removed, renamed or rewritten gives a new one."""
     import datasets
 
-    kind, kwargs = local_loader(path)
-    key = (kind, repr(sorted(kwargs.items())), _listing_key(path))
-    if key not in _LOCAL_BUILDERS:
+    key = (str(path.resolve()), _listing_key(path))
+    if key not in _LOCAL_BUILDERS:  # `local_loader` walks the folder too: only when the listing is new
         while len(_LOCAL_BUILDERS) >= _LOCAL_BUILDERS_KEPT:
             _LOCAL_BUILDERS.pop(next(iter(_LOCAL_BUILDERS)))
-        _LOCAL_BUILDERS[key] = datasets.load_dataset_builder(kind, **kwargs)
-    return kind, kwargs, _LOCAL_BUILDERS[key]
+        kind, kwargs = local_loader(path)
+        _LOCAL_BUILDERS[key] = kind, kwargs, datasets.load_dataset_builder(kind, **kwargs)
+    return _LOCAL_BUILDERS[key]
 
 
 SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}

@@ -56,8 +56,8 @@ class ImageStream(torch.utils.data.IterableDataset):
 
     A training stream ends with ``{"tail": True, "num_skipped", "worker", "row"}`` when bad images follow the
     worker's last good one. Evaluation streams (``train=False``) yield bad images too, as ``{"pixel_values": None,
-    "skipped": reason, "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every process and
-    loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
+    "skipped": reason, "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every
+    process and loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
     batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
 
     ``resume_at`` (set by `groupvq_hf.data.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
@@ -311,8 +311,9 @@ class ResumableBatches:
     Epoch ``e`` reshuffles the stream (``set_epoch(e)``); each example's augmentation is seeded from ``(seed,
     rank, e, worker, row)``, so the global RNG is left alone. Every batch holds ``batch_size`` images; a loader
     worker's last, partial batch is not trained on (as ``drop_last``), but the bad images read for it (and after it)
-    are added to the next batch's ``num_skipped``, so every bad image is counted once. ``state_dict`` / ``load_state_dict`` save and restore
-    the position (a JSON-able dict); the number of loader workers must be the same when resuming mid-epoch.
+    are added to the next batch's ``num_skipped``, so every bad image is counted once. ``state_dict`` /
+    ``load_state_dict`` save and restore the position (a JSON-able dict); the number of loader workers must be the
+    same when resuming mid-epoch.
     """
 
     def __init__(self, stream, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0):
@@ -328,7 +329,6 @@ class ResumableBatches:
         self.epoch = 0
         self.batches_in_epoch = 0
         self.workers = self._fresh_positions()
-        self._uncounted = 0  # bad images read after the last batch of the previous epoch (for its next batch)
 
     def _fresh_positions(self) -> list[list[int]]:
         return [[0, 0] for _ in range(max(1, self.num_workers))]  # per worker: [batches, rows read]
@@ -370,12 +370,12 @@ class ResumableBatches:
             )
         self.epoch, self.batches_in_epoch = epoch, batches
         self.workers = [[int(b), int(r)] for b, r in workers]
-        self._uncounted = 0
 
     def _epoch_seed(self, epoch: int) -> int:
         return hash_seed(self.seed, self.rank, epoch)
 
     def __iter__(self):
+        uncounted = 0  # bad images of partial batches not yet reported (carried into the next epoch's first batch)
         while True:
             epoch, skip = self.epoch, self.batches_in_epoch
             positions = [list(p) for p in self.workers] if skip else self._fresh_positions()
@@ -393,7 +393,7 @@ class ResumableBatches:
                 generator=torch.Generator().manual_seed(self._epoch_seed(epoch)),
                 pin_memory=torch.cuda.is_available(),
             )
-            count, uncounted = 0, self._uncounted  # full batches; bad images of partial batches not yet reported
+            count = 0  # full batches of this epoch
             for batch in loader:
                 if not batch.get("placeholder") and len(batch["keys"]) < self.batch_size:
                     worker = batch["worker"]  # this worker's partial last batch: its rows are read, not trained on
@@ -422,7 +422,6 @@ class ResumableBatches:
                     "saved position: the dataset or the data arguments changed."
                 )
             self.epoch, self.batches_in_epoch, self.workers = epoch + 1, 0, self._fresh_positions()
-            self._uncounted = uncounted  # reported with the next epoch's first batch
 
 
 __all__ = [
