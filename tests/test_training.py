@@ -339,6 +339,15 @@ def test_epoch_lengths_from_dataset_sizes(tmp_path):
     assert sum(1 for _ in itertools.takewhile(lambda _: epoch.epoch == 0, epoch)) == 3  # what the loader yields
 
 
+def test_a_run_ended_by_num_epochs_counts_the_bad_images_after_the_last_full_batch(tmp_path):
+    """9 good and 12 undecodable files, batch 3: the epoch is estimated at 7 steps from the 21 files but gives 3,
+    so the run ends when epoch 1's first batch arrives; the bad files read after epoch 0's last full batch ride on
+    that batch (one here, for this seed) and are counted: all 12, not 11."""
+    folder = _image_folder(tmp_path / "folder", 9, num_corrupt=12)
+    result = _train(tmp_path / "run", "--dataset", str(folder), "--num_epochs", "1", "--train_batch_size", "3")
+    assert result["global_step"] == 3 and result["skipped_images"] == 12
+
+
 def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path, capsys):
     """9 images (3 grayscale) + 1 corrupt file, batch 3: 3 steps per epoch, 2 epochs; cosine reaches 0 at step 6.
     The skipped and converted images the batches report are printed at the end (also with --report_to none)."""

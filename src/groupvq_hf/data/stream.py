@@ -311,9 +311,9 @@ class ResumableBatches:
     Epoch ``e`` reshuffles the stream (``set_epoch(e)``); each example's augmentation is seeded from ``(seed,
     rank, e, worker, row)``, so the global RNG is left alone. Every batch holds ``batch_size`` images; a loader
     worker's last, partial batch is not trained on (as ``drop_last``), but the bad images read for it (and after it)
-    are added to the next batch's ``num_skipped``, so every bad image is counted once. ``state_dict`` /
-    ``load_state_dict`` save and restore the position (a JSON-able dict); the number of loader workers must be the
-    same when resuming mid-epoch.
+    are added to the next batch's ``num_skipped`` (and are its ``carried_skipped``), so every bad image is counted
+    once. ``state_dict`` / ``load_state_dict`` save and restore the position (a JSON-able dict); the number of loader
+    workers must be the same when resuming mid-epoch.
     """
 
     def __init__(self, stream, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0):
@@ -408,7 +408,8 @@ class ResumableBatches:
                 worker = batch["worker"]
                 positions[worker] = [positions[worker][0] + 1, batch["rows_read"]]
                 self.batches_in_epoch, self.workers = count, [list(p) for p in positions]
-                batch["num_skipped"], uncounted = batch["num_skipped"] + uncounted, 0
+                batch["num_skipped"] += uncounted
+                batch["carried_skipped"], uncounted = uncounted, 0
                 yield batch
             if count == 0:
                 raise ValueError(
