@@ -567,11 +567,11 @@ def test_an_image_folder_without_shuffle_reads_datasets_own_rows_in_its_order(cl
     assert ours.num_shards == 6  # one file per shard below FOLDER_SHARDS files
 
 
-@pytest.mark.parametrize("layout", ["class_folder", "parquet"])
-def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, monkeypatch, layout):
+@pytest.mark.parametrize("layout, streaming", [("class_folder", True), ("parquet", True), ("parquet", False)])
+def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, monkeypatch, layout, streaming):
     """`datasets` resolves a local folder's data files by walking it once per candidate pattern (45 walks: about a
     minute per 100,000 files on 2 cores); a stream must make one builder per source, not one per step of setting
-    it up (it made 3 for an image folder, 2 for parquet)."""
+    it up (it made 3 for an image folder, 2 for parquet, and 2 for parquet read whole)."""
     import datasets
 
     if layout == "parquet":
@@ -584,8 +584,14 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
     folder = class_folder if layout == "class_folder" else tmp_path
     made = []
     real = datasets.load_dataset_builder
-    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: made.append(a) or real(*a, **k))
-    stream = build_image_dataset(str(folder), split="train", resolution=8, seed=1)
+
+    def counted(*args, **kwargs):  # builders that resolve the folder (a parquet shard is opened by its file name)
+        made.extend([args] if not kwargs.get("data_files") else [])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", counted)
+    monkeypatch.setattr(datasets.load, "load_dataset_builder", counted)  # what load_dataset calls
+    stream = build_image_dataset(str(folder), split="train", resolution=8, seed=1, streaming=streaming)
     assert len(made) == 1 and next(iter(stream))["pixel_values"].shape == (3, 8, 8)
 
 

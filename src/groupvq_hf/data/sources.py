@@ -365,6 +365,9 @@ def _load_split(
     def read(name: str):
         if streaming:  # what load_dataset(..., streaming=True) does with the builder it makes
             return builder.as_streaming_dataset(split=name)
+        if builder is not None:  # and what it does with streaming=False
+            builder.download_and_prepare()
+            return builder.as_dataset(split=name)
         return datasets.load_dataset(path, config, split=name, streaming=False, **kwargs)
 
     try:
