@@ -595,6 +595,39 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
     assert len(made) == 1 and next(iter(stream))["pixel_values"].shape == (3, 8, 8)
 
 
+def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_finds(tmp_path, monkeypatch):
+    """`datasets` globbed the folder once per candidate pattern, each glob a walk (58 walks of the same tree for
+    train/ and val/); `local_builder` walks each folder once and still gets datasets' own data files (splits, order,
+    hidden folders and README left out)."""
+    import datasets
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.spec import AbstractFileSystem
+
+    from groupvq_hf.data import sources
+
+    folder = tmp_path / "photos"
+    for name in ("train/n01/a.JPEG", "train/n02/b.png", "train/n02/c.JPEG", "val/n01/d.JPEG", ".cache/e.JPEG"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_jpeg(len(name), size=(20, 16)))
+    (folder / "README.md").write_text("photos")
+    expected = datasets.load_dataset_builder("imagefolder", data_dir=str(folder)).config.data_files
+    walks = []
+    real_find = AbstractFileSystem.find
+
+    def counted(self, path, maxdepth=None, **kwargs):
+        walks.append((path, maxdepth))
+        return real_find(self, path, maxdepth=maxdepth, **kwargs)
+
+    monkeypatch.setattr(AbstractFileSystem, "find", counted)
+    monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})
+    kind, _, builder = sources.local_builder(folder)
+    assert kind == "imagefolder" and len(walks) == len(set(walks)) >= 1
+    assert {split: list(files) for split, files in builder.config.data_files.items()} == {
+        split: list(files) for split, files in expected.items()
+    } and [len(expected[split]) for split in ("train", "validation")] == [3, 1]
+    assert "find" not in LocalFileSystem.__dict__  # the walk cache is gone once the builder is made
+
+
 def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tmp_path, monkeypatch):
     """Sizing, shard count, the training and the validation streams of one folder share one builder in a process;
     a file added (or renamed) under the folder gives a new one that sees it."""
