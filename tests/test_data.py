@@ -629,11 +629,13 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
 
 
 def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tmp_path, monkeypatch):
-    """Sizing, shard count, the training and the validation streams of one folder share one builder in a process;
-    a file added (or renamed) under the folder gives a new one that sees it."""
+    """Sizing, shard count, the training and the validation streams of one folder share one builder in a process,
+    and infer its class labels once (three times before); a file added (or renamed) under the folder gives a new
+    builder that sees it."""
     import shutil
 
     import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     from groupvq_hf.data import dataset_num_examples, dataset_num_shards
 
@@ -642,13 +644,17 @@ def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tm
         for i in range(count):
             (folder / split / "n01").mkdir(parents=True, exist_ok=True)
             (folder / split / "n01" / f"{split}_{i}.JPEG").write_bytes(_jpeg(i, size=(20, 16)))
-    made = []
+    made, labelled = [], []
     real = datasets.load_dataset_builder
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: made.append(a) or real(*a, **k))
+    real_split_generators = ImageFolder._split_generators  # where datasets reads every file name for the labels
+    monkeypatch.setattr(
+        ImageFolder, "_split_generators", lambda self, *a: labelled.append(1) or real_split_generators(self, *a)
+    )
     assert dataset_num_examples(str(folder), "train") == 5 and dataset_num_shards(str(folder), "train") == 5
     build_image_dataset(str(folder), split="train", resolution=8)
     assert len(list(build_image_dataset(str(folder), split="validation", resolution=8, train=False))) == 2
-    assert len(made) == 1
+    assert len(made) == 1 and len(labelled) == 1
     shutil.copy(folder / "train" / "n01" / "train_0.JPEG", folder / "train" / "n01" / "train_new.JPEG")
     assert dataset_num_examples(str(folder), "train") == 6 and len(made) == 2
     (folder / "train" / "n01" / "train_new.JPEG").rename(folder / "train" / "n01" / "train_new.txt")

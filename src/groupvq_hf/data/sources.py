@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,18 @@ def _read_image_files(chunks: list[list[str]], labelled: bool):
             yield {**row, "label": os.path.basename(os.path.dirname(file))} if labelled else row
 
 
+_FOLDER_FEATURES = weakref.WeakKeyDictionary()  # image-folder builder -> the features its streams have
+
+
+def _folder_features(builder, split: str):
+    """A copy of the features of an image-folder builder's streams, as ``datasets`` gives them: its class names
+    come from every split's folders, so they are the same for each split, and ``datasets`` reads every file name of
+    every split to infer them (a third of a training start on a large folder). Inferred once per builder."""
+    if builder not in _FOLDER_FEATURES:
+        _FOLDER_FEATURES[builder] = builder.as_streaming_dataset(split=split).features
+    return _FOLDER_FEATURES[builder].copy()
+
+
 def _image_files_stream(builder, split: str, files: list[str], file_order_seed: int | None):
     """A local image folder's ``split`` as a stream of up to `FOLDER_SHARDS` shards of files, or None when
     datasets' own imagefolder stream must read it (metadata files, archives, remote files).
@@ -356,8 +369,7 @@ def _image_files_stream(builder, split: str, files: list[str], file_order_seed: 
         in extensions for p in others
     ) or not images:  # fmt: skip
         return None  # metadata files, zip archives, compressed images (x.png.gz), remote files or no image
-    # features as datasets gives them (its class names come from every split's folders)
-    features = builder.as_streaming_dataset(split=split).features
+    features = _folder_features(builder, split)
     features["image"] = datasets.Image(decode=False)
     if file_order_seed is not None:
         random.Random(file_order_seed).shuffle(images)
