@@ -218,10 +218,10 @@ def local_builder(path: Path) -> tuple[str, dict, object]:
     with them (its ``config.data_files`` name the splits and their files).
 
     ``datasets`` resolves a folder's data files by walking it once per candidate split pattern (58 walks for
-    ``train/`` and ``val/``: about a minute per 100,000 files on 2 cores), and a training start asks for the same source's builder for sizing, shards, the training and the validation stream.
-    So the builder is made with one walk of the folder (`_one_walk_per_folder`) and kept for this process while the
-    files under ``path`` are unchanged (`_listing_key`); a file added, removed, renamed or rewritten gives a new
-    one."""
+    ``train/`` and ``val/``: about a minute per 100,000 files on 2 cores), and a training start asks for the same
+    source's builder for sizing, shards, the training and the validation stream. So the builder is made with one
+    walk of the folder (`_one_walk_per_folder`) and kept for this process while the files under ``path`` are
+    unchanged (`_listing_key`); a file added, removed, renamed or rewritten gives a new one."""
     import datasets
 
     key = (str(path.resolve()), _listing_key(path))
@@ -341,7 +341,8 @@ _FOLDER_FEATURES = weakref.WeakKeyDictionary()  # image-folder builder -> the fe
 def _folder_features(builder, split: str):
     """A copy of the features of an image-folder builder's streams, as ``datasets`` gives them: its class names
     come from every split's folders, so they are the same for each split, and ``datasets`` reads every file name of
-    every split to infer them (a third of a training start on a large folder). Inferred once per builder."""
+    every split to infer them (a sixth of a training start on a large folder). Inferred once per builder, not once
+    per stream."""
     if builder not in _FOLDER_FEATURES:
         _FOLDER_FEATURES[builder] = builder.as_streaming_dataset(split=split).features
     return _FOLDER_FEATURES[builder].copy()
