@@ -339,13 +339,17 @@ def test_epoch_lengths_from_dataset_sizes(tmp_path):
     assert sum(1 for _ in itertools.takewhile(lambda _: epoch.epoch == 0, epoch)) == 3  # what the loader yields
 
 
-def test_a_run_ended_by_num_epochs_counts_the_bad_images_after_the_last_full_batch(tmp_path):
-    """9 good and 12 undecodable files, batch 3: the epoch is estimated at 7 steps from the 21 files but gives 3,
-    so the run ends when epoch 1's first batch arrives; the bad files read after epoch 0's last full batch ride on
-    that batch (one here, for this seed) and are counted: all 12, not 11."""
-    folder = _image_folder(tmp_path / "folder", 9, num_corrupt=12)
-    result = _train(tmp_path / "run", "--dataset", str(folder), "--num_epochs", "1", "--train_batch_size", "3")
-    assert result["global_step"] == 3 and result["skipped_images"] == 12
+@pytest.mark.parametrize("num_corrupt, seed", [(12, "7"), (2, "2")])
+def test_a_run_of_one_epoch_counts_the_bad_images_read_after_its_last_full_batch(tmp_path, num_corrupt, seed):
+    """9 good files and some undecodable ones, batch 3, ``--num_epochs 1``: every bad file is counted, also those
+    the file order puts after the epoch's last full batch (one, for these seeds). With 12 bad files the epoch is
+    estimated at 7 steps from the 21 files, gives 3, and the run ends when epoch 1's first batch arrives (it counted
+    11); with 2 the estimate is right and the run ends at step 3 on the step limit (it counted 1)."""
+    folder = _image_folder(tmp_path / "folder", 9, num_corrupt=num_corrupt)
+    result = _train(
+        tmp_path / "run", "--dataset", str(folder), "--num_epochs", "1", "--train_batch_size", "3", "--seed", seed
+    )
+    assert result["global_step"] == 3 and result["skipped_images"] == num_corrupt
 
 
 def test_cosine_schedule_over_num_epochs_ends_at_zero_and_counts_images(tmp_path, capsys):

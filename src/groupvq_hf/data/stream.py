@@ -311,9 +311,10 @@ class ResumableBatches:
     Epoch ``e`` reshuffles the stream (``set_epoch(e)``); each example's augmentation is seeded from ``(seed,
     rank, e, worker, row)``, so the global RNG is left alone. Every batch holds ``batch_size`` images; a loader
     worker's last, partial batch is not trained on (as ``drop_last``), but the bad images read for it (and after it)
-    are added to the next batch's ``num_skipped`` (and are its ``carried_skipped``), so every bad image is counted
-    once. ``state_dict`` / ``load_state_dict`` save and restore the position (a JSON-able dict); the number of loader
-    workers must be the same when resuming mid-epoch.
+    are counted: a batch is yielded once the loader has read the one after it, with the bad images of the partial
+    batches read in between, so every bad image of an epoch is counted once, by the time its last batch is
+    yielded. ``state_dict`` / ``load_state_dict`` save and restore the position (a JSON-able dict); the number of
+    loader workers must be the same when resuming mid-epoch.
     """
 
     def __init__(self, stream, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0):
@@ -375,7 +376,16 @@ class ResumableBatches:
         return hash_seed(self.seed, self.rank, epoch)
 
     def __iter__(self):
-        uncounted = 0  # bad images of partial batches not yet reported (carried into the next epoch's first batch)
+        def release(batch: dict, number: int) -> dict:
+            """``batch``, the epoch's ``number``-th, with the bad images of the partial batches read since the
+            last one yielded, and the position through it (and through those partial batches)."""
+            nonlocal uncounted
+            worker = batch["worker"]
+            positions[worker] = [positions[worker][0] + 1, max(positions[worker][1], batch["rows_read"])]
+            self.batches_in_epoch, self.workers = number, [list(p) for p in positions]
+            batch["num_skipped"], uncounted = batch["num_skipped"] + uncounted, 0
+            return batch
+
         while True:
             epoch, skip = self.epoch, self.batches_in_epoch
             positions = [list(p) for p in self.workers] if skip else self._fresh_positions()
@@ -393,11 +403,11 @@ class ResumableBatches:
                 generator=torch.Generator().manual_seed(self._epoch_seed(epoch)),
                 pin_memory=torch.cuda.is_available(),
             )
-            count = 0  # full batches of this epoch
+            count, held, uncounted = 0, None, 0  # full batches read; the one read but not yet yielded
             for batch in loader:
+                worker = batch["worker"]
                 if not batch.get("placeholder") and len(batch["keys"]) < self.batch_size:
-                    worker = batch["worker"]  # this worker's partial last batch: its rows are read, not trained on
-                    positions[worker] = [positions[worker][0], batch["rows_read"]]
+                    positions[worker][1] = batch["rows_read"]  # a worker's partial last batch: read, not trained on
                     uncounted += batch["num_skipped"]
                     continue
                 count += 1
@@ -405,12 +415,11 @@ class ResumableBatches:
                     if not batch.get("placeholder"):
                         raise RuntimeError(f"Resume replay out of step at batch {count} of epoch {epoch}.")
                     continue
-                worker = batch["worker"]
-                positions[worker] = [positions[worker][0] + 1, batch["rows_read"]]
-                self.batches_in_epoch, self.workers = count, [list(p) for p in positions]
-                batch["num_skipped"] += uncounted
-                batch["carried_skipped"], uncounted = uncounted, 0
-                yield batch
+                if held is not None:
+                    yield release(held, count - 1)
+                held = batch
+            if held is not None:  # the epoch's last batch: every bad image of the epoch is counted in it or before
+                yield release(held, count)
             if count == 0:
                 raise ValueError(
                     f"Process {self.rank} read no full batch of {self.batch_size} images in epoch {epoch}: the dataset "

@@ -579,14 +579,12 @@ def start_progress(run: TrainingRun, state: LoopState) -> None:
 
 def training_batches(run: TrainingRun, state: LoopState):
     """The run's batches from its position; none once ``--max_train_steps`` is reached, and the end once any process
-    starts epoch ``--num_epochs``. Counts each batch's skipped and converted images (and keys, when logged), and the
-    bad images of the ended epochs that the first batch past the end carries."""
+    starts epoch ``--num_epochs``. Counts each batch's skipped and converted images (and keys, when logged)."""
     args = run.args
     if args.max_train_steps is not None and state.global_step >= args.max_train_steps:
         return
     for batch in run.batches:
         if args.num_epochs is not None and _any_process(run.accelerator, run.batches.epoch >= args.num_epochs):
-            state.local_counts[0] += batch["carried_skipped"]  # bad images of the epochs read, not of this batch
             return
         state.local_counts += torch.tensor([batch["num_skipped"], batch.get("num_converted", 0)])
         if args.log_example_keys:
