@@ -8,7 +8,11 @@ lists names, it opens no file) plus ``val/`` (50 files). Measured in one run, in
                        ``load_dataset`` of the folder pays once.
   training start       what ``scripts/train.py`` asks of the folder before its first step: the epoch size
                        (`dataset_num_examples`), the shard count (`dataset_num_shards`), the training stream and the
-                       validation stream (`build_image_dataset`), in a fresh process each round (nothing cached).
+                       validation stream (`build_image_dataset`), in a fresh process each round with an empty
+                       ``HF_DATASETS_CACHE``: the first process of a run, which resolves the data files and records
+                       them.
+  training start,      the same in a process that finds the record the first one wrote (the other processes of the
+  recorded             run, a resume, an evaluation of the same folder).
 
     .venv/bin/python benchmarks/bench_local_folder.py                       # 100 x 1,000 files, 2 rounds
     .venv/bin/python benchmarks/bench_local_folder.py --per_class 200 --repeats 3
@@ -64,15 +68,27 @@ def main(argv=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     print_header("A training start on a local image folder vs one datasets resolution of its data files", "wall")
     with tempfile.TemporaryDirectory() as tmp:
-        files = make_folder(Path(tmp), args.classes, args.per_class)
 
-        def run(code: str, *extra: str):
-            return lambda: subprocess.run(
-                [sys.executable, "-c", code, tmp, *extra], env=env, check=True, capture_output=True
-            )
+        data = Path(tmp) / "data"
+        files = make_folder(data, args.classes, args.per_class)
+        recorded_cache = Path(tmp) / "recorded-cache"
 
+        def run(code: str, *extra: str, cache: Path | None = None):
+            def once():
+                with tempfile.TemporaryDirectory(dir=tmp) as empty_cache:
+                    run_env = dict(env, HF_DATASETS_CACHE=str(cache or empty_cache))
+                    command = [sys.executable, "-c", code, str(data), *extra]
+                    subprocess.run(command, env=run_env, check=True, capture_output=True)
+
+            return once
+
+        run(TRAINING_START, str(files), cache=recorded_cache)()  # the record the "recorded" passes read
         times = interleaved_times(
-            {"datasets resolution": run(RESOLUTION), "training start": run(TRAINING_START, str(files))},
+            {
+                "datasets resolution": run(RESOLUTION),
+                "training start": run(TRAINING_START, str(files)),
+                "training start, recorded": run(TRAINING_START, str(files), cache=recorded_cache),
+            },
             args.repeats,
             warmup=0,  # a fresh process per pass: nothing to warm
         )
@@ -81,6 +97,8 @@ def main(argv=None):
         ["datasets.load_dataset_builder (baseline)", spread(times["datasets resolution"]), "1.00"],
         ["training start (size, shards, train and validation streams)", spread(times["training start"]),
          f"{paired_ratio(times, 'training start', 'datasets resolution'):.2f}"],
+        ["training start, data files recorded by an earlier process", spread(times["training start, recorded"]),
+         f"{paired_ratio(times, 'training start, recorded', 'datasets resolution'):.4f}"],
     ]  # fmt: skip
     print(markdown_table(["pass", "ms", "/ baseline"], rows))
 

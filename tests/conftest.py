@@ -1,12 +1,17 @@
 """Shared test setup: fully offline, tiny models."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets' cache (and the data-file records of local folders in it) per test session, not the user's
+SESSION_DATASETS_CACHE = None if "HF_DATASETS_CACHE" in os.environ else tempfile.mkdtemp(prefix="groupvq-datasets-")
+if SESSION_DATASETS_CACHE:
+    os.environ["HF_DATASETS_CACHE"] = SESSION_DATASETS_CACHE
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -135,3 +140,10 @@ class ReadBacks(TorchDispatchMode):
         if name in self.WAITING or masked:
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_DATASETS_CACHE:
+        import shutil
+
+        shutil.rmtree(SESSION_DATASETS_CACHE, ignore_errors=True)

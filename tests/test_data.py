@@ -581,6 +581,7 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
     from groupvq_hf.data import sources
 
     monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})  # earlier tests read class_folder in this process
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # and recorded its files
     folder = class_folder if layout == "class_folder" else tmp_path
     made = []
     real = datasets.load_dataset_builder
@@ -628,6 +629,52 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
     assert "find" not in LocalFileSystem.__dict__  # the walk cache is gone once the builder is made
 
 
+def test_a_folder_resolved_by_one_process_is_read_from_its_record_by_the_next(tmp_path, monkeypatch):
+    """The data files a process resolves are recorded in datasets' cache: the next process (here: the same one with
+    its builders forgotten) resolves nothing, and its builder has the same files, order, origin metadata and config
+    id; a file added, a damaged record or a records folder that cannot be made resolve again, never fail."""
+    import datasets
+    import datasets.data_files
+
+    from groupvq_hf.data import sources
+
+    folder = tmp_path / "photos"
+    for name in ("train/n01/a.JPEG", "train/n02/b.JPEG", "val/n01/c.JPEG"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_jpeg(len(name), size=(20, 16)))
+    plain = datasets.load_dataset_builder("imagefolder", data_dir=str(folder)).config.data_files
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    resolved = []
+    real_resolve = datasets.data_files.resolve_pattern
+    monkeypatch.setattr(
+        datasets.data_files, "resolve_pattern", lambda *a, **k: resolved.append(a[0]) or real_resolve(*a, **k)
+    )
+
+    def fresh_process_builder():
+        resolved.clear()
+        monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})
+        return sources.local_builder(folder)[2]
+
+    first = fresh_process_builder()
+    assert resolved and len(list((tmp_path / "cache" / sources.RESOLVED_FILES_DIR).glob("*.json"))) == 1
+    second = fresh_process_builder()
+    assert not resolved and second.config_id == first.config_id
+    for builder in (first, second):
+        assert [str(split) for split in builder.config.data_files] == [str(split) for split in plain]
+        for files, expected in zip(builder.config.data_files.values(), plain.values()):
+            assert list(files) == list(expected) and files.origin_metadata == expected.origin_metadata
+    (folder / "train" / "n02" / "d.JPEG").write_bytes(_jpeg(9, size=(20, 16)))
+    assert str(folder / "train" / "n02" / "d.JPEG") in fresh_process_builder().config.data_files["train"]
+    assert resolved
+    for record in (tmp_path / "cache" / sources.RESOLVED_FILES_DIR).glob("*.json"):
+        record.write_text('{"stamp": ')
+    assert len(fresh_process_builder().config.data_files["train"]) == 3 and resolved
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache2"))
+    (tmp_path / "cache2").mkdir()
+    (tmp_path / "cache2" / sources.RESOLVED_FILES_DIR).write_text("")  # a file where the records' folder goes
+    assert len(fresh_process_builder().config.data_files["train"]) == 3 and resolved
+
+
 def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tmp_path, monkeypatch):
     """Sizing, shard count, the training and the validation streams of one folder share one builder in a process,
     and infer its class labels once (three times before); a file added (or renamed) under the folder gives a new
@@ -644,9 +691,11 @@ def test_a_training_start_resolves_a_local_folder_once_until_its_files_change(tm
         for i in range(count):
             (folder / split / "n01").mkdir(parents=True, exist_ok=True)
             (folder / split / "n01" / f"{split}_{i}.JPEG").write_bytes(_jpeg(i, size=(20, 16)))
-    made, labelled = [], []
+    made, labelled = [], []  # builders that resolve the folder (not those given its resolved data files)
     real = datasets.load_dataset_builder
-    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: made.append(a) or real(*a, **k))
+    monkeypatch.setattr(
+        datasets, "load_dataset_builder", lambda *a, **k: made.extend([] if "data_files" in k else [a]) or real(*a, **k)
+    )
     real_split_generators = ImageFolder._split_generators  # where datasets reads every file name for the labels
     monkeypatch.setattr(
         ImageFolder, "_split_generators", lambda self, *a: labelled.append(1) or real_split_generators(self, *a)

@@ -220,18 +220,92 @@ def local_builder(path: Path) -> tuple[str, dict, object]:
     ``datasets`` resolves a folder's data files by walking it once per candidate split pattern (58 walks for
     ``train/`` and ``val/``: about a minute per 100,000 files on 2 cores), and a training start asks for the same
     source's builder for sizing, shards, the training and the validation stream. So the builder is made with one
-    walk of the folder (`_one_walk_per_folder`) and kept for this process while the files under ``path`` are
-    unchanged (`_listing_key`); a file added, removed, renamed or rewritten gives a new one."""
-    import datasets
-
+    walk of the folder (`_one_walk_per_folder`), its data files are recorded for the other processes and later runs
+    (`_folder_builder`), and it is kept for this process while the files under ``path`` are unchanged
+    (`_listing_key`); a file added, removed, renamed or rewritten gives a new one."""
     key = (str(path.resolve()), _listing_key(path))
     if key not in _LOCAL_BUILDERS:  # `local_loader` walks the folder too: only when the listing is new
         while len(_LOCAL_BUILDERS) >= _LOCAL_BUILDERS_KEPT:
             _LOCAL_BUILDERS.pop(next(iter(_LOCAL_BUILDERS)))
         kind, kwargs = local_loader(path)
-        with _one_walk_per_folder():
-            _LOCAL_BUILDERS[key] = kind, kwargs, datasets.load_dataset_builder(kind, **kwargs)
+        _LOCAL_BUILDERS[key] = kind, kwargs, _folder_builder(kind, kwargs, *key)
     return _LOCAL_BUILDERS[key]
+
+
+RESOLVED_FILES_DIR = "groupvq_local_files"  # under datasets' cache (HF_DATASETS_CACHE): one record per local folder
+
+
+def _recorded_data_files(record_path: Path, stamp: dict):
+    """The ``DataFilesDict`` that the record at ``record_path`` holds, or None when there is none, it is damaged
+    or its stamp differs from ``stamp``."""
+    import json
+
+    from datasets.data_files import DataFilesDict, DataFilesList
+
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record["stamp"] != stamp:
+            return None
+        return DataFilesDict({
+            split: DataFilesList(list(entry["files"]), [tuple(m) for m in entry["origin_metadata"]])
+            for split, entry in record["splits"].items()
+        }) or None  # fmt: skip
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
+def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
+    """``datasets.load_dataset_builder(kind, **kwargs)`` for a local source, a folder's data files resolved once
+    and recorded on disk.
+
+    The first process to resolve a folder (with one walk, `_one_walk_per_folder`) writes the data files it found,
+    with their modification times (``datasets``' ``origin_metadata``), to ``<HF_DATASETS_CACHE>/groupvq_local_files``
+    under a file lock; the other processes of the run wait for it, and later runs (a resume, an evaluation) read
+    it. The builder is then made from those data files, which ``datasets`` takes as they are (resolved
+    ``DataFilesList``s): the same files, order and features, and the same builder in every run (its config id, which
+    names its arrow cache, is that of the data files given by name). The record holds the folder's listing key and
+    the ``datasets`` version, and is rewritten when either differs. An unwritable cache resolves without a record."""
+    import hashlib
+    import json
+
+    import datasets
+    from filelock import FileLock
+
+    from ..fileio import atomic_file
+
+    if "data_dir" not in kwargs:  # a single file: nothing to resolve
+        return datasets.load_dataset_builder(kind, **kwargs)
+    name = hashlib.blake2b(path.encode(errors="surrogateescape"), digest_size=16).hexdigest()
+    record_path = Path(datasets.config.HF_DATASETS_CACHE) / RESOLVED_FILES_DIR / f"{name}.json"
+    stamp = {"path": path, "listing": listing, "kind": kind, "datasets": datasets.__version__}
+    data_files = _recorded_data_files(record_path, stamp)  # written atomically: readable without the lock
+    if data_files is None:
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(f"{record_path}.lock")
+            lock.acquire()
+        except OSError as err:
+            logger.info(f"Resolving {path!r} without a record ({err}).")
+            lock = None
+        try:
+            data_files = _recorded_data_files(record_path, stamp)  # written by another process while we waited
+            if data_files is None:
+                with _one_walk_per_folder():
+                    data_files = datasets.load_dataset_builder(kind, **kwargs).config.data_files
+                splits = {
+                    str(split): {"files": list(files), "origin_metadata": [list(m) for m in files.origin_metadata]}
+                    for split, files in data_files.items()
+                }
+                try:
+                    if lock is not None:
+                        with atomic_file(record_path) as tmp:  # compact: ImageNet's 1.28 M paths make ~130 MB
+                            tmp.write_text(json.dumps({"stamp": stamp, "splits": splits}, separators=(",", ":")))
+                except OSError as err:
+                    logger.info(f"Could not record the data files of {path!r} ({err}).")
+        finally:
+            if lock is not None:
+                lock.release()
+    return datasets.load_dataset_builder(kind, **kwargs, data_files=data_files)
 
 
 SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}
