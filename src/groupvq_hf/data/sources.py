@@ -141,8 +141,12 @@ def image_files(files) -> list[str]:
 
 def local_loader(path: Path) -> tuple[str, dict]:
     """``load_dataset`` arguments for a local file or folder (parquet, webdataset tar shards or image files)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    suffixes = Counter(p.suffix.lower() for p in files)
+    if path.is_file():
+        suffixes = Counter([path.suffix.lower()])
+    else:  # os.walk, not pathlib: a tenth of the time on large folders (ImageNet's 1.28 M files)
+        suffixes = Counter(
+            os.path.splitext(name)[1].lower() for _, _, names in os.walk(path, followlinks=True) for name in names
+        )
     if suffixes[".parquet"]:
         kind = "parquet"
     elif suffixes[".tar"]:
