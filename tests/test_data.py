@@ -629,6 +629,27 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
     assert "find" not in LocalFileSystem.__dict__  # the walk cache is gone once the builder is made
 
 
+def test_a_local_folder_is_read_by_the_kind_of_files_it_holds(tmp_path):
+    """Parquet before webdataset shards before images, found at any depth; a folder of none of them is an error
+    naming it and what it may hold."""
+    from groupvq_hf.data.sources import local_loader
+
+    folder = tmp_path / "mixed"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "a" / "b" / "x.JPG").write_bytes(b"")
+    assert local_loader(folder) == ("imagefolder", {"data_dir": str(folder)})
+    (folder / "a" / "shard.tar").write_bytes(b"")
+    assert local_loader(folder)[0] == "webdataset"
+    (folder / "rows.parquet").write_bytes(b"")
+    assert local_loader(folder)[0] == "parquet"
+    image = folder / "a" / "b" / "x.JPG"
+    assert local_loader(image) == ("imagefolder", {"data_files": {"train": str(image)}})
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images")
+    with pytest.raises(ValueError, match=r"`dataset` path .*notes.* holds no parquet files, webdataset .tar shards or"):
+        local_loader(tmp_path / "notes")
+
+
 def test_a_folder_resolved_by_one_process_is_read_from_its_record_by_the_next(tmp_path, monkeypatch):
     """The data files a process resolves are recorded in datasets' cache: the next process (here: the same one with
     its builders forgotten) resolves nothing, and its builder has the same files, order, origin metadata and config
