@@ -651,11 +651,13 @@ def test_a_local_folder_is_read_by_the_kind_of_files_it_holds(tmp_path):
 
 
 def test_a_folder_resolved_by_one_process_is_read_from_its_record_by_the_next(tmp_path, monkeypatch):
-    """The data files a process resolves are recorded in datasets' cache: the next process (here: the same one with
-    its builders forgotten) resolves nothing, and its builder has the same files, order, origin metadata and config
-    id; a file added, a damaged record or a records folder that cannot be made resolve again, never fail."""
+    """The data files a process resolves, and the features (class labels) it infers, are recorded in datasets'
+    cache: the next process (here: the same one with its builders forgotten) resolves and infers nothing, and its
+    builder has the same files, order, origin metadata, config id and features; a file added, a damaged record or a
+    records folder that cannot be made resolve again, never fail."""
     import datasets
     import datasets.data_files
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     from groupvq_hf.data import sources
 
@@ -676,10 +678,19 @@ def test_a_folder_resolved_by_one_process_is_read_from_its_record_by_the_next(tm
         monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})
         return sources.local_builder(folder)[2]
 
+    labelled = []  # datasets' label inference: it reads every file name of every split
+    real_split_generators = ImageFolder._split_generators
+    monkeypatch.setattr(
+        ImageFolder, "_split_generators", lambda self, *a: labelled.append(1) or real_split_generators(self, *a)
+    )
     first = fresh_process_builder()
-    assert resolved and len(list((tmp_path / "cache" / sources.RESOLVED_FILES_DIR).glob("*.json"))) == 1
+    records = tmp_path / "cache" / sources.RESOLVED_FILES_DIR
+    assert resolved and [p.name.count(".") for p in records.glob("*.json")] == [1]  # the data files' record
+    first_features = sources._folder_features(first, "train")
+    assert len(labelled) == 1 and first_features["label"].names == ["n01", "n02"]
     second = fresh_process_builder()
     assert not resolved and second.config_id == first.config_id
+    assert sources._folder_features(second, "validation") == first_features and len(labelled) == 1
     for builder in (first, second):
         assert [str(split) for split in builder.config.data_files] == [str(split) for split in plain]
         for files, expected in zip(builder.config.data_files.values(), plain.values()):

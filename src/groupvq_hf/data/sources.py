@@ -309,7 +309,10 @@ def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
         finally:
             if lock is not None:
                 lock.release()
-    return datasets.load_dataset_builder(kind, **kwargs, data_files=data_files)
+    builder = datasets.load_dataset_builder(kind, **kwargs, data_files=data_files)
+    if record_path.parent.is_dir():
+        _RECORDS[builder] = record_path, stamp  # where `_folder_features` records the features it infers
+    return builder
 
 
 SPLIT_ALIASES = {"validation": ("val", "valid"), "val": ("validation",), "valid": ("validation", "val")}
@@ -414,15 +417,40 @@ def _read_image_files(chunks: list[list[str]], labelled: bool):
 
 
 _FOLDER_FEATURES = weakref.WeakKeyDictionary()  # image-folder builder -> the features its streams have
+_RECORDS = weakref.WeakKeyDictionary()  # local folder's builder -> (record path, stamp) of its data files
 
 
 def _folder_features(builder, split: str):
     """A copy of the features of an image-folder builder's streams, as ``datasets`` gives them: its class names
     come from every split's folders, so they are the same for each split, and ``datasets`` reads every file name of
     every split to infer them (a sixth of a training start on a large folder). Inferred once per builder, not once
-    per stream."""
+    per stream, and recorded beside its data files (`_folder_builder`) for the next processes, with the same
+    stamp."""
+    import json
+
+    import datasets
+
+    from ..fileio import atomic_file
+
     if builder not in _FOLDER_FEATURES:
-        _FOLDER_FEATURES[builder] = builder.as_streaming_dataset(split=split).features
+        record_path, stamp = _RECORDS.get(builder, (None, None))
+        features_path = None if record_path is None else record_path.with_suffix(".features.json")
+        features = None
+        try:
+            record = json.loads(features_path.read_text(encoding="utf-8"))
+            if record["stamp"] == stamp:
+                features = datasets.Features.from_dict(record["features"])
+        except (AttributeError, OSError, ValueError, KeyError, TypeError):
+            pass  # none recorded (or damaged): inferred below
+        if features is None:
+            features = builder.as_streaming_dataset(split=split).features
+            if features_path is not None:
+                try:
+                    with atomic_file(features_path) as tmp:
+                        tmp.write_text(json.dumps({"stamp": stamp, "features": features.to_dict()}))
+                except OSError as err:
+                    logger.info(f"Could not record the features of {stamp['path']!r} ({err}).")
+        _FOLDER_FEATURES[builder] = features
     return _FOLDER_FEATURES[builder].copy()
 
 
