@@ -136,13 +136,14 @@ def atomic_file(path: str | os.PathLike, *, single_writer: bool = False) -> Iter
         tmp.unlink(missing_ok=True)
 
 
-def write_json(data, path: str | os.PathLike, *, single_writer: bool = False) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (its folder made) through `atomic_file` (``single_writer`` as
-    there); non-finite floats as ``Infinity``/``NaN``, as Python's json reads them."""
+def write_json(data, path: str | os.PathLike, *, single_writer: bool = False, indent: int | None = 2) -> Path:
+    """Write ``data`` as JSON to ``path`` (its folder made) through `atomic_file` (``single_writer`` as there),
+    indented (``indent=None``: on one line, for large records); non-finite floats as ``Infinity``/``NaN``, as
+    Python's json reads them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, single_writer=single_writer) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
     return path
 
 

@@ -239,23 +239,37 @@ def local_builder(path: Path) -> tuple[str, dict, object]:
 RESOLVED_FILES_DIR = "groupvq_local_files"  # under datasets' cache (HF_DATASETS_CACHE): one record per local folder
 
 
-def _recorded_data_files(record_path: Path, stamp: dict):
-    """The ``DataFilesDict`` that the record at ``record_path`` holds, or None when there is none, it is damaged
-    or its stamp differs from ``stamp``."""
+def _read_record(record_path: Path | None, stamp: dict | None, parse):
+    """``parse(payload)`` of the record at ``record_path`` (a local folder's data files or features), or None when
+    there is none, it is damaged or its stamp differs from ``stamp`` (records are written whole: `_write_record`)."""
     import json
-
-    from datasets.data_files import DataFilesDict, DataFilesList
 
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record["stamp"] != stamp:
-            return None
-        return DataFilesDict({
-            split: DataFilesList(list(entry["files"]), [tuple(m) for m in entry["origin_metadata"]])
-            for split, entry in record["splits"].items()
-        }) or None  # fmt: skip
+        return parse(record["payload"]) if record["stamp"] == stamp else None
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None
+
+
+def _write_record(record_path: Path, stamp: dict, payload) -> None:
+    """Write ``{"stamp", "payload"}`` to ``record_path`` all at once, on one line (ImageNet's data files make an
+    estimated 100 MB); a cache that cannot be written is logged, not an error."""
+    from ..fileio import write_json
+
+    try:
+        write_json({"stamp": stamp, "payload": payload}, record_path, indent=None)
+    except OSError as err:
+        logger.info(f"Could not record {record_path.name} for {stamp['path']!r} ({err}).")
+
+
+def _data_files_from(payload: dict):
+    """The ``DataFilesDict`` of a data-files record's payload (None when it names no split)."""
+    from datasets.data_files import DataFilesDict, DataFilesList
+
+    return DataFilesDict({
+        split: DataFilesList(list(entry["files"]), [tuple(m) for m in entry["origin_metadata"]])
+        for split, entry in payload.items()
+    }) or None  # fmt: skip
 
 
 def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
@@ -270,19 +284,16 @@ def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
     names its arrow cache, is that of the data files given by name). The record holds the folder's listing key and
     the ``datasets`` version, and is rewritten when either differs. An unwritable cache resolves without a record."""
     import hashlib
-    import json
 
     import datasets
     from filelock import FileLock
-
-    from ..fileio import atomic_file
 
     if "data_dir" not in kwargs:  # a single file: nothing to resolve
         return datasets.load_dataset_builder(kind, **kwargs)
     name = hashlib.blake2b(path.encode(errors="surrogateescape"), digest_size=16).hexdigest()
     record_path = Path(datasets.config.HF_DATASETS_CACHE) / RESOLVED_FILES_DIR / f"{name}.json"
     stamp = {"path": path, "listing": listing, "kind": kind, "datasets": datasets.__version__}
-    data_files = _recorded_data_files(record_path, stamp)  # written atomically: readable without the lock
+    data_files = _read_record(record_path, stamp, _data_files_from)  # written whole: readable without the lock
     if data_files is None:
         try:
             record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,20 +303,15 @@ def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
             logger.info(f"Resolving {path!r} without a record ({err}).")
             lock = None
         try:
-            data_files = _recorded_data_files(record_path, stamp)  # written by another process while we waited
+            data_files = _read_record(record_path, stamp, _data_files_from)  # written while we waited
             if data_files is None:
                 with _one_walk_per_folder():
                     data_files = datasets.load_dataset_builder(kind, **kwargs).config.data_files
-                splits = {
-                    str(split): {"files": list(files), "origin_metadata": [list(m) for m in files.origin_metadata]}
-                    for split, files in data_files.items()
-                }
-                try:
-                    if lock is not None:
-                        with atomic_file(record_path) as tmp:  # compact: ~100 MB for ImageNet (estimated)
-                            tmp.write_text(json.dumps({"stamp": stamp, "splits": splits}, separators=(",", ":")))
-                except OSError as err:
-                    logger.info(f"Could not record the data files of {path!r} ({err}).")
+                if lock is not None:
+                    _write_record(record_path, stamp, {
+                        str(split): {"files": list(files), "origin_metadata": [list(m) for m in files.origin_metadata]}
+                        for split, files in data_files.items()
+                    })  # fmt: skip
         finally:
             if lock is not None:
                 lock.release()
@@ -426,30 +432,16 @@ def _folder_features(builder, split: str):
     every split to infer them (a sixth of a training start on a large folder). Inferred once per builder, not once
     per stream, and recorded beside its data files (`_folder_builder`) for the next processes, with the same
     stamp."""
-    import json
-
     import datasets
-
-    from ..fileio import atomic_file
 
     if builder not in _FOLDER_FEATURES:
         record_path, stamp = _RECORDS.get(builder, (None, None))
         features_path = None if record_path is None else record_path.with_suffix(".features.json")
-        features = None
-        try:
-            record = json.loads(features_path.read_text(encoding="utf-8"))
-            if record["stamp"] == stamp:
-                features = datasets.Features.from_dict(record["features"])
-        except (AttributeError, OSError, ValueError, KeyError, TypeError):
-            pass  # none recorded (or damaged): inferred below
+        features = _read_record(features_path, stamp, datasets.Features.from_dict)
         if features is None:
             features = builder.as_streaming_dataset(split=split).features
             if features_path is not None:
-                try:
-                    with atomic_file(features_path) as tmp:
-                        tmp.write_text(json.dumps({"stamp": stamp, "features": features.to_dict()}))
-                except OSError as err:
-                    logger.info(f"Could not record the features of {stamp['path']!r} ({err}).")
+                _write_record(features_path, stamp, features.to_dict())
         _FOLDER_FEATURES[builder] = features
     return _FOLDER_FEATURES[builder].copy()
 

@@ -57,8 +57,8 @@ class ImageStream(torch.utils.data.IterableDataset):
     A training stream ends with ``{"tail": True, "num_skipped", "worker", "row"}`` when bad images follow the
     worker's last good one. Evaluation streams (``train=False``) yield bad images too, as ``{"pixel_values": None,
     "skipped": reason, "row"}``, so a consumer counts them all. With ``blocks=(rank, world_size, block_size)`` every
-    process and loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so that the k-th
-    batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
+    process and loader worker reads the whole stream and keeps blocks of ``block_size`` rows in turn, ordered so
+    that the k-th batches of all processes cover consecutive rows (see `groupvq_hf.evaluation.evaluate_model`).
 
     ``resume_at`` (set by `groupvq_hf.data.ResumableBatches`) maps a worker to ``(placeholders, rows)``: that
     worker first yields ``placeholders`` empty examples (``{"placeholder": True}``) standing for batches already
