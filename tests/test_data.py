@@ -599,8 +599,9 @@ def test_a_local_source_resolves_its_data_files_once(class_folder, tmp_path, mon
 def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_finds(tmp_path, monkeypatch):
     """`datasets` globbed the folder once per candidate pattern, each glob a walk (58 walks of the same tree for
     train/ and val/); `local_builder` walks each folder once and still gets datasets' own data files (splits, order,
-    hidden folders and README left out). Python's cyclic garbage collector is paused while datasets resolves (its
-    full collections were 40% of the resolution of 100,000 files) and running again afterwards."""
+    hidden folders and README left out). Each pattern is resolved once (datasets resolved the patterns of the splits
+    it found a second time), and Python's cyclic garbage collector is paused while datasets resolves (its full
+    collections were 40% of the resolution of 100,000 files) and running again afterwards."""
     import gc
 
     import datasets
@@ -625,14 +626,17 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
 
     monkeypatch.setattr(AbstractFileSystem, "find", counted)
     monkeypatch.setattr(sources, "_LOCAL_BUILDERS", {})
-    collecting = []  # whether the cyclic collector runs, at each pattern datasets resolves
+    resolved = []  # each pattern datasets resolves, and whether the cyclic collector runs then
     real_resolve = datasets.data_files.resolve_pattern
     monkeypatch.setattr(
-        datasets.data_files, "resolve_pattern", lambda *a, **k: collecting.append(gc.isenabled()) or real_resolve(*a, **k)
+        datasets.data_files, "resolve_pattern", lambda *a, **k: resolved.append((a[0], gc.isenabled())) or real_resolve(*a, **k)
     )
     assert gc.isenabled()
     kind, _, builder = sources.local_builder(folder)
-    assert collecting and not any(collecting) and gc.isenabled()
+    patterns = [pattern for pattern, _ in resolved]
+    assert len(patterns) == len(set(patterns)) and "**/train/**" in patterns
+    assert not any(collecting for _, collecting in resolved) and gc.isenabled()
+    assert datasets.data_files.resolve_pattern.__name__ == "<lambda>"  # datasets' own function is back
     assert kind == "imagefolder" and len(walks) == len(set(walks)) >= 1
     assert {split: list(files) for split, files in builder.config.data_files.items()} == {
         split: list(files) for split, files in expected.items()
