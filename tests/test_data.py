@@ -600,8 +600,9 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
     """`datasets` globbed the folder once per candidate pattern, each glob a walk (58 walks of the same tree for
     train/ and val/); `local_builder` walks each folder once and still gets datasets' own data files (splits, order,
     hidden folders and README left out). Each pattern is resolved once (datasets resolved the patterns of the splits
-    it found a second time), and Python's cyclic garbage collector is paused while datasets resolves (its full
-    collections were 40% of the resolution of 100,000 files) and running again afterwards."""
+    it found a second time), the files' modification times (datasets' origin metadata) are read without a thread
+    pool, and Python's cyclic garbage collector is paused while datasets resolves (its full collections were 40% of
+    the resolution of 100,000 files) and running again afterwards."""
     import gc
 
     import datasets
@@ -631,8 +632,14 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
     monkeypatch.setattr(
         datasets.data_files, "resolve_pattern", lambda *a, **k: resolved.append((a[0], gc.isenabled())) or real_resolve(*a, **k)
     )
+    pools = []  # datasets reads the origin metadata of a list of files with tqdm's thread_map
+    real_thread_map = datasets.data_files.thread_map
+    monkeypatch.setattr(datasets.data_files, "thread_map", lambda *a, **k: pools.append(1) or real_thread_map(*a, **k))
     assert gc.isenabled()
     kind, _, builder = sources.local_builder(folder)
+    assert not pools
+    for split, files in builder.config.data_files.items():
+        assert files.origin_metadata == expected[split].origin_metadata
     patterns = [pattern for pattern, _ in resolved]
     assert len(patterns) == len(set(patterns)) and "**/train/**" in patterns
     assert not any(collecting for _, collecting in resolved) and gc.isenabled()

@@ -218,6 +218,29 @@ def _one_resolution_per_pattern():
 
 
 @contextlib.contextmanager
+def _origin_metadata_without_threads():
+    """While it is open, ``datasets``' origin metadata of a list of local files (each file's modification time) is
+    read by ``datasets``' own per-file function in a loop instead of a thread pool; other files go to ``datasets``.
+
+    A stat does not need threads, and handing 100,000 of them to a pool cost 5.7 s against 1.6 s in a loop."""
+    import datasets.data_files
+
+    real_origin_metadata = datasets.data_files._get_origin_metadata
+
+    def origin_metadata(data_files, download_config=None, max_workers=None):
+        if any("://" in str(data_file) for data_file in data_files):
+            return real_origin_metadata(data_files, download_config=download_config, max_workers=max_workers)
+        single = datasets.data_files._get_single_origin_metadata
+        return [single(data_file, download_config=download_config) for data_file in data_files]
+
+    datasets.data_files._get_origin_metadata = origin_metadata
+    try:
+        yield
+    finally:
+        datasets.data_files._get_origin_metadata = real_origin_metadata
+
+
+@contextlib.contextmanager
 def _one_walk_per_folder():
     """While it is open, fsspec's local ``find`` (the walk under every ``glob``) returns the same listing for the
     same arguments without walking again.
@@ -326,7 +349,9 @@ def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
     """``datasets.load_dataset_builder(kind, **kwargs)`` for a local source, a folder's data files resolved once
     and recorded on disk.
 
-    The first process to resolve a folder (with one walk, `_one_walk_per_folder`) writes the data files it found,
+    The first process to resolve a folder (``datasets``' rules, with one walk, each pattern matched once, the
+    modification times read in a loop and the cyclic garbage collector paused: the four context managers above)
+    writes the data files it found,
     with their modification times (``datasets``' ``origin_metadata``), to ``<HF_DATASETS_CACHE>/groupvq_local_files``
     under a file lock; the other processes of the run wait for it, and later runs (a resume, an evaluation) read
     it. The builder is then made from those data files, which ``datasets`` takes as they are (resolved
@@ -355,7 +380,12 @@ def _folder_builder(kind: str, kwargs: dict, path: str, listing: str):
         try:
             data_files = _read_record(record_path, stamp, _data_files_from)  # written while we waited
             if data_files is None:
-                with _one_walk_per_folder(), _one_resolution_per_pattern(), _cyclic_gc_paused():
+                with (
+                    _one_walk_per_folder(),
+                    _one_resolution_per_pattern(),
+                    _origin_metadata_without_threads(),
+                    _cyclic_gc_paused(),
+                ):
                     data_files = datasets.load_dataset_builder(kind, **kwargs).config.data_files
                 if lock is not None:
                     _write_record(record_path, stamp, {
