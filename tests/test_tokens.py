@@ -532,6 +532,39 @@ def test_no_image_to_tokenize_and_a_label_column_that_is_the_image_are_errors(mo
         _tokenize(model_dir, small, tmp_path / "labels", label_column="image")
 
 
+def test_decode_tokens_looks_up_the_models_processor_once_per_model(model_dir, tmp_path, monkeypatch):
+    """decode_tokens loaded the model's processor at every call (for a model loaded from the Hub: two Hub requests
+    per call, `tests/hub_server.py` counted them); it is loaded once per model (and again for a model renamed or
+    resized), and the images are the same."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    GroupVQImageProcessor(**IMAGENET_STATS).save_pretrained(folder)
+    loads = []
+    real = GroupVQImageProcessor.from_pretrained.__func__
+    monkeypatch.setattr(
+        GroupVQImageProcessor, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(str(a[0])) or real(cls, *a, **k))
+    )
+    model = GroupVQModel.from_pretrained(folder)
+    loads.clear()
+    rows = [[0] * 64, list(range(64))]
+    first = decode_tokens(model, rows, [8, 8], output_type="np")
+    with torch.no_grad():
+        expected = GroupVQImageProcessor(**IMAGENET_STATS).postprocess(
+            model.decode_indices(torch.tensor(rows).view(2, 8, 8)), output_type="np"
+        )
+    assert np.array_equal(first, expected)
+    for _ in range(2):
+        assert np.array_equal(decode_tokens(model, rows, [8, 8], output_type="np"), first)
+    assert loads == [str(folder)]
+    decode_tokens(GroupVQModel.from_pretrained(folder), rows, [8, 8])  # another model object: its own lookup
+    assert loads == [str(folder)] * 2
+    model.name_or_path = str(model_dir)  # renamed: looked up again (that folder has no processor: the default)
+    assert not np.array_equal(decode_tokens(model, rows, [8, 8], output_type="np"), first)
+    assert loads == [str(folder)] * 2 + [str(model_dir)]
+
+
 def test_decode_tokens_names_a_bad_token_grid(model_dir):
     model = GroupVQModel.from_pretrained(model_dir)
     for grid in ([8], [-8, -8], [4.0, 4], "8x8"):

@@ -33,6 +33,7 @@ import numbers
 import os
 import re
 import shutil
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
     images (``output_type="pil"``), or ``"np"`` / ``"pt"`` as `GroupVQImageProcessor.postprocess`.
 
     The pixels are mapped back with ``image_processor`` (its mean and std), by default the processor saved with the
-    model (``model.name_or_path``, as `tokenize_dataset` encodes with it), else the default one.
+    model (``model.name_or_path``, as `tokenize_dataset` encodes with it; looked up once per model), else the
+    default one.
 
     Tokens made with ``--codebook_size`` index the resized codebook: decode them with the model resized the same way
     (``model.resize_codebook(size, mode, seed)`` with the ``resize`` of ``tokenization.json``).
@@ -163,11 +165,25 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
             "(tokens made with --codebook_size need the model resized the same way)."
         )
     if image_processor is None:
-        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-        image_processor = image_processor_at(source or None, model.config.sample_size)
+        image_processor = _model_processor(model)
     device = next(model.parameters()).device
     images = model.decode_indices(rows.view(-1, h, w).to(device))
     return image_processor.postprocess(images, output_type=output_type)  # its mean and std; clamped to [0, 1] there
+
+
+_MODEL_PROCESSORS = weakref.WeakKeyDictionary()  # model -> (its name_or_path, sample size, processor at that size)
+
+
+def _model_processor(model) -> GroupVQImageProcessor:
+    """The processor saved with ``model`` (its ``name_or_path``: a folder or a Hub repo id) at its sample size, the
+    default one when there is none; looked up once per model (a lookup on the Hub is two requests) and again when
+    its name or sample size changes."""
+    source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or None
+    key = (source, model.config.sample_size)
+    entry = _MODEL_PROCESSORS.get(model)
+    if entry is None or entry[:2] != key:
+        _MODEL_PROCESSORS[model] = (*key, image_processor_at(*key))
+    return _MODEL_PROCESSORS[model][2]
 
 
 def _as_int_rows(tokens):
