@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -483,6 +484,31 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     assert list_checkpoints(tmp_path / "checkpoints", complete_only=False) == []  # `latest` finds none of them
     (aside,) = (tmp_path / "checkpoints").glob("set-aside-*-at-step-0")
     assert json.loads((aside / "checkpoint-2" / "run_args.json").read_text()) == recorded  # kept whole
+
+
+def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(tmp_path, caplog):
+    """More steps are always allowed on resume, but a schedule that spans --max_train_steps (cosine) then moves:
+    resumed at step 2 of a 4-step cosine run with --max_train_steps 8, the rate at step 2 is 1e-4 * (1 + cos(pi/4))
+    / 2 on the new span and 1e-4 * (1 + cos(pi/2)) / 2 on the checkpoint's; the warning says so. A constant schedule
+    does not move: no warning."""
+    import math
+
+    cosine = ["--lr_scheduler", "cosine", "--checkpointing_steps", "2", "--disc_start", "0"]
+    _train(tmp_path / "cosine", "--max_train_steps", "4", *cosine)
+    shutil.rmtree(tmp_path / "cosine" / "checkpoints" / "checkpoint-4")
+    with caplog.at_level("WARNING"):
+        result = _train(tmp_path / "cosine", "--max_train_steps", "8", "--resume_from_checkpoint", "latest", *cosine)
+    assert result["global_step"] == 8
+    new, old = (f"{1e-4 * (1 + math.cos(math.pi * 2 / span)) / 2:.3g}" for span in (8, 4))
+    assert (
+        f"`--max_train_steps` 8 differs from the checkpoint's run (4): the `cosine` learning-rate schedule now spans "
+        f"8 steps, so at step 2 the generator's learning rate is {new} (it was {old} on the checkpoint's schedule)"
+    ) in caplog.text
+    caplog.clear()
+    _train(tmp_path / "constant", "--max_train_steps", "2", "--checkpointing_steps", "2")
+    with caplog.at_level("WARNING"):
+        _train(tmp_path / "constant", "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert "learning-rate schedule" not in caplog.text
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):

@@ -447,10 +447,15 @@ def check_resume_arguments(checkpoint: Path, current: dict, allowed: str = "") -
 
 
 
+def saved_run_args(checkpoint: Path) -> dict:
+    """The run arguments recorded in ``checkpoint`` (``RUN_ARGS_FILE``); empty for a checkpoint that has none."""
+    path = Path(checkpoint) / RUN_ARGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def saved_world_size(checkpoint: Path) -> int | None:
     """The number of processes of the run that wrote ``checkpoint`` (its run arguments), None when not recorded."""
-    path = Path(checkpoint) / RUN_ARGS_FILE
-    return json.loads(path.read_text()).get("world_size") if path.is_file() else None
+    return saved_run_args(checkpoint).get("world_size")
 
 
 def rescale_schedule(scheduler, saved_world_size: int, world_size: int) -> None:
@@ -503,6 +508,7 @@ __all__ = [
     "plain_parameter_name",
     "rename_compiled_keys",
     "rescale_schedule",
+    "saved_run_args",
     "saved_world_size",
     "set_aside_later_checkpoints",
     "check_resume_arguments",

@@ -48,6 +48,7 @@ from .checkpoints import (
     rescale_schedule,
     resolve_resume_path,
     run_arguments,
+    saved_run_args,
     saved_world_size,
     save_checkpoint,
     save_ema_state,
@@ -447,6 +448,28 @@ def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> l
     ]
 
 
+def schedule_span_warning(args: argparse.Namespace, scheduler, saved_steps, world_size: int) -> str | None:
+    """A warning when a resume changes ``--max_train_steps`` (always allowed) and with it the learning rate of the
+    loaded schedule at the resumed step (`build_schedulers`: cosine, linear... span ``--max_train_steps``; constant
+    ones do not move); None otherwise. ``saved_steps`` is the checkpoint's run's ``--max_train_steps``."""
+    if saved_steps is None or saved_steps == args.max_train_steps:
+        return None
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    position, base = scheduler.last_epoch, scheduler.base_lrs[0]
+    dummies = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0) for _ in range(2)]
+    saved_args = argparse.Namespace(**{**vars(args), "max_train_steps": saved_steps})
+    was = base * build_schedulers(saved_args, dummies, world_size)[0].lr_lambdas[0](position)
+    now = base * scheduler.lr_lambdas[0](position)
+    if f"{now:.3g}" == f"{was:.3g}":
+        return None
+    return (
+        f"`--max_train_steps` {args.max_train_steps} differs from the checkpoint's run ({saved_steps}): the "
+        f"`{args.lr_scheduler}` learning-rate schedule now spans {args.max_train_steps} steps, so at step "
+        f"{position // world_size} the generator's learning rate is {now:.3g} (it was {was:.3g} on the "
+        f"checkpoint's schedule). Resume with `--max_train_steps {saved_steps}` to keep that schedule."
+    )
+
+
 def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> ResumableBatches:
     """This rank's batches: its own shard of one shuffled stream, read through a plain DataLoader (not prepared)."""
     from ..data.stream import build_image_dataset
@@ -494,6 +517,10 @@ def resume_training(run: TrainingRun) -> LoopState:
         if saved_world is not None and saved_world != accelerator.num_processes:  # --allow_resume_changes world_size
             for scheduler in (run.sched_g, run.sched_d):
                 rescale_schedule(scheduler, saved_world, accelerator.num_processes)
+        saved_steps = saved_run_args(run.resume).get("max_train_steps")
+        warning = schedule_span_warning(args, run.sched_g, saved_steps, accelerator.num_processes)
+        if warning is not None:
+            logger.warning(warning)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         state.converted_images = int(saved.get("converted_images", 0))
         for guard, name in ((state.guard_g, "generator"), (state.guard_d, "discriminator")):
