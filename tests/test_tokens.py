@@ -534,8 +534,8 @@ def test_no_image_to_tokenize_and_a_label_column_that_is_the_image_are_errors(mo
 
 def test_decode_tokens_looks_up_the_models_processor_once_per_model(model_dir, tmp_path, monkeypatch):
     """decode_tokens loaded the model's processor at every call (for a model loaded from the Hub: two Hub requests
-    per call, `tests/hub_server.py` counted them); it is loaded once per model (and again for a model renamed or
-    resized), and the images are the same."""
+    per call on `tests/hub_server.py`, counted by a session script); it is loaded once per model (and again for a
+    model renamed or resized), and the images are the same."""
     import shutil
 
     folder = tmp_path / "model"
