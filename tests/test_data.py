@@ -643,7 +643,8 @@ def test_a_local_folder_is_walked_once_and_resolves_to_the_data_files_datasets_f
     patterns = [pattern for pattern, _ in resolved]
     assert len(patterns) == len(set(patterns)) and "**/train/**" in patterns
     assert not any(collecting for _, collecting in resolved) and gc.isenabled()
-    assert datasets.data_files.resolve_pattern.__name__ == "<lambda>"  # datasets' own function is back
+    assert datasets.data_files.resolve_pattern.__name__ == "<lambda>"  # datasets' own functions are back
+    assert datasets.data_files._get_origin_metadata.__qualname__ == "_get_origin_metadata"
     assert kind == "imagefolder" and len(walks) == len(set(walks)) >= 1
     assert {split: list(files) for split, files in builder.config.data_files.items()} == {
         split: list(files) for split, files in expected.items()

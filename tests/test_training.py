@@ -486,16 +486,23 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     assert json.loads((aside / "checkpoint-2" / "run_args.json").read_text()) == recorded  # kept whole
 
 
-def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(tmp_path, caplog):
+def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(tmp_path, caplog, monkeypatch):
     """More steps are always allowed on resume, but a schedule that spans --max_train_steps (cosine) then moves:
     resumed at step 2 of a 4-step cosine run with --max_train_steps 8, the rate at step 2 is 1e-4 * (1 + cos(pi/4))
-    / 2 on the new span and 1e-4 * (1 + cos(pi/2)) / 2 on the checkpoint's; the warning says so. A constant schedule
-    does not move: no warning."""
+    / 2 on the new span and 1e-4 * (1 + cos(pi/2)) / 2 on the checkpoint's; the warning says so, and the first
+    resumed step already trains at the new rate (it took the checkpoint's from the optimizer's state). A warm-up
+    that is the same on both spans is no reason to stay silent: the warning names the first step where they
+    differ. A constant schedule does not move: no warning."""
     import math
+
+    rates = []  # the rate of each optimizer step (generator and discriminator: the same schedule here)
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
 
     cosine = ["--lr_scheduler", "cosine", "--checkpointing_steps", "2", "--disc_start", "0"]
     _train(tmp_path / "cosine", "--max_train_steps", "4", *cosine)
     shutil.rmtree(tmp_path / "cosine" / "checkpoints" / "checkpoint-4")
+    rates.clear()
     with caplog.at_level("WARNING"):
         result = _train(tmp_path / "cosine", "--max_train_steps", "8", "--resume_from_checkpoint", "latest", *cosine)
     assert result["global_step"] == 8
@@ -504,11 +511,40 @@ def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(
         f"`--max_train_steps` 8 differs from the checkpoint's run (4): the `cosine` learning-rate schedule now spans "
         f"8 steps, so at step 2 the generator's learning rate is {new} (it was {old} on the checkpoint's schedule)"
     ) in caplog.text
+    assert [f"{rate:.3g}" for rate in rates[:2]] == [new, new]  # step 3, generator and discriminator
+    warmup = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--checkpointing_steps", "1", "--disc_start", "0"]
+    _train(tmp_path / "warmup", "--max_train_steps", "4", *warmup)
+    for step in (2, 3, 4):
+        shutil.rmtree(tmp_path / "warmup" / "checkpoints" / f"checkpoint-{step}")
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # resumed at step 1, in the warm-up: the spans part from step 3 on
+        _train(tmp_path / "warmup", "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *warmup)
+    # both spans reach 1e-4 at step 3; at step 4 the 4-step one ends at 0, the 6-step one is at (1 + cos(pi/3)) / 2
+    assert "now spans 6 steps, so at step 4 the generator's learning rate is 7.5e-05 (it was 0 on the" in caplog.text
     caplog.clear()
     _train(tmp_path / "constant", "--max_train_steps", "2", "--checkpointing_steps", "2")
     with caplog.at_level("WARNING"):
         _train(tmp_path / "constant", "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
     assert "learning-rate schedule" not in caplog.text
+
+
+def test_the_schedule_warning_of_a_polynomial_schedule_divides_by_the_real_initial_rate():
+    """diffusers' polynomial schedule divides by its optimizer's initial rate: the checkpoint's schedule is rebuilt
+    with that rate (it said 1e-4 * 1e-7 = 1e-11 for the rate that is lr_end = 1e-7 at the end of a 4-step span)."""
+    import argparse
+
+    from groupvq_hf.training.loop import build_schedulers, schedule_span_warning
+
+    args = argparse.Namespace(lr_scheduler="polynomial", lr_warmup_steps=0, max_train_steps=8, disc_start=0)
+    optimizers = [torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4) for _ in range(2)]
+    scheduler = build_schedulers(args, optimizers, world_size=1)[0]
+    for _ in range(4):
+        optimizers[0].step()
+        scheduler.step()
+    rate = (1e-4 - 1e-7) * (1 - 4 / 8) + 1e-7  # diffusers: (lr_init - lr_end) * (1 - step / span) ** 1 + lr_end
+    warning = schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1)
+    assert f"at step 4 the generator's learning rate is {rate:.3g} (it was 1e-07 on the checkpoint's schedule)" in warning
+    assert schedule_span_warning(args, scheduler, {"max_train_steps": 8}, world_size=1) is None
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):

@@ -459,13 +459,15 @@ def saved_world_size(checkpoint: Path) -> int | None:
 
 
 def rescale_schedule(scheduler, saved_world_size: int, world_size: int) -> None:
-    """Move a loaded learning-rate schedule (a diffusers ``LambdaLR``) to the same optimizer step for another
-    number of processes.
+    """Move a loaded learning-rate schedule (a diffusers ``LambdaLR``) to the same optimizer step for this run's
+    number of processes, and set its optimizer's rates to this run's schedule at that step.
 
     A prepared scheduler steps once per process at each optimizer step, so its position (``last_epoch``) is
     optimizer steps x the world size of the run that saved it; this run counts in its own world size. Without the
     rescale, a run resumed on 2 processes from a 1-process checkpoint at step 2 read step 1 of its schedule (and
-    the other way round, ran past the schedule's end)."""
+    the other way round, ran past the schedule's end). The loaded optimizer holds the rates of the checkpoint's
+    schedule; they are the same number when the schedule is (a resume with the same arguments stays exact), and
+    this run's when ``--max_train_steps`` changed its span."""
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
     steps = scheduler.last_epoch // saved_world_size
     scheduler.last_epoch = steps * world_size

@@ -448,26 +448,33 @@ def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> l
     ]
 
 
-def schedule_span_warning(args: argparse.Namespace, scheduler, saved_steps, world_size: int) -> str | None:
-    """A warning when a resume changes ``--max_train_steps`` (always allowed) and with it the learning rate of the
-    loaded schedule at the resumed step (`build_schedulers`: cosine, linear... span ``--max_train_steps``; constant
-    ones do not move); None otherwise. ``saved_steps`` is the checkpoint's run's ``--max_train_steps``."""
+SCHEDULE_ARGUMENTS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "disc_start")  # what `build_schedulers` reads
+
+
+def schedule_span_warning(args: argparse.Namespace, scheduler, saved_args: dict, world_size: int) -> str | None:
+    """A warning when a resume changes ``--max_train_steps`` (always allowed) and with it the loaded generator
+    schedule (`build_schedulers`: cosine, linear... span ``--max_train_steps``; constant ones do not move), naming
+    the first step from the resumed one on where its learning rate differs from the checkpoint's schedule (built
+    from the checkpoint's `SCHEDULE_ARGUMENTS`, over the steps both spans have); None otherwise."""
+    saved_steps = saved_args.get("max_train_steps")
     if saved_steps is None or saved_steps == args.max_train_steps:
         return None
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
-    position, base = scheduler.last_epoch, scheduler.base_lrs[0]
-    dummies = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0) for _ in range(2)]
-    saved_args = argparse.Namespace(**{**vars(args), "max_train_steps": saved_steps})
-    was = base * build_schedulers(saved_args, dummies, world_size)[0].lr_lambdas[0](position)
-    now = base * scheduler.lr_lambdas[0](position)
-    if f"{now:.3g}" == f"{was:.3g}":
-        return None
-    return (
-        f"`--max_train_steps` {args.max_train_steps} differs from the checkpoint's run ({saved_steps}): the "
-        f"`{args.lr_scheduler}` learning-rate schedule now spans {args.max_train_steps} steps, so at step "
-        f"{position // world_size} the generator's learning rate is {now:.3g} (it was {was:.3g} on the "
-        f"checkpoint's schedule). Resume with `--max_train_steps {saved_steps}` to keep that schedule."
-    )
+    base, now = scheduler.base_lrs[0], scheduler.lr_lambdas[0]
+    saved = argparse.Namespace(**{**vars(args), **{k: saved_args[k] for k in SCHEDULE_ARGUMENTS if k in saved_args}})
+    # stand-ins with the real optimizer's default rate (diffusers' polynomial schedule divides by it)
+    stand_ins = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=scheduler.optimizer.defaults["lr"])] * 2
+    was = build_schedulers(saved, stand_ins, world_size)[0].lr_lambdas[0]
+    for step in range(scheduler.last_epoch // world_size, min(saved_steps, args.max_train_steps) + 1):
+        rate, saved_rate = base * now(step * world_size), base * was(step * world_size)
+        if f"{rate:.3g}" != f"{saved_rate:.3g}":
+            return (
+                f"`--max_train_steps` {args.max_train_steps} differs from the checkpoint's run ({saved_steps}): the "
+                f"`{args.lr_scheduler}` learning-rate schedule now spans {args.max_train_steps} steps, so at step "
+                f"{step} the generator's learning rate is {rate:.3g} (it was {saved_rate:.3g} on the checkpoint's "
+                f"schedule). Resume with `--max_train_steps {saved_steps}` to keep that schedule."
+            )
+    return None
 
 
 def build_batches(args: argparse.Namespace, rank: int, world_size: int) -> ResumableBatches:
@@ -513,12 +520,10 @@ def resume_training(run: TrainingRun) -> LoopState:
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         accelerator.load_state(str(run.resume))
         check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
-        saved_world = saved_world_size(run.resume)
-        if saved_world is not None and saved_world != accelerator.num_processes:  # --allow_resume_changes world_size
-            for scheduler in (run.sched_g, run.sched_d):
-                rescale_schedule(scheduler, saved_world, accelerator.num_processes)
-        saved_steps = saved_run_args(run.resume).get("max_train_steps")
-        warning = schedule_span_warning(args, run.sched_g, saved_steps, accelerator.num_processes)
+        saved_world = saved_world_size(run.resume) or accelerator.num_processes
+        for scheduler in (run.sched_g, run.sched_d):  # the rates of this run's schedules, at the step resumed
+            rescale_schedule(scheduler, saved_world, accelerator.num_processes)
+        warning = schedule_span_warning(args, run.sched_g, saved_run_args(run.resume), accelerator.num_processes)
         if warning is not None:
             logger.warning(warning)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
