@@ -474,6 +474,7 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     # a deliberate change is allowed by name; more steps always are
     result = _train(tmp_path, *other, "--allow_resume_changes", "seed,learning_rate,disc_learning_rate")
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
+    assert result["learning_rate"] == 1e-3  # the allowed change is made (it trained on at the checkpoint's 1e-4)
     assert result["weights_sha256"] != first["weights_sha256"]
     with pytest.raises(ValueError, match="allow_resume_changes"):
         parse_args(["--allow_resume_changes", "no_such_flag"])

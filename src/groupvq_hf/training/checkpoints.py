@@ -458,6 +458,24 @@ def saved_world_size(checkpoint: Path) -> int | None:
     return saved_run_args(checkpoint).get("world_size")
 
 
+def optimizer_settings(optimizer) -> list[dict]:
+    """Each parameter group's settings (rate, initial rate, betas, weight decay...; not its parameters)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def restore_run_settings(optimizer, scheduler, settings: list[dict]) -> None:
+    """After a checkpoint's optimizer and scheduler states are loaded: this run's group ``settings``
+    (`optimizer_settings` before the load) and its schedule's base rates, which the load had replaced by the
+    checkpoint's, so a resume that allows ``--learning_rate`` (betas, weight decay...) to change trains with the
+    new value; the same values when nothing changed. `rescale_schedule` then sets the rates at the step resumed."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    scheduler = getattr(scheduler, "scheduler", scheduler)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
 def rescale_schedule(scheduler, saved_world_size: int, world_size: int) -> None:
     """Move a loaded learning-rate schedule (a diffusers ``LambdaLR``) to the same optimizer step for this run's
     number of processes, and set its optimizer's rates to this run's schedule at that step.
@@ -509,7 +527,9 @@ __all__ = [
     "check_checkpoint_files",
     "plain_parameter_name",
     "rename_compiled_keys",
+    "optimizer_settings",
     "rescale_schedule",
+    "restore_run_settings",
     "saved_run_args",
     "saved_world_size",
     "set_aside_later_checkpoints",

@@ -45,8 +45,10 @@ from .checkpoints import (
     load_ema_state,
     load_rank_state,
     rename_compiled_keys,
+    optimizer_settings,
     rescale_schedule,
     resolve_resume_path,
+    restore_run_settings,
     run_arguments,
     saved_run_args,
     saved_world_size,
@@ -518,11 +520,13 @@ def resume_training(run: TrainingRun) -> LoopState:
                 rewrite_once(accelerator, functools.partial(convert_legacy_ema, run.ema, names, run.resume))
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
+        settings = [optimizer_settings(optimizer) for optimizer in (run.opt_g, run.opt_d)]
         accelerator.load_state(str(run.resume))
         check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
         saved_world = saved_world_size(run.resume) or accelerator.num_processes
-        for scheduler in (run.sched_g, run.sched_d):  # the rates of this run's schedules, at the step resumed
-            rescale_schedule(scheduler, saved_world, accelerator.num_processes)
+        for optimizer, scheduler, own in zip((run.opt_g, run.opt_d), (run.sched_g, run.sched_d), settings):
+            restore_run_settings(optimizer, scheduler, own)  # the run's rates, betas...: an allowed change is made
+            rescale_schedule(scheduler, saved_world, accelerator.num_processes)  # the rates at the step resumed
         warning = schedule_span_warning(args, run.sched_g, saved_run_args(run.resume), accelerator.num_processes)
         if warning is not None:
             logger.warning(warning)
