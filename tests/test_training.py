@@ -472,16 +472,20 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     assert "--allow_resume_changes disc_learning_rate,learning_rate,seed" in message
     assert _weights(tmp_path / "model" / "model.safetensors")  # the old export is untouched
     # a deliberate change is allowed by name; more steps always are
-    result = _train(tmp_path, *other, "--allow_resume_changes", "seed,learning_rate,disc_learning_rate")
+    allowed = ["--ema_decay", "0.5", "--checkpointing_steps", "3", "--allow_resume_changes", "seed,learning_rate,disc_learning_rate,ema_decay"]
+    result = _train(tmp_path, *other, *allowed)
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
-    assert result["learning_rate"] == 1e-3  # the allowed change is made (it trained on at the checkpoint's 1e-4)
+    # the allowed changes are made (the run went on at the checkpoint's rate 1e-4 and EMA decay 0.999)
+    assert result["learning_rate"] == 1e-3
+    ema_state = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "ema_state.json").read_text())
+    assert ema_state["decay"] == 0.5 and ema_state["optimization_step"] == 3
     assert result["weights_sha256"] != first["weights_sha256"]
     with pytest.raises(ValueError, match="allow_resume_changes"):
         parse_args(["--allow_resume_changes", "no_such_flag"])
     caplog.clear()
     with caplog.at_level("WARNING"):
         _train(tmp_path, "--max_train_steps", "1")  # a fresh run in a folder that holds checkpoints
-    assert "held checkpoints past step 0 (checkpoint-2): an earlier run's. Moved them aside" in caplog.text
+    assert "held checkpoints past step 0 (checkpoint-2, checkpoint-3): an earlier run's. Moved them aside" in caplog.text
     assert list_checkpoints(tmp_path / "checkpoints", complete_only=False) == []  # `latest` finds none of them
     (aside,) = (tmp_path / "checkpoints").glob("set-aside-*-at-step-0")
     assert json.loads((aside / "checkpoint-2" / "run_args.json").read_text()) == recorded  # kept whole

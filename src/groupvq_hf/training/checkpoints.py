@@ -195,7 +195,9 @@ def save_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
 
 def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_file: Path, state_file: Path) -> dict:
     """The ``ema.load_state_dict`` argument, after checking names, shapes and dtypes against the running EMA and
-    the counters' keys and types; ValueError naming the file that does not match."""
+    the counters' keys and types; ValueError naming the file that does not match. The checkpoint gives the weights
+    and the step count; the settings (decay, warm-up...) are this run's, the same when nothing changed, so a resume
+    that allows ``--ema_decay`` to change uses the new decay."""
     expected = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
     if not isinstance(counters, dict) or set(counters) != set(expected):
         got = sorted(counters) if isinstance(counters, dict) else type(counters).__name__
@@ -220,7 +222,8 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
                 f"{tuple(current.shape)} {current.dtype}."
             )
         shadow.append(tensor.to(current.device))
-    return {**counters, "shadow_params": shadow}
+    settings = {key: value for key, value in expected.items() if key != "optimization_step"}
+    return {**counters, **settings, "shadow_params": shadow}
 
 
 def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
