@@ -518,14 +518,15 @@ def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(
     ) in caplog.text
     assert [f"{rate:.3g}" for rate in rates[:2]] == [new, new]  # step 3, generator and discriminator
     warmup = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--checkpointing_steps", "1", "--disc_start", "0"]
-    _train(tmp_path / "warmup", "--max_train_steps", "4", *warmup)
-    for step in (2, 3, 4):
+    _train(tmp_path / "warmup", "--max_train_steps", "5", *warmup)
+    for step in (2, 3, 4, 5):
         shutil.rmtree(tmp_path / "warmup" / "checkpoints" / f"checkpoint-{step}")
     caplog.clear()
-    with caplog.at_level("WARNING"):  # resumed at step 1, in the warm-up: the spans part from step 3 on
-        _train(tmp_path / "warmup", "--max_train_steps", "6", "--resume_from_checkpoint", "latest", *warmup)
-    # both spans reach 1e-4 at step 3; at step 4 the 4-step one ends at 0, the 6-step one is at (1 + cos(pi/3)) / 2
-    assert "now spans 6 steps, so at step 4 the generator's learning rate is 7.5e-05 (it was 0 on the" in caplog.text
+    with caplog.at_level("WARNING"):  # resumed at step 1, in the warm-up: the spans part from step 4 on
+        _train(tmp_path / "warmup", "--max_train_steps", "7", "--resume_from_checkpoint", "latest", *warmup)
+    # both reach 1e-4 at schedule step 3; at step 4 the 5-step span is at (1 + cos(pi/2)) / 2, the 7-step at
+    # (1 + cos(pi/4)) / 2
+    assert "now spans 7 steps, so at step 4 the generator's learning rate is 8.54e-05 (it was 5e-05 on the" in caplog.text
     caplog.clear()
     _train(tmp_path / "constant", "--max_train_steps", "2", "--checkpointing_steps", "2")
     with caplog.at_level("WARNING"):
@@ -535,7 +536,8 @@ def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(
 
 def test_the_schedule_warning_of_a_polynomial_schedule_divides_by_the_real_initial_rate():
     """diffusers' polynomial schedule divides by its optimizer's initial rate: the checkpoint's schedule is rebuilt
-    with that rate (it said 1e-4 * 1e-7 = 1e-11 for the rate that is lr_end = 1e-7 at the end of a 4-step span)."""
+    with that rate (rebuilt with 1.0, it gave 1e-4 * ((1 - 1e-7) / 2 + 1e-7) = 5e-05 halfway through a 4-step span,
+    where the rate is (1e-4 - 1e-7) / 2 + 1e-7 = 5.01e-05, and 1e-11 for lr_end = 1e-7 at its end)."""
     import argparse
 
     from groupvq_hf.training.loop import build_schedulers, schedule_span_warning
@@ -543,12 +545,13 @@ def test_the_schedule_warning_of_a_polynomial_schedule_divides_by_the_real_initi
     args = argparse.Namespace(lr_scheduler="polynomial", lr_warmup_steps=0, max_train_steps=8, disc_start=0)
     optimizers = [torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4) for _ in range(2)]
     scheduler = build_schedulers(args, optimizers, world_size=1)[0]
-    for _ in range(4):
+    for _ in range(2):
         optimizers[0].step()
         scheduler.step()
-    rate = (1e-4 - 1e-7) * (1 - 4 / 8) + 1e-7  # diffusers: (lr_init - lr_end) * (1 - step / span) ** 1 + lr_end
+    rate, was = ((1e-4 - 1e-7) * (1 - 2 / span) + 1e-7 for span in (8, 4))  # (lr_init - lr_end) (1 - t/T) + lr_end
     warning = schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1)
-    assert f"at step 4 the generator's learning rate is {rate:.3g} (it was 1e-07 on the checkpoint's schedule)" in warning
+    assert f"at step 2 the generator's learning rate is {rate:.3g} (it was {was:.3g} on the checkpoint's" in warning
+    assert f"{was:.3g}" == "5.01e-05"
     assert schedule_span_warning(args, scheduler, {"max_train_steps": 8}, world_size=1) is None
 
 

@@ -467,7 +467,7 @@ def schedule_span_warning(args: argparse.Namespace, scheduler, saved_args: dict,
     # stand-ins with the real optimizer's default rate (diffusers' polynomial schedule divides by it)
     stand_ins = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=scheduler.optimizer.defaults["lr"])] * 2
     was = build_schedulers(saved, stand_ins, world_size)[0].lr_lambdas[0]
-    for step in range(scheduler.last_epoch // world_size, min(saved_steps, args.max_train_steps) + 1):
+    for step in range(scheduler.last_epoch // world_size, min(saved_steps, args.max_train_steps)):  # positions trained
         rate, saved_rate = base * now(step * world_size), base * was(step * world_size)
         if f"{rate:.3g}" != f"{saved_rate:.3g}":
             return (
