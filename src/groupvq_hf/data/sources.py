@@ -25,6 +25,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from .demo import demo_dataset
 from .rows import UNREADABLE_SHARD, row_features
@@ -210,11 +211,8 @@ def _one_resolution_per_pattern():
             raise FileNotFoundError(*answers[key].args)
         return list(answers[key])  # a copy: callers may change what they get
 
-    datasets.data_files.resolve_pattern = resolve_pattern
-    try:
+    with mock.patch.object(datasets.data_files, "resolve_pattern", resolve_pattern):
         yield
-    finally:
-        datasets.data_files.resolve_pattern = real_resolve
 
 
 @contextlib.contextmanager
@@ -233,11 +231,8 @@ def _origin_metadata_without_threads():
         single = datasets.data_files._get_single_origin_metadata
         return [single(data_file, download_config=download_config) for data_file in data_files]
 
-    datasets.data_files._get_origin_metadata = origin_metadata
-    try:
+    with mock.patch.object(datasets.data_files, "_get_origin_metadata", origin_metadata):
         yield
-    finally:
-        datasets.data_files._get_origin_metadata = real_origin_metadata
 
 
 @contextlib.contextmanager

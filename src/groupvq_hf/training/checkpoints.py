@@ -456,11 +456,6 @@ def saved_run_args(checkpoint: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def saved_world_size(checkpoint: Path) -> int | None:
-    """The number of processes of the run that wrote ``checkpoint`` (its run arguments), None when not recorded."""
-    return saved_run_args(checkpoint).get("world_size")
-
-
 def optimizer_settings(optimizer) -> list[dict]:
     """Each parameter group's settings (rate, initial rate, betas, weight decay...; not its parameters)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
@@ -534,7 +529,6 @@ __all__ = [
     "rescale_schedule",
     "restore_run_settings",
     "saved_run_args",
-    "saved_world_size",
     "set_aside_later_checkpoints",
     "check_resume_arguments",
     "convert_legacy_ema",

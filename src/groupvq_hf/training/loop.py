@@ -51,7 +51,6 @@ from .checkpoints import (
     restore_run_settings,
     run_arguments,
     saved_run_args,
-    saved_world_size,
     save_checkpoint,
     save_ema_state,
     set_aside_later_checkpoints,
@@ -523,11 +522,12 @@ def resume_training(run: TrainingRun) -> LoopState:
         settings = [optimizer_settings(optimizer) for optimizer in (run.opt_g, run.opt_d)]
         accelerator.load_state(str(run.resume))
         check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
-        saved_world = saved_world_size(run.resume) or accelerator.num_processes
+        saved_args = saved_run_args(run.resume)
+        saved_world = saved_args.get("world_size") or accelerator.num_processes
         for optimizer, scheduler, own in zip((run.opt_g, run.opt_d), (run.sched_g, run.sched_d), settings):
             restore_run_settings(optimizer, scheduler, own)  # the run's rates, betas...: an allowed change is made
             rescale_schedule(scheduler, saved_world, accelerator.num_processes)  # the rates at the step resumed
-        warning = schedule_span_warning(args, run.sched_g, saved_run_args(run.resume), accelerator.num_processes)
+        warning = schedule_span_warning(args, run.sched_g, saved_args, accelerator.num_processes)
         if warning is not None:
             logger.warning(warning)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
