@@ -472,11 +472,17 @@ def test_resume_refuses_other_arguments_and_warns_on_a_reused_folder(tmp_path, c
     assert "--allow_resume_changes disc_learning_rate,learning_rate,seed" in message
     assert _weights(tmp_path / "model" / "model.safetensors")  # the old export is untouched
     # a deliberate change is allowed by name; more steps always are
-    allowed = ["--ema_decay", "0.5", "--checkpointing_steps", "3", "--allow_resume_changes", "seed,learning_rate,disc_learning_rate,ema_decay"]
+    allowed = [
+        "--ema_decay", "0.5", "--gradient_accumulation_steps", "3", "--checkpointing_steps", "3",
+        "--allow_resume_changes", "seed,learning_rate,disc_learning_rate,ema_decay,gradient_accumulation_steps",
+    ]  # fmt: skip
     result = _train(tmp_path, *other, *allowed)
     assert result["resumed_from"].endswith("checkpoint-2") and result["global_step"] == 3
-    # the allowed changes are made (the run went on at the checkpoint's rate 1e-4 and EMA decay 0.999)
+    # the allowed changes are made (the run went on at the checkpoint's rate 1e-4 and EMA decay 0.999, and its
+    # step 3 took three micro-batches, not the one that accelerate's restored micro-step count 2 would have given)
     assert result["learning_rate"] == 1e-3
+    position = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "training_state_rank0.json").read_text())
+    assert position["data"]["batches_in_epoch"] == 2 + 3
     ema_state = json.loads((tmp_path / "checkpoints" / "checkpoint-3" / "ema_state.json").read_text())
     assert ema_state["decay"] == 0.5 and ema_state["optimization_step"] == 3
     assert result["weights_sha256"] != first["weights_sha256"]

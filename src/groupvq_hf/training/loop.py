@@ -531,6 +531,9 @@ def resume_training(run: TrainingRun) -> LoopState:
         if warning is not None:
             logger.warning(warning)
         state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
+        # accelerate restored its micro-step count, which syncs at multiples of this run's accumulation: with an
+        # allowed change of --gradient_accumulation_steps, the first update would take fewer micro-batches
+        accelerator.step = state.global_step * args.gradient_accumulation_steps
         state.converted_images = int(saved.get("converted_images", 0))
         for guard, name in ((state.guard_g, "generator"), (state.guard_d, "discriminator")):
             if name in saved.get("nonfinite", {}):  # checkpoints before this count was kept start from zero
