@@ -137,6 +137,51 @@ def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_r
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_legacy_ema_converted_by_a_run_with_another_decay_keeps_its_own_settings(tmp_path):
+    """A resume that allows `--ema_decay` to change converts the earlier release's pickle: the running EMA takes
+    the new decay, the converted checkpoint keeps the decay it was trained with (it recorded the new one)."""
+    from groupvq_hf.training import EMA_STATE_FILE, LEGACY_EMA_FILE, convert_legacy_ema, load_ema_state
+    from groupvq_hf.training.loop import build_ema
+
+    names, parameters = ["a", "b"], [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    trained = build_ema(parameters, 0.999, warmup=True)
+    for _ in range(3):
+        trained.step(parameters)
+    torch.save(trained.state_dict(), tmp_path / LEGACY_EMA_FILE)
+    resuming = build_ema([torch.nn.Parameter(torch.zeros_like(p)) for p in parameters], 0.5, warmup=True)
+    legacy = load_ema_state(resuming, names, tmp_path)
+    assert legacy is not None and resuming.decay == 0.5 and resuming.optimization_step == 3
+    convert_legacy_ema(legacy, names, tmp_path)
+    assert not (tmp_path / LEGACY_EMA_FILE).exists()
+    assert json.loads((tmp_path / EMA_STATE_FILE).read_text()) == {
+        key: value for key, value in trained.state_dict().items() if key != "shadow_params"
+    }
+    again = build_ema([torch.nn.Parameter(torch.zeros_like(p)) for p in parameters], 0.5, warmup=True)
+    assert load_ema_state(again, names, tmp_path) is None  # the safe files now
+    assert all(torch.equal(a, b) for a, b in zip(again.shadow_params, trained.shadow_params))
+
+
+def test_the_ema_counters_need_only_their_step_and_settings_of_the_right_type(tmp_path):
+    """The settings are the resuming run's, so a counters file of another diffusers release (a setting missing, one
+    unknown) resumes; a step that is missing or not an integer, or a known setting of the wrong type, is refused
+    naming the file."""
+    from groupvq_hf.training import EMA_STATE_FILE, load_ema_state, save_ema_state
+    from groupvq_hf.training.loop import build_ema
+
+    names, parameters = ["a"], [torch.nn.Parameter(torch.randn(3))]
+    save_ema_state(build_ema(parameters, 0.9, warmup=True), names, tmp_path)
+    state_file = tmp_path / EMA_STATE_FILE
+    state_file.write_text(json.dumps({"optimization_step": 7, "a_later_setting": [1, 2]}))
+    ema = build_ema(parameters, 0.9, warmup=True)
+    assert load_ema_state(ema, names, tmp_path) is None
+    assert ema.optimization_step == 7 and ema.decay == 0.9 and ema.min_decay == 0.0
+    for counters in ({}, {"optimization_step": "7"}, {"optimization_step": True}, {"optimization_step": -1},
+                     {"optimization_step": 7, "decay": "0.9"}, [7]):
+        state_file.write_text(json.dumps(counters))
+        with pytest.raises(ValueError, match=re.escape(str(state_file))):
+            load_ema_state(build_ema(parameters, 0.9, warmup=True), names, tmp_path)
+
+
 def test_a_first_release_torch_compile_checkpoint_resumes_with_its_orig_mod_keys_renamed(checkpointed_run, tmp_path):
     """The first release wrapped the encoder and decoder in torch.compile, so its checkpoints hold keys such as
     `encoder._orig_mod.conv_in.weight`: renamed to plain keys in place, then resumed to the same weights."""

@@ -182,9 +182,15 @@ def save_checkpoint(
 def save_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
     """Write ``ema`` (diffusers' ``EMAModel`` of the parameters called ``names``) as ``EMA_WEIGHTS_FILE``
     (safetensors, one tensor per parameter name) and ``EMA_STATE_FILE`` (JSON counters): nothing to unpickle."""
+    _write_ema_files(ema.state_dict(), names, folder)
+
+
+def _write_ema_files(state: dict, names: list[str], folder: str | os.PathLike) -> None:
+    """`save_ema_state`'s files from an ``EMAModel.state_dict()``-shaped ``state`` (``shadow_params`` in the order
+    of ``names``, the other keys JSON counters)."""
     from safetensors.torch import save_file
 
-    state = dict(ema.state_dict())
+    state = dict(state)
     shadow = state.pop("shadow_params")
     if len(shadow) != len(names):
         raise ValueError(f"The EMA holds {len(shadow)} tensors for {len(names)} parameter names.")
@@ -195,16 +201,22 @@ def save_ema_state(ema, names: list[str], folder: str | os.PathLike) -> None:
 
 def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_file: Path, state_file: Path) -> dict:
     """The ``ema.load_state_dict`` argument, after checking names, shapes and dtypes against the running EMA and
-    the counters' keys and types; ValueError naming the file that does not match. The checkpoint gives the weights
-    and the step count; the settings (decay, warm-up...) are this run's, the same when nothing changed, so a resume
-    that allows ``--ema_decay`` to change uses the new decay."""
+    the counters' types; ValueError naming the file that does not match. The checkpoint gives the weights and the
+    step count (``optimization_step``, the one key required); the settings (decay, warm-up...) are this run's, the
+    same when nothing changed, so a resume that allows ``--ema_decay`` to change uses the new decay. A setting the
+    file lacks or one this version of ``EMAModel`` does not know (a checkpoint of another diffusers release) is
+    therefore no reason to refuse it; one it holds with the wrong type is."""
     expected = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
-    if not isinstance(counters, dict) or set(counters) != set(expected):
+    step = counters.get("optimization_step") if isinstance(counters, dict) else None
+    if type(step) is not int or step < 0:
         got = sorted(counters) if isinstance(counters, dict) else type(counters).__name__
         raise ValueError(
-            f"`{state_file}` does not hold this run's EMA state: keys {sorted(expected)} expected, got {got}."
+            f"`{state_file}` does not hold an EMA state: an `optimization_step` (an integer >= 0) expected, got "
+            f"{f'{step!r} among the keys {got}' if isinstance(counters, dict) else got}."
         )
     for key, value in expected.items():
+        if key not in counters:
+            continue
         if type(counters[key]) is not type(value) and not (isinstance(value, float) and type(counters[key]) is int):
             raise ValueError(f"`{state_file}`: `{key}` must be a {type(value).__name__}, got {counters[key]!r}.")
     if set(tensors) != set(names):
@@ -223,14 +235,15 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
             )
         shadow.append(tensor.to(current.device))
     settings = {key: value for key, value in expected.items() if key != "optimization_step"}
-    return {**counters, **settings, "shadow_params": shadow}
+    return {"optimization_step": step, **settings, "shadow_params": shadow}
 
 
-def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
+def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> dict | None:
     """Restore ``ema`` from `save_ema_state`'s files in ``folder`` (checked: ValueError naming a file that does not
-    match this run). A checkpoint of the earlier release holds ``LEGACY_EMA_FILE`` instead: it is read with
-    ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then True is returned, and once every
-    process has read it the main process calls [`convert_legacy_ema`] (accelerate refuses a folder holding it)."""
+    match this run) and return None. A checkpoint of the earlier release holds ``LEGACY_EMA_FILE`` instead: it is
+    read with ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then the state it holds is
+    returned as it was saved (its own decay, not this run's), and once every process has read it the main process
+    passes it to [`convert_legacy_ema`] (accelerate refuses a folder holding the pickle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -256,7 +269,7 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
                 "left by an interrupted conversion of an older checkpoint, delete it to resume."
             )
         ema.load_state_dict(_checked_ema_state(ema, names, tensors, counters, weights_file, state_file))
-        return False
+        return None
     import pickle
 
     import torch
@@ -273,13 +286,14 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> bool:
         raise ValueError(f"`{legacy}` does not hold this run's EMA ({len(names)} shadow tensors expected).")
     counters = {key: value for key, value in state.items() if key != "shadow_params"}
     ema.load_state_dict(_checked_ema_state(ema, names, dict(zip(names, shadow)), counters, legacy, legacy))
-    return True
+    return state
 
 
-def convert_legacy_ema(ema, names: list[str], folder: str | os.PathLike) -> None:
-    """Rewrite a checkpoint's ``LEGACY_EMA_FILE`` as `save_ema_state`'s files (from ``ema``, as
-    [`load_ema_state`] read it): the safe files first, then the pickle goes. Main process only."""
-    save_ema_state(ema, names, folder)
+def convert_legacy_ema(saved_state: dict, names: list[str], folder: str | os.PathLike) -> None:
+    """Rewrite a checkpoint's ``LEGACY_EMA_FILE`` as `save_ema_state`'s files, holding ``saved_state`` (the
+    pickle's state as [`load_ema_state`] returned it, so the checkpoint keeps its own settings even when the run
+    resuming it changed ``--ema_decay``): the safe files first, then the pickle goes. Main process only."""
+    _write_ema_files(saved_state, names, folder)
     (Path(folder) / LEGACY_EMA_FILE).unlink()
 
 

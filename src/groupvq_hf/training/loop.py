@@ -515,8 +515,9 @@ def resume_training(run: TrainingRun) -> LoopState:
             logger.info(f"Renamed the `_orig_mod.` keys of {path} (torch.compile wrappers') to plain names.")
         if run.ema is not None:
             names = ema_parameter_names(run.plain_model)
-            if load_ema_state(run.ema, names, run.resume):  # the earlier release's pickle, read safely: convert it
-                rewrite_once(accelerator, functools.partial(convert_legacy_ema, run.ema, names, run.resume))
+            legacy = load_ema_state(run.ema, names, run.resume)
+            if legacy is not None:  # the earlier release's pickle, read safely: convert it
+                rewrite_once(accelerator, functools.partial(convert_legacy_ema, legacy, names, run.resume))
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         settings = [optimizer_settings(optimizer) for optimizer in (run.opt_g, run.opt_d)]
