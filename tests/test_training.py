@@ -520,7 +520,8 @@ def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(
     new, old = (f"{1e-4 * (1 + math.cos(math.pi * 2 / span)) / 2:.3g}" for span in (8, 4))
     assert (
         f"`--max_train_steps` 8 differs from the checkpoint's run (4): the `cosine` learning-rate schedule now spans "
-        f"8 steps, so at step 2 the generator's learning rate is {new} (it was {old} on the checkpoint's schedule)"
+        f"8 steps, so at step 2 the generator's learning rate is {new} (it would be {old} on the checkpoint's 4-step "
+        "schedule)"
     ) in caplog.text
     assert [f"{rate:.3g}" for rate in rates[:2]] == [new, new]  # step 3, generator and discriminator
     warmup = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--checkpointing_steps", "1", "--disc_start", "0"]
@@ -532,14 +533,15 @@ def test_a_resume_that_changes_max_train_steps_says_how_the_learning_rate_moves(
         _train(tmp_path / "warmup", "--max_train_steps", "7", "--resume_from_checkpoint", "latest", *warmup)
     # both reach 1e-4 at schedule step 3; at step 4 the 5-step span is at (1 + cos(pi/2)) / 2, the 7-step at
     # (1 + cos(pi/4)) / 2
-    assert "now spans 7 steps, so at step 4 the generator's learning rate is 8.54e-05 (it was 5e-05 on the" in caplog.text
+    assert "now spans 7 steps, so at step 4 the generator's learning rate is 8.54e-05 (it would be 5e-05 on the" in caplog.text
 
 
 def test_the_schedule_warning_of_a_polynomial_schedule_divides_by_the_real_initial_rate():
     """diffusers' polynomial schedule divides by its optimizer's initial rate: the checkpoint's schedule is rebuilt
     with that rate (rebuilt with 1.0, it gave 1e-4 * ((1 - 1e-7) / 2 + 1e-7) = 5e-05 halfway through a 4-step span,
     where the rate is (1e-4 - 1e-7) / 2 + 1e-7 = 5.01e-05, and 1e-11 for lr_end = 1e-7 at its end). A
-    constant schedule does not move with the span: no warning."""
+    constant schedule does not move with the span: no warning. After a skipped (non-finite) step the schedule trails
+    the global step, and the warning names the global step."""
     import argparse
 
     from groupvq_hf.training.loop import build_schedulers, schedule_span_warning
@@ -551,15 +553,17 @@ def test_the_schedule_warning_of_a_polynomial_schedule_divides_by_the_real_initi
         optimizers[0].step()
         scheduler.step()
     rate, was = ((1e-4 - 1e-7) * (1 - 2 / span) + 1e-7 for span in (8, 4))  # (lr_init - lr_end) (1 - t/T) + lr_end
-    warning = schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1)
-    assert f"at step 2 the generator's learning rate is {rate:.3g} (it was {was:.3g} on the checkpoint's" in warning
+    warning = schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1, global_step=2)
+    assert f"at step 2 the generator's learning rate is {rate:.3g} (it would be {was:.3g} on the checkpoint's" in warning
     assert f"{was:.3g}" == "5.01e-05"
-    assert schedule_span_warning(args, scheduler, {"max_train_steps": 8}, world_size=1) is None
+    skipped_one = schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1, global_step=3)
+    assert f"at step 3 the generator's learning rate is {rate:.3g}" in skipped_one  # the schedule's position 2
+    assert schedule_span_warning(args, scheduler, {"max_train_steps": 8}, world_size=1, global_step=2) is None
     args.lr_scheduler = "constant"  # a constant schedule does not move with the span: no warning
     scheduler = build_schedulers(args, optimizers, world_size=1)[0]
     for _ in range(2):
         scheduler.step()
-    assert schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1) is None
+    assert schedule_span_warning(args, scheduler, {"max_train_steps": 4}, world_size=1, global_step=2) is None
 
 
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):

@@ -452,11 +452,15 @@ def build_schedulers(args: argparse.Namespace, optimizers, world_size: int) -> l
 SCHEDULE_ARGUMENTS = ("lr_scheduler", "lr_warmup_steps", "max_train_steps", "disc_start")  # what `build_schedulers` reads
 
 
-def schedule_span_warning(args: argparse.Namespace, scheduler, saved_args: dict, world_size: int) -> str | None:
+def schedule_span_warning(
+    args: argparse.Namespace, scheduler, saved_args: dict, world_size: int, global_step: int
+) -> str | None:
     """A warning when a resume changes ``--max_train_steps`` (always allowed) and with it the loaded generator
     schedule (`build_schedulers`: cosine, linear... span ``--max_train_steps``; constant ones do not move), naming
     the first step from the resumed one on where its learning rate differs from the checkpoint's schedule (built
-    from the checkpoint's `SCHEDULE_ARGUMENTS`, over the steps both spans have); None otherwise."""
+    from the checkpoint's `SCHEDULE_ARGUMENTS` with this run's base rate, over the steps both spans have); None
+    otherwise. The schedule does not move on a skipped (non-finite) step, as accelerate's does not on a skipped
+    fp16 step, so its position trails ``global_step`` by the steps skipped; the warning names global steps."""
     saved_steps = saved_args.get("max_train_steps")
     if saved_steps is None or saved_steps == args.max_train_steps:
         return None
@@ -466,14 +470,17 @@ def schedule_span_warning(args: argparse.Namespace, scheduler, saved_args: dict,
     # stand-ins with the real optimizer's default rate (diffusers' polynomial schedule divides by it)
     stand_ins = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=scheduler.optimizer.defaults["lr"])] * 2
     was = build_schedulers(saved, stand_ins, world_size)[0].lr_lambdas[0]
-    for step in range(scheduler.last_epoch // world_size, min(saved_steps, args.max_train_steps)):  # positions trained
+    position = scheduler.last_epoch // world_size
+    skipped = global_step - position
+    for step in range(position, min(saved_steps, args.max_train_steps) - skipped):  # schedule positions trained
         rate, saved_rate = base * now(step * world_size), base * was(step * world_size)
         if f"{rate:.3g}" != f"{saved_rate:.3g}":
             return (
                 f"`--max_train_steps` {args.max_train_steps} differs from the checkpoint's run ({saved_steps}): the "
                 f"`{args.lr_scheduler}` learning-rate schedule now spans {args.max_train_steps} steps, so at step "
-                f"{step} the generator's learning rate is {rate:.3g} (it was {saved_rate:.3g} on the checkpoint's "
-                f"schedule). Resume with `--max_train_steps {saved_steps}` to keep that schedule."
+                f"{step + skipped} the generator's learning rate is {rate:.3g} (it would be {saved_rate:.3g} on the "
+                f"checkpoint's {saved_steps}-step schedule). Resume with `--max_train_steps {saved_steps}` to keep "
+                "that schedule."
             )
     return None
 
@@ -528,10 +535,10 @@ def resume_training(run: TrainingRun) -> LoopState:
         for optimizer, scheduler, own in zip((run.opt_g, run.opt_d), (run.sched_g, run.sched_d), settings):
             restore_run_settings(optimizer, scheduler, own)  # the run's rates, betas...: an allowed change is made
             rescale_schedule(scheduler, saved_world, accelerator.num_processes)  # the rates at the step resumed
-        warning = schedule_span_warning(args, run.sched_g, saved_args, accelerator.num_processes)
+        state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
+        warning = schedule_span_warning(args, run.sched_g, saved_args, accelerator.num_processes, state.global_step)
         if warning is not None:
             logger.warning(warning)
-        state.global_step, state.skipped_images = int(saved["global_step"]), int(saved.get("skipped_images", 0))
         # accelerate restored its micro-step count, which syncs at multiples of this run's accumulation: with an
         # allowed change of --gradient_accumulation_steps, the first update would take fewer micro-batches
         accelerator.step = state.global_step * args.gradient_accumulation_steps
