@@ -8,7 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# datasets' cache (and the data-file records of local folders in it) per test session, not the user's
+# datasets' cache (and the data-file records of local folders in it) per test run, not the user's: pytest-xdist's
+# workers inherit the controller's (records are keyed by folder, written under a file lock)
 SESSION_DATASETS_CACHE = None if "HF_DATASETS_CACHE" in os.environ else tempfile.mkdtemp(prefix="groupvq-datasets-")
 if SESSION_DATASETS_CACHE:
     os.environ["HF_DATASETS_CACHE"] = SESSION_DATASETS_CACHE

@@ -195,8 +195,9 @@ def _write_ema_files(state: dict, names: list[str], folder: str | os.PathLike) -
     if len(shadow) != len(names):
         raise ValueError(f"The EMA holds {len(shadow)} tensors for {len(names)} parameter names.")
     tensors = {name: t.detach().cpu().contiguous() for name, t in zip(names, shadow)}
-    save_file(tensors, str(Path(folder) / EMA_WEIGHTS_FILE))
+    # the counters first: `load_ema_state` takes a folder holding the weights file for one in this format
     (Path(folder) / EMA_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    save_file(tensors, str(Path(folder) / EMA_WEIGHTS_FILE))
 
 
 def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_file: Path, state_file: Path) -> dict:
@@ -286,7 +287,9 @@ def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> dict | N
         raise ValueError(f"`{legacy}` does not hold this run's EMA ({len(names)} shadow tensors expected).")
     counters = {key: value for key, value in state.items() if key != "shadow_params"}
     ema.load_state_dict(_checked_ema_state(ema, names, dict(zip(names, shadow)), counters, legacy, legacy))
-    return state
+    # what the conversion writes: the checked keys only (of plain, JSON-ready types), not whatever else it held
+    known = {key for key in ema.state_dict() if key != "shadow_params"}
+    return {key: value for key, value in state.items() if key in known or key == "shadow_params"}
 
 
 def convert_legacy_ema(saved_state: dict, names: list[str], folder: str | os.PathLike) -> None:
