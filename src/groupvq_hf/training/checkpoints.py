@@ -210,10 +210,9 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
     expected = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
     step = counters.get("optimization_step") if isinstance(counters, dict) else None
     if type(step) is not int or step < 0:
-        got = sorted(counters) if isinstance(counters, dict) else type(counters).__name__
+        got = f"{step!r} among the keys {sorted(counters)}" if isinstance(counters, dict) else type(counters).__name__
         raise ValueError(
-            f"`{state_file}` does not hold an EMA state: an `optimization_step` (an integer >= 0) expected, got "
-            f"{f'{step!r} among the keys {got}' if isinstance(counters, dict) else got}."
+            f"`{state_file}` does not hold an EMA state: an `optimization_step` (an integer >= 0) expected, got {got}."
         )
     for key, value in expected.items():
         if key not in counters:
@@ -242,9 +241,9 @@ def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_f
 def load_ema_state(ema, names: list[str], folder: str | os.PathLike) -> dict | None:
     """Restore ``ema`` from `save_ema_state`'s files in ``folder`` (checked: ValueError naming a file that does not
     match this run) and return None. A checkpoint of the earlier release holds ``LEGACY_EMA_FILE`` instead: it is
-    read with ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then the state it holds is
-    returned as it was saved (its own decay, not this run's), and once every process has read it the main process
-    passes it to [`convert_legacy_ema`] (accelerate refuses a folder holding the pickle)."""
+    read with ``torch.load(weights_only=True)`` (no code runs) and checked the same way; then its checked keys are
+    returned as they were saved (its own decay, not this run's), and once every process has read it the main process
+    passes them to [`convert_legacy_ema`] (accelerate refuses a folder holding the pickle)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
