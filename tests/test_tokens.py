@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -445,6 +447,15 @@ def test_a_folder_made_with_other_settings_is_refused_naming_them_and_overwrite_
                               overwrite=True, progress=False)  # fmt: skip
     assert record["resolution"] == 16 and record["token_grid"] == [4, 4]
     assert {row["augmentation"] for row in _rows(out)} == {"center", "flip"}  # the new files, not a stale cache
+
+    def killed_while_deleting_shards(path, *args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of --overwrite's deletion of data/
+
+    with mock.patch.object(shutil, "rmtree", killed_while_deleting_shards), pytest.raises(KeyboardInterrupt):
+        tokenize_dataset(str(model_dir), str(photo_folder), out, 16, max_samples=2, overwrite=True, progress=False)
+    assert (out / "data").is_dir() and not (out / "tokenization.json").exists()  # the record went first
+    with pytest.raises(ValueError, match="holds no tokenization.json"):  # not a "complete" run over stale shards
+        tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2, progress=False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

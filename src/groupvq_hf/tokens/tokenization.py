@@ -207,7 +207,9 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
     ValueError when it holds a run with other settings (naming the differences) or files of something else, unless
     ``overwrite`` (which deletes the previous run's ``data/``, card, record and progress), and when it is not writable.
     """
-    ours = (DATA_DIR, PROGRESS_DIR, RECORD_FILE, "README.md")
+    # the record first: a kill while --overwrite deletes leaves a folder without it, refused (or started afresh), never a
+    # "complete" record over a part of its shards
+    ours = (RECORD_FILE, DATA_DIR, PROGRESS_DIR, "README.md")
     record_path = output_dir / RECORD_FILE
     existing = None
     if output_dir.is_dir() and any(output_dir.iterdir()):
