@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no network calls
 
@@ -104,6 +105,14 @@ def test_open_image_gives_messages_for_bad_files(tmp_path):
         open_image(tmp_path / "huge.png")
     image = open_image(tmp_path / "gray_alpha.png")
     assert image.mode == "RGB" and image.size == (20, 12)
+    from PIL import EpsImagePlugin
+
+    ghostscript_runs = []
+    Image.new("RGB", (32, 32)).save(tmp_path / "postscript.png", "EPS")  # gradio checks only the extension
+    with mock.patch.object(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ghostscript_runs.append(args)):
+        with pytest.raises(ValueError, match="`postscript.png` is not an image .*upload a PNG, JPEG, WEBP, BMP, GIF or TIFF"):
+            open_image(tmp_path / "postscript.png")
+    assert ghostscript_runs == []
 
 
 # An upload's peak memory above the page's steady state (the thin image below; README's demo section states it).

@@ -321,6 +321,41 @@ def test_bad_images_are_skipped_and_counted_and_odd_modes_converted(tmp_path):
     assert [e["row"] for e in capped] == [0, 1, 2, 3] and collate_pixels(capped).shape[0] == 2  # 2 images, 2 markers
 
 
+def eps_bytes() -> bytes:
+    """A PostScript image (PIL writes EPS without Ghostscript; it needs Ghostscript only to decode one)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, "EPS")
+    return buffer.getvalue()
+
+
+def test_an_eps_file_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """PIL decodes EPS by running Ghostscript on the file: a PostScript file named ``.jpg`` in a dataset is not an
+    image we open (skipped as undecodable), on every decode path."""
+    from PIL import EpsImagePlugin, UnidentifiedImageError
+
+    from groupvq_hf.data.decoding import SkippedImage, decode_image, image_transform, open_as_reference, open_image
+
+    ghostscript_runs = []
+
+    def ghostscript(*args, **kwargs):
+        ghostscript_runs.append(args)
+        raise OSError("Ghostscript would run here")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    blob = eps_bytes()
+    assert Image.open(io.BytesIO(blob)).format == "EPS"  # PIL alone opens it
+    (tmp_path / "photo.jpg").write_bytes(blob)
+    transform = image_transform(16, train=False)
+    for image in ({"bytes": blob, "path": None}, {"bytes": None, "path": str(tmp_path / "photo.jpg")}):
+        for full_decode in (False, True):
+            with pytest.raises(SkippedImage, match="undecodable:UnidentifiedImageError"):
+                decode_image(image, transform, full_decode=full_decode)
+        for opener in (open_image, open_as_reference):
+            with pytest.raises(UnidentifiedImageError):
+                opener(image)
+    assert ghostscript_runs == []
+
+
 def test_to_rgb_composites_alpha_on_white():
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     rgb, mode = to_rgb(transparent)

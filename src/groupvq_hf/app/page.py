@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data.decoding import MIN_IMAGE_SIZE, to_rgb
+from ..data.decoding import MIN_IMAGE_SIZE, open_pil, to_rgb
 from ..data.demo import DEMO_PHOTOS, demo_images
 from ..evaluation.metrics import DATA_RANGE, to_unit_images
 from ..image_processing_groupvq import to_uint8
@@ -46,6 +46,7 @@ MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before they are deco
 MAX_ASPECT_RATIO = 4  # a longer side beyond 4x the shorter one is cut to its center before processing (bounded_image)
 MAX_CACHED_MODELS = 4  # resized quantizer copies kept (LRU)
 MAX_CACHED_IMAGES = 16  # encoder outputs kept (LRU), so a codebook change re-runs only quantizer and decoder
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # what an upload is opened as (PIL's names); never EPS
 DEMO_PREFIX = "demo:"
 DISPLAY_SIDE = 256  # crops, reconstructions and token maps are shown enlarged to at least this many pixels
 
@@ -96,7 +97,7 @@ def open_image(path) -> Image.Image:
     """Open an uploaded file as an RGB image; ValueError with a message for the page when it is not usable."""
     name = os.path.basename(str(path))
     try:
-        with Image.open(path) as image:
+        with open_pil(path, formats=UPLOAD_FORMATS) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise ValueError(
@@ -108,8 +109,8 @@ def open_image(path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise ValueError(f"`{name}` is too large to decode safely ({error}).") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"`{name}` is not an image the demo can read ({type(error).__name__}): upload a PNG, JPEG, "
-                         "WebP, BMP, GIF or TIFF file.") from None
+        raise ValueError(f"`{name}` is not an image the demo can read ({type(error).__name__}): upload a "
+                         f"{', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} file.") from None
     if min(image.size) < MIN_IMAGE_SIZE:
         raise ValueError(
             f"`{name}` is {image.size[0]}x{image.size[1]}; the demo needs at least {MIN_IMAGE_SIZE} pixels on each side."

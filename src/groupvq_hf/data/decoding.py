@@ -11,6 +11,7 @@ formats decode in full as before; ``full_decode=True`` restores the full decode 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -28,14 +29,42 @@ from .demo import DEMO_URL, open_demo
 MIN_IMAGE_SIZE = 8
 
 
-def open_image(image: dict) -> Image.Image:
-    """A stored image (``{"bytes", "path"}`` of ``datasets.Image(decode=False)``, or a demo crop) as PIL."""
-    import datasets
+@functools.cache
+def read_formats() -> tuple[str, ...]:
+    """The image formats a stored or uploaded image is opened as: every format PIL reads except EPS, which PIL decodes
+    by running Ghostscript on the file (a crafted PostScript file, named ``.jpg`` in a dataset or an upload, would be
+    executed by another program). Passed as ``Image.open(..., formats=read_formats())``."""
+    Image.init()
+    return tuple(sorted(set(Image.OPEN) - {"EPS"}))
 
-    path = image.get("path") if isinstance(image, dict) else None
-    if image.get("bytes") is None and isinstance(path, str) and path.startswith(DEMO_URL):
+
+def open_pil(source, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """``Image.open(source)`` (a path or a binary file) restricted to ``formats`` (default `read_formats`): the one
+    way the package opens an image file it did not write."""
+    return Image.open(source, formats=list(formats or read_formats()))
+
+
+def open_image(image: dict) -> Image.Image:
+    """A stored image (``{"bytes", "path"}`` of ``datasets.Image(decode=False)``, or a demo crop) as PIL, decoded as
+    ``datasets.Image().decode_example`` decodes it (bytes, a local path, or a remote path read through ``datasets``'
+    ``xopen``; loaded; EXIF orientation applied) but opened only as one of `read_formats`."""
+    from datasets import DownloadConfig
+    from datasets.utils.file_utils import is_local_path, xopen
+    from PIL import ImageOps
+
+    blob, path = image.get("bytes"), image.get("path")
+    if blob is None and isinstance(path, str) and path.startswith(DEMO_URL):
         return open_demo(path)
-    return datasets.Image().decode_example(image)
+    if blob is None and path is None:
+        raise ValueError(f"An image should have one of 'path' or 'bytes' but both are None in {image}.")
+    if blob is None and not is_local_path(path):
+        with xopen(path, "rb", download_config=DownloadConfig()) as f:
+            blob = f.read()
+    decoded = open_pil(path if blob is None else io.BytesIO(blob))
+    decoded.load()
+    if decoded.getexif().get(ExifTags.Base.Orientation) is not None:
+        decoded = ImageOps.exif_transpose(decoded)
+    return decoded
 
 
 def open_as_reference(image: dict) -> tuple[Image.Image, str | None]:
@@ -45,9 +74,9 @@ def open_as_reference(image: dict) -> tuple[Image.Image, str | None]:
     mode when converted. A remote path without bytes is opened by ``datasets`` (rotated, as `open_image` does)."""
     blob, path = (image or {}).get("bytes"), (image or {}).get("path")
     if blob is not None:
-        source = Image.open(io.BytesIO(blob))
+        source = open_pil(io.BytesIO(blob))
     elif isinstance(path, str) and not path.startswith(DEMO_URL) and os.path.isfile(path):
-        source = Image.open(path)
+        source = open_pil(path)
     else:
         source = open_image(image or {})
     source.load()
@@ -184,9 +213,9 @@ def _open_jpeg(image: dict) -> Image.Image | None:
     try:
         blob, path = image.get("bytes"), image.get("path")
         if blob is not None:
-            source = Image.open(io.BytesIO(blob))
+            source = open_pil(io.BytesIO(blob), formats=("JPEG",))
         elif isinstance(path, str) and not path.startswith(DEMO_URL) and os.path.isfile(path):
-            source = Image.open(path)
+            source = open_pil(path, formats=("JPEG",))
         else:
             return None
         if source.format == "JPEG" and source.getexif().get(ExifTags.Base.Orientation, 1) == 1:
@@ -249,7 +278,9 @@ __all__ = [
     "image_transform",
     "open_as_reference",
     "open_image",
+    "open_pil",
     "plan_crop",
+    "read_formats",
     "render_crop",
     "to_rgb",
 ]
