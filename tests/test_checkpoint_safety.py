@@ -242,8 +242,8 @@ def test_a_checkpoint_file_that_does_not_match_the_run_is_refused_naming_it(chec
 
 # ------------------------------------------------------------------------------------------------ item 6
 def test_a_kill_during_validation_is_redone_on_resume(tmp_path, monkeypatch):
-    """Killed while validating step 2 (its checkpoint already written): the resumed run validates step 2 again, and
-    its validation log equals the uninterrupted run's."""
+    """Killed while validating step 2 (its checkpoint already written), in the middle of appending its entry: the
+    resumed run drops the cut entry, validates step 2 again, and its validation log equals the uninterrupted run's."""
     from test_training import _train
 
     from groupvq_hf.training import VALIDATION_LOG_FILE, loop
@@ -253,17 +253,34 @@ def test_a_kill_during_validation_is_redone_on_resume(tmp_path, monkeypatch):
     real_append = loop.append_validation_log
 
     def killed(path, step, usage):
+        with open(path, "a") as log:
+            log.write('{"step": 2, "codebook_usage": 0.')  # cut short: no newline
         raise KeyboardInterrupt("killed during validation")
 
     monkeypatch.setattr(loop, "append_validation_log", killed)
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "split", "--max_train_steps", "4", *run)
     monkeypatch.setattr(loop, "append_validation_log", real_append)
-    assert not (tmp_path / "split" / VALIDATION_LOG_FILE).exists()
+    assert loop.read_validation_log(tmp_path / "split" / VALIDATION_LOG_FILE) == []  # the cut entry is not one
     _train(tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *run)
     full = (tmp_path / "full" / VALIDATION_LOG_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in full] == [2, 4]
     assert (tmp_path / "split" / VALIDATION_LOG_FILE).read_text().splitlines() == full
+
+
+def test_a_damaged_validation_log_line_is_named(tmp_path):
+    from groupvq_hf.training import loop
+
+    log = tmp_path / "validation_log.jsonl"
+    log.write_text('{"step": 2, "codebook_usage": 0.5}\n\nnot json\n{"step": 4, "codebook_usage": 0.6}\n')
+    with pytest.raises(ValueError, match=r"validation_log.jsonl line 3 is not a validation entry .*'not json'"):
+        loop.trim_validation_log(log, 4)
+    log.write_text('{"step": 2, "codebook_usage": 0.5}\n{"step": 4, "codebook_usage": 0.6}\n{"step": 6, "cod')
+    loop.trim_validation_log(log, 4)
+    assert log.read_text() == '{"step": 2, "codebook_usage": 0.5}\n{"step": 4, "codebook_usage": 0.6}\n'
+    loop.trim_validation_log(log, 3)
+    assert [entry["step"] for entry in loop.read_validation_log(log)] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["validation_log.jsonl"]  # no temporary file left
 
 
 # ------------------------------------------------------------------------------------------------ a full disk

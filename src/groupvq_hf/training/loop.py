@@ -26,7 +26,7 @@ import torch
 from ..configuration_groupvq import GroupVQConfig
 from ..data.sizing import dataset_num_examples
 from ..data.stream import ResumableBatches
-from ..fileio import weights_digest
+from ..fileio import atomic_file, weights_digest
 from ..image_processing_groupvq import to_uint8
 from .arguments import (
     check_resolution,
@@ -997,13 +997,37 @@ def build_generator_optimizer(model, args: argparse.Namespace) -> torch.optim.Ad
     return torch.optim.Adam(groups, lr=args.learning_rate, betas=betas, weight_decay=args.adam_weight_decay)
 
 
+def read_validation_log(path: Path) -> list[dict]:
+    """The entries of ``VALIDATION_LOG_FILE`` ([] when there is none). A last line cut short (a kill in the middle
+    of an append: no newline after it) is left out; any other line that is not an entry is a ValueError naming the
+    file and the line."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")  # the last item is what follows the last newline: "" unless an append was cut short
+    entries = []
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            entry = "bad"
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            raise ValueError(f"{path} line {number} is not a validation entry (a JSON object with an integer "
+                             f"'step'): {line[:80]!r}; delete the line or the file to go on.")  # fmt: skip
+        entries.append(entry)
+    return entries
+
+
 def trim_validation_log(path: Path, step: int) -> None:
-    """Keep the entries of ``VALIDATION_LOG_FILE`` up to ``step`` (all of a resumed run's, none of a fresh one's)."""
+    """Keep the entries of ``VALIDATION_LOG_FILE`` up to ``step`` (all of a resumed run's, none of a fresh one's),
+    rewritten atomically (a kill keeps the old file); a last entry cut short by a kill is dropped."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [entry for entry in read_validation_log(path) if entry["step"] <= step]
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8")
 
 
 def validation_missing(run: TrainingRun, state: LoopState) -> bool:
@@ -1013,10 +1037,7 @@ def validation_missing(run: TrainingRun, state: LoopState) -> bool:
     args, step = run.args, state.global_step
     if run.resume is None or run.usage_pixels is None or not args.validation_steps or step % args.validation_steps:
         return False
-    path = run.validation_log
-    lines = path.read_text().splitlines() if path.is_file() else []
-    logged = [json.loads(line)["step"] for line in lines if line.strip()]
-    return step not in logged
+    return step not in [entry["step"] for entry in read_validation_log(run.validation_log)]
 
 
 def append_validation_log(path: Path, step: int, usage: dict) -> None:
@@ -1086,6 +1107,7 @@ __all__ = [
     "tracker_config",
     "train",
     "training_batches",
+    "read_validation_log",
     "trim_validation_log",
     "usage_stats",
     "validate",
