@@ -200,11 +200,19 @@ def _load_without_package(source, pixels, tmp_path, env) -> dict:
 
 
 def test_cli_conversion_saves_a_model_that_loads_back(tmp_path, reference, capsys):
+    """Into a folder that held another model (a training export of the diffusers class, with its discriminator and
+    run arguments): that model's files are not carried over, others (a README) are."""
+    stale = tmp_path / "model"
+    stale.mkdir()
+    for name in ("diffusion_pytorch_model.safetensors", "discriminator.safetensors", "run_args.json", "README.md"):
+        (stale / name).write_text("of the model this folder held")
     _script("convert_checkpoint.py").main(
         ["--from_simvq", str(CKPT), "--config", str(YAML), str(tmp_path / "model"), "--no_ema"]
     )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ema"] is False
     assert (tmp_path / "model" / "simvq_backbone.py").is_file()
+    assert sorted(p.name for p in stale.iterdir() if p.read_bytes() == b"of the model this folder held") == ["README.md"]
+    assert not (stale / "discriminator.safetensors").exists() and not (stale / "run_args.json").exists()
     pixels = reference["pixel_values"]
     model = GroupVQModel.from_pretrained(tmp_path / "model").eval()
     assert model.config.core_std == 32**-0.5

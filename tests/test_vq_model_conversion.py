@@ -88,6 +88,14 @@ def test_convert_folders_both_ways_and_import_vqmodel(tmp_path):
     assert torch.equal(GroupVQVAE.from_pretrained(tmp_path / "df")(x).sample, ref)
     assert convert_checkpoint(tmp_path / "df", tmp_path / "tf2") == "groupvq_model"
     assert torch.equal(GroupVQModel.from_pretrained(tmp_path / "tf2")(x).reconstruction, ref)
+    # converted over the other library's save: its weights are not carried over (a folder with both loads either)
+    shutil.copytree(tmp_path / "tf", tmp_path / "held_tf")
+    assert convert_checkpoint(tmp_path / "tf2", tmp_path / "held_tf") == "groupvq_vae"
+    assert not (tmp_path / "held_tf" / "model.safetensors").exists()
+    shutil.copytree(tmp_path / "df", tmp_path / "held_df")
+    assert convert_checkpoint(tmp_path / "df", tmp_path / "held_df") == "groupvq_model"
+    assert not (tmp_path / "held_df" / "diffusion_pytorch_model.safetensors").exists()
+    assert torch.equal(GroupVQModel.from_pretrained(tmp_path / "held_df")(x).reconstruction, ref)
     torch.manual_seed(0)
     VQModel(**VQ_TEST_INIT).save_pretrained(tmp_path / "pipe" / "vqvae")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")

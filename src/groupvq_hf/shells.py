@@ -187,12 +187,16 @@ def _weights_family(weights_name: str) -> re.Pattern:
     return re.compile(rf"^{stem}([.-].*)?\.(safetensors|bin)(\.index(\.[^.]+)?\.json)?$")
 
 
-def save_folder(save_directory: str | os.PathLike, write: Callable[[str], object], weights_name: str):
+def save_folder(
+    save_directory: str | os.PathLike, write: Callable[[str], object], weights_name: str, replaces: tuple[str, ...] = ()
+):
     """Run `write(folder)` (a `save_pretrained`) into a temporary folder and swap it into `save_directory`.
 
     A reader then sees the old folder or the new one, never a config of one save and weights of another. Files of
     an existing folder that the save does not write (a README, results) are carried over (hard links, else copies),
-    except stale weight files of the same name family, which the libraries' in-place save deletes too. A symlink,
+    except stale weight files of the same name family, which the libraries' in-place save deletes too, and the files
+    `replaces` names (weights names, whose families are left behind as well, and other file names): what belongs to
+    the weights a conversion replaces (the other library's weights, a discriminator trained with them). A symlink,
     a mount point, the working directory (or a folder above it) and a folder whose parent is read-only are written
     in place, as the libraries do.
     """
@@ -205,13 +209,13 @@ def save_folder(save_directory: str | os.PathLike, write: Callable[[str], object
         or not os.access(path.resolve().parent, os.W_OK)
     ):
         return write(str(path))
-    owned = _weights_family(weights_name)
+    owned = [_weights_family(weights_name)] + [_weights_family(name) for name in replaces]
     with atomic_directory(path) as tmp:
         result = write(str(tmp))
         if path.is_dir():
             for entry in path.iterdir():
                 target = tmp / entry.name
-                if target.exists() or owned.match(entry.name):
+                if target.exists() or entry.name in replaces or any(family.match(entry.name) for family in owned):
                     continue
                 try:
                     if entry.is_dir() and not entry.is_symlink():

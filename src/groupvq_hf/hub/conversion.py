@@ -13,8 +13,13 @@ import os
 import shutil
 
 from ..modeling_groupvq import GroupVQModel
+from ..shells import save_folder
+from ..training.checkpoints import RUN_ARGS_FILE
+from ..training.finetune import DISCRIMINATOR_FILE, save_discriminator
 from ..vq_model import REMOTE_CODE_FILES, GroupVQVAE
 
+# The weights file of each model class's save (transformers', diffusers').
+WEIGHTS_NAMES = {GroupVQModel: "model.safetensors", GroupVQVAE: "diffusion_pytorch_model.safetensors"}
 # The kind each source converts to when `to` is not given (kinds as `checkpoint_kind` names them).
 DEFAULT_TARGET = {"groupvq_model": "groupvq_vae", "groupvq_vae": "groupvq_model", "vqmodel": "groupvq_vae"}
 # `model_index.json` entry of a GroupVQVAE component: loaded from the installed package, or from code in its folder.
@@ -90,8 +95,24 @@ def convert_checkpoint(
     else:
         model = GroupVQVAE.from_pretrained(src, **load_kwargs)
         model = GroupVQModel.from_diffusers(model) if to == "groupvq_model" else model
-    model.save_pretrained(dst)
+    save_converted(model, dst)
     return to
+
+
+def save_converted(model: GroupVQModel | GroupVQVAE, dst: str | os.PathLike, discriminator=None) -> None:
+    """``model.save_pretrained(dst)``, with ``discriminator`` as its ``DISCRIMINATOR_FILE`` when given, for a model
+    that replaces whatever ``dst`` held: all written beside and swapped in at once (`shells.save_folder`). Other files
+    of an existing ``dst`` are kept (a README, results), but not what belonged to the model it held: either
+    library's weights, its discriminator and its training run's ``RUN_ARGS_FILE``."""
+
+    def write(folder):
+        model.save_pretrained(folder)  # a temporary folder of save_folder's: written in place
+        if discriminator is not None:
+            save_discriminator(discriminator, folder)
+
+    weights_name = WEIGHTS_NAMES[type(model)]
+    others = tuple(name for name in WEIGHTS_NAMES.values() if name != weights_name)
+    save_folder(dst, write, weights_name, replaces=(*others, DISCRIMINATOR_FILE, RUN_ARGS_FILE))
 
 
 def set_pipeline_component_source(pipeline_dir: str | os.PathLike, remote_code: bool = True) -> list[str]:
@@ -136,5 +157,6 @@ __all__ = [
     "checkpoint_kind",
     "convert_checkpoint",
     "copy_pipeline",
+    "save_converted",
     "set_pipeline_component_source",
 ]

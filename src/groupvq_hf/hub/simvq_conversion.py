@@ -27,7 +27,8 @@ import torch
 
 from ..configuration_groupvq import GroupVQConfig
 from ..modeling_groupvq import GroupVQModel
-from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings, save_discriminator
+from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings
+from .conversion import save_converted
 from ..training.losses import PatchGANDiscriminator
 
 EMA_PREFIX = "model_ema."
@@ -249,9 +250,7 @@ def convert_simvq(
     state = load_simvq_checkpoint(checkpoint)
     model, used_ema = _from_simvq(state, config, ema)
     discriminator = simvq_discriminator(state) if keep_discriminator else None  # checked before anything is written
-    model.save_pretrained(output_dir)  # written beside and swapped in (shells.save_folder); other files are kept
-    if discriminator is not None:
-        save_discriminator(discriminator, output_dir)
+    save_converted(model, output_dir, discriminator)
     return {"saved": str(output_dir), "ema": used_ema, "codebook_size": model.config.codebook_size,
             "codebook_dim": model.config.codebook_dim,
             "discriminator": None if discriminator is None else discriminator_settings(discriminator)}
