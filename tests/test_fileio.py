@@ -105,3 +105,30 @@ def test_npz_writer_leaves_nothing_when_its_chunks_do_not_match_the_header(tmp_p
     assert os.listdir(tmp_path) == []
     path = write_npy_chunks(tmp_path / "ref.npz", (2, 4, 4, 3), chunks)
     assert np.load(path, allow_pickle=False)["arr_0"].shape == (2, 4, 4, 3) and os.listdir(tmp_path) == ["ref.npz"]
+
+
+def test_what_is_swapped_in_is_flushed_to_disk_first(tmp_path, monkeypatch):
+    """Before a rename makes new data the current copy, its files are fsynced; after it, the folder holding the
+    name (so a power loss cannot leave the name pointing at data the disk never got, the old copy deleted)."""
+    from groupvq_hf import fileio
+
+    synced = []
+    real_fsync = fileio.fsync
+
+    def recorded_fsync(path):  # what is flushed, and what the folder's names are at that moment
+        synced.append((os.path.basename(path), sorted(os.listdir(tmp_path))))
+        real_fsync(path)
+
+    monkeypatch.setattr(fileio, "fsync", recorded_fsync)
+    with atomic_file(tmp_path / "record.json", single_writer=True) as tmp:
+        tmp.write_text("{}")
+    assert synced == [(".tmp-record.json", [".tmp-record.json"]), (tmp_path.name, ["record.json"])]
+    synced.clear()
+    (tmp_path / "record.json").unlink()
+    with atomic_directory(tmp_path / "model") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"w")
+    names = [name for name, _ in synced]
+    assert names[:3] == ["weights.bin", "sub", names[2]] and names[2].startswith(".tmp-model.")
+    assert all(listing != ["model"] for _, listing in synced[:3])  # all before the rename
+    assert synced[3] == (tmp_path.name, ["model"])  # the rename, flushed

@@ -234,14 +234,16 @@ def _write_and_pack(folder, n, size=32, batch=100):
     images); returns the traced peak of Python / numpy allocations and the packed paths."""
     writer = NpzPairWriter(folder, rank=0)
     tracemalloc.start()
-    for start in range(0, n, batch):
-        keys = np.arange(start, start + batch)[::-1]
-        refs = np.broadcast_to((keys % 256).astype(np.uint8)[:, None, None, None], (batch, size, size, 3))
-        writer.add(refs, 255 - refs, keys)
-    writer.close()
-    paths = pack_npz(folder, 1, (size, size, 3), chunk_size=128)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    try:
+        for start in range(0, n, batch):
+            keys = np.arange(start, start + batch)[::-1]
+            refs = np.broadcast_to((keys % 256).astype(np.uint8)[:, None, None, None], (batch, size, size, 3))
+            writer.add(refs, 255 - refs, keys)
+        writer.close()
+        paths = pack_npz(folder, 1, (size, size, 3), chunk_size=128)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     return peak, paths
 
 
@@ -257,6 +259,24 @@ def test_npz_packing_memory_does_not_grow_with_the_number_of_images(tmp_path):
     assert np.array_equal(refs[:, 0, 0, 0], (np.arange(3000) % 256).astype(np.uint8))
     assert np.array_equal(recs, 255 - refs)
     assert sorted(p.name for p in (tmp_path / "large").iterdir()) == ["reconstructions.npz", "references.npz"]
+
+
+def test_a_kill_while_packing_never_pairs_files_of_two_runs(tmp_path, monkeypatch):
+    from groupvq_hf.evaluation import protocols
+
+    _write_and_pack(tmp_path, 100)
+    real_write = protocols.write_npy_chunks
+
+    def killed_at_the_second_file(path, *args):
+        if path.name == "reconstructions.npz":
+            raise KeyboardInterrupt
+        return real_write(path, *args)
+
+    monkeypatch.setattr(protocols, "write_npy_chunks", killed_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        _write_and_pack(tmp_path, 200)
+    assert np.load(tmp_path / "references.npz")["arr_0"].shape[0] == 200  # this run's
+    assert not (tmp_path / "reconstructions.npz").exists()  # not the previous run's 100 beside it
 
 
 # ------------------------------------------------------------------------------------- scripts, 1 vs 2 processes

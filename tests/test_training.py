@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -169,6 +170,18 @@ def test_checkpoint_listing_rotation_and_resolution(tmp_path):
     removed = rotate_checkpoints(tmp_path, 2)
     assert [p.name for p in removed] == ["checkpoint-2"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30"]
+    (tmp_path / "checkpoint-10" / "pytorch_model.bin").write_text("weights")
+
+    def killed_mid_deletion(path, *args, **kwargs):  # the folder's files half gone, then the kill
+        (Path(path) / "pytorch_model.bin").unlink()
+        raise KeyboardInterrupt
+
+    with mock.patch.object(shutil, "rmtree", killed_mid_deletion), pytest.raises(KeyboardInterrupt):
+        rotate_checkpoints(tmp_path, 1)
+    assert not (tmp_path / "checkpoint-10").exists()  # no half-deleted checkpoint-10 left to resume by name
+    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-30"
+    assert rotate_checkpoints(tmp_path, 1) == []  # and the next rotation deletes what the kill left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint-40", "checkpoint-30", "checkpoint-50"]
 
 
 def test_nonfinite_guard_skips_then_stops():

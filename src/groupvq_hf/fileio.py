@@ -6,6 +6,10 @@ A kill at any moment leaves either the old complete folder, or the new complete 
 beside a ``.old-``/``.tmp-`` sibling that the next write cleans up). An exception deletes the temporary folder and
 leaves ``path`` untouched. Renames are atomic on one POSIX file system. ``atomic_file(path)`` does the same for one
 file (``os.replace``: no old copy to set aside); it is the one way the package replaces a file.
+
+What is swapped in is flushed to disk first (``fsync`` of its files and folders, then of the folder it is renamed in),
+so that after a power loss the newest name never points at data the disk has not received, while the older copies it
+replaces (and, for checkpoints, rotates away) are gone.
 """
 
 from __future__ import annotations
@@ -45,9 +49,34 @@ def _stale_temporaries(path: Path) -> list[Path]:
     return stale
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's (its entries') written data to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):  # a folder on a system that cannot open one (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system without fsync for this kind of file
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """`fsync` of every file and folder under ``folder``, then of ``folder`` itself."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync(os.path.join(root, name))
+        fsync(root)
+
+
 def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Move the complete folder ``tmp`` to ``path``: old aside, new in, old deleted (never a moment without one)."""
+    """Move the complete folder ``tmp`` to ``path``: old aside, new in, old deleted (never a moment without one);
+    ``tmp`` is flushed to disk before it is renamed in, and the rename before the old folder is deleted."""
     tmp, path = Path(tmp), Path(path)
+    fsync_tree(tmp)
     set_aside = []
     for attempt in range(10):  # another writer may put its folder in between our two renames: set it aside too
         if path.exists():
@@ -60,6 +89,7 @@ def replace_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
         except OSError:
             if attempt == 9 or not tmp.is_dir():  # only a folder put in by another writer is worth another try
                 raise
+    fsync(path.parent)
     for old in set_aside:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -131,7 +161,9 @@ def atomic_file(path: str | os.PathLike, *, single_writer: bool = False) -> Iter
     tmp = path.parent / f"{TMP_PREFIX}{path.name}{suffix}"
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -177,6 +209,6 @@ def relative_import_files(module_file: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
-    "atomic_directory", "atomic_file", "is_temporary_directory", "recover_directory", "relative_import_files", "replace_directory",
-    "weights_digest", "write_json",
+    "atomic_directory", "atomic_file", "fsync", "fsync_tree", "is_temporary_directory", "recover_directory",
+    "relative_import_files", "replace_directory", "weights_digest", "write_json",
 ]

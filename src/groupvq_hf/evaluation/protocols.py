@@ -339,8 +339,12 @@ def pack_npz(
 ) -> dict[str, str]:
     """Merge the part files of ``world_size`` [`NpzPairWriter`]s into ``references.npz`` and
     ``reconstructions.npz`` (``arr_0``: uint8 (N, H, W, 3), ordered by stream key, then rank), reading
-    ``chunk_size`` images at a time through memory maps; removes the parts. Returns the two paths."""
+    ``chunk_size`` images at a time through memory maps; removes the parts. Returns the two paths. A previous
+    run's pair is deleted first, so a kill between the two files never leaves one of this run beside one of another.
+    """
     directory = Path(directory)
+    for name in NPZ_NAMES:
+        (directory / f"{name}.npz").unlink(missing_ok=True)
     keys = [np.fromfile(_part(directory, "keys", r), dtype=np.int64) for r in range(world_size)]
     ranks = np.concatenate([np.full(len(k), r, dtype=np.int64) for r, k in enumerate(keys)])
     local = np.concatenate([np.arange(len(k), dtype=np.int64) for k in keys])

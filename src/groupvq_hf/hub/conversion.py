@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+from ..fileio import atomic_file
 from ..modeling_groupvq import GroupVQModel
 from ..shells import save_folder
 from ..training.checkpoints import RUN_ARGS_FILE
@@ -140,8 +141,8 @@ def set_pipeline_component_source(pipeline_dir: str | os.PathLike, remote_code: 
             raise ValueError(f"Component {name!r} lacks {missing}; save it with GroupVQVAE.save_pretrained first.")
         index[name] = list(target)
         changed.append(name)
-    with open(index_path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with atomic_file(index_path) as tmp:  # diffusers' layout of the file; a kill keeps the old index whole
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return changed
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -73,14 +74,26 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
+DELETING_PREFIX = ".deleting-"  # a rotated checkpoint is renamed so before it is deleted
+
+
 def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so at most ``total_limit`` remain; returns the deleted folders."""
+    """Delete the oldest checkpoints so at most ``total_limit`` remain; returns the deleted folders.
+
+    Each is first renamed out of the ``checkpoint-<step>`` names (``.deleting-checkpoint-<step>``), so that a kill in
+    the middle of its deletion leaves no half-deleted folder that ``latest`` or its name would still resume; what
+    such a kill leaves is deleted by the next rotation."""
     if total_limit is None:
         return []
+    root = Path(checkpoint_dir)
+    for leftover in root.glob(f"{DELETING_PREFIX}{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     checkpoints = list_checkpoints(checkpoint_dir)
     removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
     for path in removed:
-        shutil.rmtree(path)
+        doomed = path.with_name(f"{DELETING_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     return removed
 
 
@@ -195,9 +208,12 @@ def _write_ema_files(state: dict, names: list[str], folder: str | os.PathLike) -
     if len(shadow) != len(names):
         raise ValueError(f"The EMA holds {len(shadow)} tensors for {len(names)} parameter names.")
     tensors = {name: t.detach().cpu().contiguous() for name, t in zip(names, shadow)}
-    # the counters first: `load_ema_state` takes a folder holding the weights file for one in this format
-    (Path(folder) / EMA_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    save_file(tensors, str(Path(folder) / EMA_WEIGHTS_FILE))
+    # the counters first: `load_ema_state` takes a folder holding the weights file for one in this format; each file
+    # whole or absent (a legacy conversion writes them into a complete checkpoint)
+    with atomic_file(Path(folder) / EMA_STATE_FILE) as tmp:
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    with atomic_file(Path(folder) / EMA_WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _checked_ema_state(ema, names: list[str], tensors: dict, counters, weights_file: Path, state_file: Path) -> dict:
