@@ -95,10 +95,12 @@ def test_checkpoint_holds_the_ema_as_safetensors_and_json_no_pickle(checkpointed
     assert json.loads((checkpointed_run / EMA_STATE_FILE).read_text())["optimization_step"] == 2
 
 
-@pytest.mark.parametrize("victim", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "legacy"])
+@pytest.mark.parametrize("victim", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "legacy", "optimizer.bin"])
 def test_a_crafted_pickle_in_a_checkpoint_never_runs(checkpointed_run, tmp_path, victim):
-    """The earlier release's pickled EMA file (beside the safe files, or alone as in that release's checkpoints)
-    and accelerate's RNG file, replaced by a pickle that would create a marker: refused naming the file."""
+    """The earlier release's pickled EMA file (beside the safe files, or alone as in that release's checkpoints),
+    accelerate's RNG file and its optimizer file (which accelerate loads itself), replaced by a pickle that would
+    create a marker: refused naming the file (the optimizer's among the checkpoint's pickled files), never with
+    torch's advice to load it with weights_only=False."""
     from groupvq_hf.training import EMA_STATE_FILE, EMA_WEIGHTS_FILE
 
     out = _resume_copy(checkpointed_run, tmp_path)
@@ -108,9 +110,9 @@ def test_a_crafted_pickle_in_a_checkpoint_never_runs(checkpointed_run, tmp_path,
         (folder / EMA_STATE_FILE).unlink()
         victim = "custom_checkpoint_0.pkl"
     torch.save({"shadow_params": _RunsCode(marker)}, folder / victim)
-    with pytest.raises(ValueError, match=victim):
+    with pytest.raises(ValueError, match=victim) as refusal:
         _resume(out)
-    assert not marker.exists()
+    assert not marker.exists() and "weights_only=False" not in str(refusal.value)
 
 
 def test_a_legacy_pickled_ema_resumes_through_a_weights_only_load(checkpointed_run, tmp_path):

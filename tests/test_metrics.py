@@ -123,6 +123,15 @@ def test_lpips_weights_round_trip_and_layouts(lpips_net, tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="lacks"):
         pretrained.lpips_network(tmp_path / "bad.pt")
+
+    class RunsCode:  # unpickled with weights_only=False, it would create the marker
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    torch.save({"0.weight": RunsCode()}, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match=r"`weights` '.*crafted.pt' holds pickled objects") as refusal:
+        pretrained.lpips_network(tmp_path / "crafted.pt")
+    assert not (tmp_path / "pwned").exists() and "weights_only=False" not in str(refusal.value)
     torch.save({"encoder.weight": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="unexpected key"):
         pretrained.lpips_network(tmp_path / "foreign.pt")

@@ -14,6 +14,7 @@ linear-layer weights, ``lpips_models/vgg.pth``) on a torchvision VGG16 ``feature
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from unittest import mock
 
@@ -60,7 +61,13 @@ def _load_file(path: str | os.PathLike, argument: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`{argument}` must be an existing weights file, got {str(path)!r}.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's message suggests weights_only=False: never here
+        raise ValueError(
+            f"`{argument}` {str(path)!r} holds pickled objects other than tensors and plain containers, which are "
+            f"never unpickled here (torch.load weights_only=True runs no code). torch said: {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"`{argument}` must hold a state dict (a dict of tensors), got {type(state).__name__}.")
     return state

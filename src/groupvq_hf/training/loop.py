@@ -15,6 +15,7 @@ import copy
 import functools
 import json
 import os
+import pickle
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -528,7 +529,16 @@ def resume_training(run: TrainingRun) -> LoopState:
         elif (run.resume / LEGACY_EMA_FILE).is_file():  # accelerate would unpickle it for a registered EMA only
             raise ValueError(f"`{run.resume / LEGACY_EMA_FILE}` holds an EMA, and this run keeps none (--no_ema).")
         settings = [optimizer_settings(optimizer) for optimizer in (run.opt_g, run.opt_d)]
-        accelerator.load_state(str(run.resume))
+        try:
+            accelerator.load_state(str(run.resume))
+        except pickle.UnpicklingError as error:  # torch's message suggests weights_only=False: never here
+            pickled = sorted(p.name for p in run.resume.iterdir() if p.suffix in (".bin", ".pkl", ".pt"))
+            raise ValueError(
+                f"`--resume_from_checkpoint` {str(run.resume)!r}: one of its pickled files {pickled} holds objects "
+                "other than tensors and plain containers, which are never unpickled here (torch.load "
+                "weights_only=True runs no code). Resume from a checkpoint this package wrote. torch said: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
         check_optimizer_states(run.resume, [run.opt_g, run.opt_d])
         saved_args = saved_run_args(run.resume)
         saved_world = saved_args.get("world_size") or accelerator.num_processes
