@@ -13,8 +13,8 @@ import sys
 
 # This file is named like the `evaluate` library: keep its folder off the import path so `import evaluate`
 # finds the library, not this script.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 from groupvq_hf.evaluation import evaluate_main as main  # noqa: E402
 

@@ -15,8 +15,8 @@ import os
 import sys
 
 # scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 from groupvq_hf.hub import publish_main as main  # noqa: E402
 

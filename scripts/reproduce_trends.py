@@ -13,8 +13,8 @@ import runpy
 import sys
 
 # scripts/ holds evaluate.py, named like the `evaluate` library: keep this folder off the import path.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 if __name__ == "__main__":
     runpy.run_path(os.path.join(_HERE, os.pardir, "benchmarks", "trends", "reproduce_trends.py"), run_name="__main__")

@@ -153,3 +153,16 @@ def test_console_entry_points_run_the_scripts_code():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0 and "--from_simvq" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_script_reached_through_a_symlinked_folder_keeps_its_folder_off_the_import_path(tmp_path):
+    """Python puts the script's resolved folder on sys.path: the scripts compare resolved paths, so `evaluate.py`
+    does not shadow the `evaluate` library when the checkout is reached through a symlink."""
+    import subprocess
+    import sys
+
+    link = tmp_path / "checkout"
+    link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    done = subprocess.run([sys.executable, str(link / "scripts" / "evaluate.py"), "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and "--model" in done.stdout, done.stderr[-2000:]

@@ -342,6 +342,18 @@ def test_resized_codebook_tokens_index_the_resized_model_and_decode_exactly(mode
             reference = GroupVQImageProcessor().postprocess(model.decode(encoded.quantized).clamp(-1, 1), "pt")
             assert torch.allclose(decoded, reference, atol=1e-5, rtol=0)
     assert max(max(row["tokens"]) for row in rows) >= 0
+    # the dataset card's snippet, run as written, decodes with the model resized as the tokens were made
+    resampled = tmp_path / "resampled"
+    _tokenize(model_dir, photo_folder, resampled, codebook_size=512, resize_mode="resample", seed=3, max_samples=2)
+    card = (resampled / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "model.resize_codebook(512, mode=\"resample\", seed=3)" in snippet
+    namespace = {}
+    exec(snippet, namespace)  # noqa: S102  (the card's own code)
+    model = GroupVQModel.from_pretrained(model_dir).eval()
+    model.resize_codebook(512, mode="resample", seed=3)
+    image = decode_tokens(model, namespace["row"]["tokens"], token_grid=[8, 8])[0]
+    assert np.array_equal(np.asarray(namespace["image"]), np.asarray(image))
     # 300 codes do not split over 8 groups: refused before any work
     with pytest.raises(ValueError, match="`codebook_size` 300 cannot be used"):
         _tokenize(model_dir, photo_folder, tmp_path / "odd", codebook_size=300)
@@ -454,13 +466,18 @@ def test_a_folder_made_with_other_settings_is_refused_naming_them_and_overwrite_
     with mock.patch.object(shutil, "rmtree", killed_while_deleting_shards), pytest.raises(KeyboardInterrupt):
         tokenize_dataset(str(model_dir), str(photo_folder), out, 16, max_samples=2, overwrite=True, progress=False)
     assert (out / "data").is_dir() and not (out / "tokenization.json").exists()  # the record went first
-    with pytest.raises(ValueError, match="holds no tokenization.json"):  # not a "complete" run over stale shards
+    with pytest.raises(ValueError, match="remains of a tokenization without its tokenization.json .*--overwrite"):
         tokenize_dataset(str(model_dir), str(photo_folder), out, 16, augment="flip", max_samples=2, progress=False)
+    tokenize_dataset(str(model_dir), str(photo_folder), out, 16, max_samples=2, overwrite=True, progress=False)
+    assert {row["augmentation"] for row in _rows(out)} == {"center"}
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds no tokenization.json"):
-        _tokenize(model_dir, photo_folder, foreign)
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "mine.csv").write_text("mine")
+    (foreign / "README.md").write_text("mine")
+    for overwrite in (False, True):  # --overwrite deletes only what a tokenization wrote
+        with pytest.raises(ValueError, match="is not empty and is not a tokens folder .*found \\['README.md', 'data'\\]"):
+            _tokenize(model_dir, photo_folder, foreign, overwrite=overwrite)
+    assert (foreign / "data" / "mine.csv").read_text() == "mine" and (foreign / "README.md").read_text() == "mine"
 
 
 def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tmp_path, monkeypatch):
@@ -527,7 +544,7 @@ def test_a_kill_while_the_folder_is_set_up_leaves_a_folder_the_rerun_takes(model
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data").mkdir()
     (tmp_path / "mine" / "data" / "notes.txt").write_text("a user's file")  # not ours: still refused
-    with pytest.raises(ValueError, match="holds no tokenization.json"):
+    with pytest.raises(ValueError, match="is not a tokens folder"):
         _tokenize(model_dir, photo_folder, tmp_path / "mine")
 
 
@@ -592,7 +609,7 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
     from hub_server import HubRepo, HubServer, HubUser
 
     out = tmp_path / "tokens"
-    args = ["--model", str(model_dir), "--dataset", "demo", "--split", "validation", "--max_samples", "6",
+    args = ["--model", "tester/tiny", "--dataset", "demo", "--split", "validation", "--max_samples", "6",
             "--resolution", str(RESOLUTION), "--output_dir", str(out), "--push_to_hub", "tester/demo-tokens",
             "--no_progress"]  # fmt: skip
     with HubServer(tokens={"hf_write": HubUser("tester")}) as hub:
@@ -601,10 +618,24 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
             "tester/demo-tokens", files={stale: b"not parquet"}, commits=[{"oid": "0" * 40, "summary": "earlier",
                                                                           "files": [stale]}],
         )  # fmt: skip
+        model_files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}  # the model, from the Hub
+        hub.repos["tester/tiny"] = HubRepo("tester/tiny", files=model_files, commits=[
+            {"oid": "7" * 40, "summary": "model", "files": list(model_files)}])  # fmt: skip
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_write", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                "HF_DATASETS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
         log = _run([sys.executable, str(PUSH_AND_LOAD), *args], **env)
         files = hub.dataset_files("tester/demo-tokens")
+        # a repo holding another split's tokens: refused before any image is encoded (it would lose that split)
+        train_shard = "data/train-00000-of-00001-000-00000.parquet"
+        hub.datasets["tester/train-tokens"] = HubRepo("tester/train-tokens", files={train_shard: b"tokens"})
+        refused = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "scripts" / "tokenize_dataset.py"), *args[:-3], "--push_to_hub",
+             "tester/train-tokens", "--output_dir", str(tmp_path / "second"), "--no_progress"],
+            cwd=REPO_ROOT, env=_env(**env), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "holds tokens of the split(s) ['train']" in refused.stderr
+        assert list(hub.dataset_files("tester/train-tokens")) == [train_shard]
+        assert not (tmp_path / "second" / "data").exists()
         downloads = [path for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path]
     prefix = "/datasets/tester/demo-tokens/resolve/"
     assert any(path.startswith(prefix) and path.endswith(".parquet") for path in downloads)
@@ -614,3 +645,6 @@ def test_push_to_the_hub_then_load_back_from_it(model_dir, tmp_path):
     local = sorted([r["key"], r["augmentation"], r["tokens"]] for r in _rows(out, "validation"))
     assert pushed == local and len(local) == 6
     assert "datasets/tester/demo-tokens" in log.split("URL ", 1)[1]
+    record = json.loads((out / "tokenization.json").read_text())
+    assert record["model"]["name_or_path"] == "tester/tiny" and record["model"]["commit"] == "7" * 40
+    assert f'GroupVQModel.from_pretrained("tester/tiny", revision={"7" * 40!r})' in (out / "README.md").read_text()

@@ -181,6 +181,12 @@ def quantizer_config(config, quantizer) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- save
+# Files training writes beside a model's save (`training.save_export`): they belong to those weights, so a conversion
+# that replaces the model leaves them behind (`hub.conversion.save_converted`).
+DISCRIMINATOR_FILE = "discriminator.safetensors"  # the GAN discriminator trained with the model (--init_from loads it)
+RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
+
+
 def _weights_family(weights_name: str) -> re.Pattern:
     """Files a save of `weights_name` owns: its variants, shards and index (stale ones are never carried over)."""
     stem = re.escape(weights_name.split(".")[0])
@@ -237,6 +243,8 @@ def _link_or_copy(src, dst):
 
 __all__ = [
     "DIFFUSERS_CONFIG_NAMES",
+    "DISCRIMINATOR_FILE",
+    "RUN_ARGS_FILE",
     "rename_quantizer_keys",
     "CARRIED_CONFIG_KEYS",
     "PIXEL_RANGE_LIMIT",

@@ -14,9 +14,7 @@ import shutil
 
 from ..fileio import atomic_file
 from ..modeling_groupvq import GroupVQModel
-from ..shells import save_folder
-from ..training.checkpoints import RUN_ARGS_FILE
-from ..training.finetune import DISCRIMINATOR_FILE, save_discriminator
+from ..shells import DISCRIMINATOR_FILE, RUN_ARGS_FILE, save_folder
 from ..vq_model import REMOTE_CODE_FILES, GroupVQVAE
 
 # The weights file of each model class's save (transformers', diffusers').
@@ -100,16 +98,16 @@ def convert_checkpoint(
     return to
 
 
-def save_converted(model: GroupVQModel | GroupVQVAE, dst: str | os.PathLike, discriminator=None) -> None:
-    """``model.save_pretrained(dst)``, with ``discriminator`` as its ``DISCRIMINATOR_FILE`` when given, for a model
+def save_converted(model: GroupVQModel | GroupVQVAE, dst: str | os.PathLike, write_extra=None) -> None:
+    """``model.save_pretrained(dst)``, then ``write_extra(folder)`` when given (SimVQ's discriminator), for a model
     that replaces whatever ``dst`` held: all written beside and swapped in at once (`shells.save_folder`). Other files
     of an existing ``dst`` are kept (a README, results), but not what belonged to the model it held: either
-    library's weights, its discriminator and its training run's ``RUN_ARGS_FILE``."""
+    library's weights, its ``DISCRIMINATOR_FILE`` and its training run's ``RUN_ARGS_FILE``."""
 
     def write(folder):
         model.save_pretrained(folder)  # a temporary folder of save_folder's: written in place
-        if discriminator is not None:
-            save_discriminator(discriminator, folder)
+        if write_extra is not None:
+            write_extra(folder)
 
     weights_name = WEIGHTS_NAMES[type(model)]
     others = tuple(name for name in WEIGHTS_NAMES.values() if name != weights_name)

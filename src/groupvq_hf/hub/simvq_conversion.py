@@ -22,12 +22,13 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 
 from ..configuration_groupvq import GroupVQConfig
 from ..modeling_groupvq import GroupVQModel
-from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings
+from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings, save_discriminator
 from .conversion import save_converted
 from ..training.losses import PatchGANDiscriminator
 
@@ -250,7 +251,7 @@ def convert_simvq(
     state = load_simvq_checkpoint(checkpoint)
     model, used_ema = _from_simvq(state, config, ema)
     discriminator = simvq_discriminator(state) if keep_discriminator else None  # checked before anything is written
-    save_converted(model, output_dir, discriminator)
+    save_converted(model, output_dir, None if discriminator is None else partial(save_discriminator, discriminator))
     return {"saved": str(output_dir), "ema": used_ema, "codebook_size": model.config.codebook_size,
             "codebook_dim": model.config.codebook_dim,
             "discriminator": None if discriminator is None else discriminator_settings(discriminator)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..fileio import atomic_file
@@ -50,9 +51,13 @@ def _describe(record: dict, location: str) -> str:
         "from datasets import load_dataset",
         "from groupvq_hf import GroupVQModel, decode_tokens",
         f'row = load_dataset("{location}", split="{record["split"]}")[0]',
-        f'model = GroupVQModel.from_pretrained("{model}")'
-        + (f"  # then model.resize_codebook({record['codebook_size']}, mode=\"{resize['mode']}\", "
-           f"seed={resize['seed']})" if resize else ""),
+        f'model = GroupVQModel.from_pretrained("{model}"{f", revision={commit!r}" if commit else ""})',
+        *(
+            [f"model.resize_codebook({record['codebook_size']}, mode=\"{resize['mode']}\", seed={resize['seed']})"
+             "  # the codebook the tokens index"]
+            if resize
+            else []
+        ),
         f"image = decode_tokens(model, row[\"tokens\"], token_grid={[h, w]})[0]  # a PIL image",
         "```",
         "",
@@ -89,19 +94,48 @@ def write_dataset_card(output_dir: str | Path, record: dict, features, location:
     return path
 
 
-def push_tokens_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+SHARD_SPLIT = re.compile(r"^data/(?P<split>.+)-\d{5}-of-\d{5}[-.]")  # the split of a shard's path in a repo
+
+
+def check_push_target(repo_id: str, split: str, token: str | None = None) -> None:
+    """Before any image is encoded: ValueError when the dataset repo ``repo_id`` holds shards of a split other
+    than ``split``. A token repo holds one split: its card's ``dataset_info`` and its ``tokenization.json`` describe
+    one run, and a push replaces the shards of its own split only (an earlier push of the same split, with another
+    layout, would otherwise join it). A missing repo is fine (the push creates it)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from ..hub import resolve_token
+
+    try:
+        files = HfApi(token=resolve_token(token)).list_repo_files(repo_id, repo_type="dataset")
+    except RepositoryNotFoundError:
+        return
+    others = sorted({m["split"] for m in map(SHARD_SPLIT.match, files) if m and m["split"] != split})
+    if others:
+        raise ValueError(
+            f"`push_to_hub` {repo_id!r} holds tokens of the split(s) {others}; a token dataset repo holds one split "
+            f"(its card and tokenization.json describe one run): push the {split!r} split to another repo id."
+        )
+
+
+def push_tokens_to_hub(
+    output_dir: str | Path, repo_id: str, split: str, private: bool = False, token: str | None = None
+) -> str:
     """Upload the shards, card and ``tokenization.json`` of ``output_dir`` to the dataset repo ``repo_id``
-    (created if missing) in one commit; returns the repo URL."""
+    (created if missing) in one commit, replacing the repo's shards of ``split`` (`check_push_target` first);
+    returns the repo URL."""
     from huggingface_hub import HfApi
 
     from ..hub import resolve_token
 
     token = resolve_token(token)
+    check_push_target(repo_id, split, token)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(
         folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", allow_patterns=UPLOAD_PATTERNS,
-        delete_patterns=["data/*.parquet"],  # an earlier push's shards (another layout) would join this split
+        delete_patterns=[f"data/{split}-*.parquet"],  # an earlier push's shards (another layout) would join this split
         commit_message="Upload Group-VQ tokens (groupvq-hf scripts/tokenize_dataset.py)",
     )  # fmt: skip
     return str(url)
@@ -112,4 +146,4 @@ def read_record(output_dir: str | Path) -> dict:
     return json.loads((Path(output_dir) / "tokenization.json").read_text(encoding="utf-8"))
 
 
-__all__ = ["UPLOAD_PATTERNS", "push_tokens_to_hub", "read_record", "write_dataset_card"]
+__all__ = ["UPLOAD_PATTERNS", "check_push_target", "push_tokens_to_hub", "read_record", "write_dataset_card"]

@@ -204,22 +204,37 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
     """Make ``output_dir`` ready for a run with ``settings`` (main process), before any image is encoded.
 
     Returns the existing record when the folder holds a run with the same settings (resumed), else None. Raises
-    ValueError when it holds a run with other settings (naming the differences) or files of something else, unless
-    ``overwrite`` (which deletes the previous run's ``data/``, card, record and progress), and when it is not writable.
+    ValueError when it holds a run with other settings (naming the differences) or the remains of one without its
+    record, unless ``overwrite`` (which deletes the previous run's record, ``data/``, card and progress); when it holds
+    files of something else (never deleted, even with ``overwrite``); and when it is not writable. A folder is a
+    tokens folder while it holds our record or our ``.progress/``.
     """
-    # the record first: a kill while --overwrite deletes leaves a folder without it, refused (or started afresh), never a
-    # "complete" record over a part of its shards
-    ours = (RECORD_FILE, DATA_DIR, PROGRESS_DIR, "README.md")
+    # the record first and the progress last: a kill while --overwrite deletes leaves a folder without its record (so
+    # never a "complete" record over a part of its shards) that `.progress/` still marks as ours until the rest is gone
+    ours = (RECORD_FILE, DATA_DIR, "README.md", PROGRESS_DIR)
     record_path = output_dir / RECORD_FILE
     existing = None
     if output_dir.is_dir() and any(output_dir.iterdir()):
+        is_tokens_folder = record_path.is_file() or (output_dir / PROGRESS_DIR).is_dir()
         if not record_path.is_file() and _only_setup_files(output_dir):
             pass  # killed while the folder was being set up (before its record was in place): start it afresh
+        elif not is_tokens_folder:
+            found = sorted(p.name for p in output_dir.iterdir())[:5]
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} is not empty and is not a tokens folder (no {RECORD_FILE} nor "
+                f"{PROGRESS_DIR}/; found {found}): give an empty or new folder (--overwrite deletes only what a "
+                "tokenization wrote)."
+            )
         elif overwrite:
             for name in ours:
                 target = output_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        elif record_path.is_file():
+        elif not record_path.is_file():
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} holds the remains of a tokenization without its {RECORD_FILE} "
+                "(an --overwrite interrupted while it deleted them): --overwrite to start over."
+            )
+        else:
             existing = json.loads(record_path.read_text(encoding="utf-8"))
             differences = settings_differences(existing.get("settings", {}), settings)
             if differences:
@@ -228,12 +243,6 @@ def prepare_output_dir(output_dir: Path, settings: dict, overwrite: bool) -> dic
                     + "; ".join(differences)
                     + "): use another folder, or --overwrite to start over."
                 )
-        else:
-            found = sorted(p.name for p in output_dir.iterdir())[:5]
-            raise ValueError(
-                f"`output_dir` {str(output_dir)!r} is not empty and holds no {RECORD_FILE} (found {found}): give an "
-                "empty or new folder, or --overwrite."
-            )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         if existing is None:  # first: a folder with our record is ours, whenever a kill comes
@@ -418,8 +427,21 @@ def _model_identity(model, name: str) -> dict:
     if local.exists():
         name_or_path, commit = str(local.resolve()), None
     else:
-        name_or_path, commit = name, getattr(model.config, "_commit_hash", None)
+        name_or_path, commit = name, getattr(model.config, "_commit_hash", None) or _cached_hub_commit(name)
     return {"name_or_path": name_or_path, "commit": commit, "weights_sha256": weights_digest(model)}
+
+
+def _cached_hub_commit(repo_id: str) -> str | None:
+    """The commit of the Hub repo ``repo_id`` that `from_pretrained` just loaded: the snapshot folder of its
+    ``config.json`` in the Hub cache (transformers 5 no longer sets ``config._commit_hash``); None when not cached."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a repo id
+        return None
+    return extract_commit_hash(path, None) if isinstance(path, str) else None
 
 
 def _dataset_identity(dataset: str) -> str:
@@ -554,6 +576,15 @@ def tokenize_dataset(
     error, complete = None, False
     if accelerator.is_main_process:
         try:
+            if push_to_hub:
+                from .card import check_push_target
+
+                try:
+                    check_push_target(push_to_hub, split)
+                except ValueError:
+                    raise
+                except Exception as err:  # noqa: BLE001  (offline, no access...: every process must hear of it)
+                    raise ValueError(f"`push_to_hub` {push_to_hub!r}: the repo could not be checked ({err}).") from err
             existing = prepare_output_dir(output_dir, settings, overwrite)
             complete = existing is not None and existing.get("status") == "complete"
         except ValueError as err:
@@ -640,7 +671,7 @@ def _finish(accelerator, output_dir, split, settings, model, grid, views, resize
         for note in notes:
             print(f"Note: {note}")
         if push_to_hub:
-            record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, private=private)
+            record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, split, private=private)
     accelerator.wait_for_everyone()
     error, record = _broadcast(accelerator, (error, record))
     if error:

@@ -16,12 +16,12 @@ import torch
 
 from ..configuration_groupvq import GroupVQConfig
 from ..fileio import atomic_file
+from ..shells import RUN_ARGS_FILE  # noqa: F401  (re-exported: the training names of the file)
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state_rank{rank}.json"
 VALIDATION_LOG_FILE = "validation_log.jsonl"  # held-out usage at every validation step, in --output_dir
-RUN_ARGS_FILE = "run_args.json"  # the arguments that define the run, in every checkpoint and next to the export
 COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete and never resumed
 EMA_WEIGHTS_FILE = "ema.safetensors"  # the EMA's shadow weights, keyed by parameter name (main process)
 EMA_STATE_FILE = "ema_state.json"  # the EMA's counters and settings (decay, optimization_step, ...)

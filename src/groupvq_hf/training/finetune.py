@@ -23,9 +23,9 @@ import torch
 
 from ..fileio import atomic_file
 from ..quantizer import RESIZE_MODES
+from ..shells import DISCRIMINATOR_FILE  # noqa: F401  (re-exported: the training names of the file)
 from .losses import PatchGANDiscriminator
 
-DISCRIMINATOR_FILE = "discriminator.safetensors"
 DISCRIMINATOR_SETTINGS = ("in_channels", "disc_channels", "disc_layers")  # its metadata, named as train.py's flags
 TRAINABLE_CHOICES = ("all", "quantizer", "decoder", "quantizer+decoder")
 # Parameter-name prefixes of the parts --trainable names ("quantizer": the projectors W_j, b_j; the cores are buffers,
