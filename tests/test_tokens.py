@@ -493,6 +493,8 @@ def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tm
         _tokenize(model_dir, photo_folder, tmp_path / "b", rows_per_shard=0)
     with pytest.raises(ValueError, match=r"`label_column` 'label' is not a column of 'demo'"):
         _tokenize(model_dir, "demo", tmp_path / "c", split="validation", label_column="label")
+    with pytest.raises(ValueError, match=r"`model` '.*no_model' is neither a local model folder .*nor a Hub repo id"):
+        _tokenize(tmp_path / "no_model", "demo", tmp_path / "d", split="validation")
     assert not encoded
 
 

@@ -94,9 +94,20 @@ def _gather_lists(accelerator, values: list) -> list[list]:
 
 
 def load_model(model: str | os.PathLike, device: torch.device | str = "cpu"):
-    """A `GroupVQModel` from a local folder or a Hub repo id, in eval mode on ``device``."""
+    """A `GroupVQModel` from a local folder or a Hub repo id, in eval mode on ``device``; ValueError naming ``model``
+    when it is neither (a missing folder reads as a malformed repo id to the Hub client)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     from ..modeling_groupvq import GroupVQModel
 
+    if not os.path.exists(model):
+        try:
+            validate_repo_id(str(model))
+        except HFValidationError as err:
+            raise ValueError(
+                f"`model` {str(model)!r} is neither a local model folder (no such folder) nor a Hub repo id ({err})"
+            ) from None
     return GroupVQModel.from_pretrained(str(model)).to(device).eval()
 
 
