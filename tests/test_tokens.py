@@ -601,6 +601,15 @@ def test_decode_tokens_names_a_bad_token_grid(model_dir):
         with pytest.raises(ValueError, match=r"`token_grid` must be two positive ints"):
             decode_tokens(model, [[0] * 64], grid)
     assert len(decode_tokens(model, [[0] * 64], (np.int64(8), 8))) == 1
+    with pytest.raises(ValueError, match=r"`tokens` rows must all hold h \* w tokens, got rows of lengths \[63, 64\]"):
+        decode_tokens(model, [[0] * 64, [0] * 63], [8, 8])
+    rows = torch.arange(128).reshape(2, 64) % 256
+    expected = decode_tokens(model, rows, [8, 8], output_type="pt")
+    assert torch.equal(decode_tokens(model, rows.reshape(2, 8, 8), output_type="pt"), expected)  # (batch, h, w)
+    one = decode_tokens(model, rows[1:], [8, 8], output_type="pt")  # batch of 1: the same kernels
+    assert torch.equal(decode_tokens(model, rows[1].reshape(8, 8), [8, 8], output_type="pt"), one)  # (h, w)
+    with pytest.raises(ValueError, match=r"grids of shape \[8, 8\] do not match `token_grid` \[4, 16\]"):
+        decode_tokens(model, rows.reshape(2, 8, 8), [4, 16])
 
 
 # ---------------------------------------------------------------------------------------------------- hub

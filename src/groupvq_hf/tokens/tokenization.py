@@ -129,7 +129,8 @@ def image_processor_at_size(processor: GroupVQImageProcessor, side: int) -> Grou
 @torch.no_grad()
 def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", image_processor=None):
     """Images from token rows: ``tokens`` is one row (``h * w`` ints, row-major, as the ``tokens`` column holds them)
-    or a batch of rows; ``token_grid`` is ``[h, w]`` (``tokenization.json``; square when None). Returns a list of PIL
+    or a batch of rows (or grids: (h, w) matching ``token_grid``, (batch, h, w)); ``token_grid`` is ``[h, w]``
+    (``tokenization.json``; the grids' shape, or square, when None). Returns a list of PIL
     images (``output_type="pil"``), or ``"np"`` / ``"pt"`` as `GroupVQImageProcessor.postprocess`.
 
     The pixels are mapped back with ``image_processor`` (its mean and std), by default the processor saved with the
@@ -140,11 +141,20 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
     (``model.resize_codebook(size, mode, seed)`` with the ``resize`` of ``tokenization.json``).
     """
     rows = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else _as_int_rows(tokens))
-    if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool or rows.ndim not in (1, 2):
+    if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool or rows.ndim not in (1, 2, 3):
         raise ValueError(
-            f"`tokens` must be integer code indices of shape (h * w,) or (batch, h * w), got {rows.dtype} "
-            f"of shape {tuple(rows.shape)}."
+            f"`tokens` must be integer code indices of shape (h * w,) or (batch, h * w) (or grids (h, w), (batch, h, "
+            f"w)), got {rows.dtype} of shape {tuple(rows.shape)}."
         )
+    grid_shaped = rows.ndim == 3 or (
+        rows.ndim == 2 and token_grid is not None and list(rows.shape) == list(token_grid)
+        and rows.shape[1] != rows.shape[0] * rows.shape[1]
+    )  # fmt: skip
+    if grid_shaped:  # (h, w) or (batch, h, w) grids: rows of h * w
+        token_grid = list(rows.shape[-2:]) if token_grid is None else token_grid
+        if list(rows.shape[-2:]) != [int(v) for v in token_grid]:
+            raise ValueError(f"`tokens` grids of shape {list(rows.shape[-2:])} do not match `token_grid` {token_grid}.")
+        rows = rows.reshape(-1, rows.shape[-2] * rows.shape[-1])
     rows = rows.reshape(-1, rows.shape[-1]).long()
     length = rows.shape[-1]
     if token_grid is None:
@@ -190,7 +200,11 @@ def _as_int_rows(tokens):
     """A list (of lists) of ints, or a numpy array, as an array; floats stay floats (refused by the caller)."""
     import numpy as np
 
-    array = np.asarray(tokens)
+    try:
+        array = np.asarray(tokens)
+    except ValueError:  # rows of different lengths
+        lengths = sorted({len(row) for row in tokens}) if all(hasattr(row, "__len__") for row in tokens) else "?"
+        raise ValueError(f"`tokens` rows must all hold h * w tokens, got rows of lengths {lengths}.") from None
     return array.astype(np.int64) if array.dtype.kind in "iu" else array.astype(np.float64)
 
 
