@@ -491,7 +491,7 @@ def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tm
         _tokenize(model_dir, photo_folder, tmp_path / "a", augment="rotate")
     with pytest.raises(ValueError, match="`rows_per_shard` must be a positive int"):
         _tokenize(model_dir, photo_folder, tmp_path / "b", rows_per_shard=0)
-    with pytest.raises(ValueError, match=r"`label_column` 'label' is not a column of 'demo'"):
+    with pytest.raises(ValueError, match=r"`label_column` 'label' is not a column of 'demo' \(columns: \['image', 'key'\]\)"):
         _tokenize(model_dir, "demo", tmp_path / "c", split="validation", label_column="label")
     with pytest.raises(ValueError, match=r"`model` '.*no_model' is neither a local model folder .*nor a Hub repo id"):
         _tokenize(tmp_path / "no_model", "demo", tmp_path / "d", split="validation")

@@ -633,7 +633,7 @@ def load_image_source(
             raise ValueError(f"`split` of the demo photos must be 'train', 'validation' or 'test', got {split!r}.")
         ds = demo_dataset(split)
         if label_column not in (None, "auto"):
-            columns = list(ds.features)
+            columns = _columns(ds.features)
             raise ValueError(f"`label_column` {label_column!r} is not a column of 'demo' (columns: {columns}).")
         return ds
     source = SOURCES.get(name)
