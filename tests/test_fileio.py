@@ -132,3 +132,27 @@ def test_what_is_swapped_in_is_flushed_to_disk_first(tmp_path, monkeypatch):
     assert names[:3] == ["weights.bin", "sub", names[2]] and names[2].startswith(".tmp-model.")
     assert all(listing != ["model"] for _, listing in synced[:3])  # all before the rename
     assert synced[3] == (tmp_path.name, ["model"])  # the rename, flushed
+
+
+def test_fsync_leaves_fifos_and_sockets_alone(tmp_path):
+    """A FIFO in a folder being swapped in (a save carries an existing folder's files over) would block an open
+    for reading forever, and a socket cannot be opened: only regular files and folders are flushed."""
+    import socket
+    import threading
+
+    from groupvq_hf.fileio import fsync_tree
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket"))
+    (folder / "weights.bin").write_bytes(b"w")
+    done = threading.Thread(target=fsync_tree, args=(folder,), daemon=True)
+    done.start()
+    done.join(timeout=20)
+    server.close()
+    assert not done.is_alive()
+    with atomic_directory(tmp_path / "model") as tmp:  # the save that carries them over finishes too
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]

@@ -495,6 +495,8 @@ def test_bad_input_fails_before_any_image_is_encoded(model_dir, photo_folder, tm
         _tokenize(model_dir, "demo", tmp_path / "c", split="validation", label_column="label")
     with pytest.raises(ValueError, match=r"`model` '.*no_model' is neither a local model folder .*nor a Hub repo id"):
         _tokenize(tmp_path / "no_model", "demo", tmp_path / "d", split="validation")
+    with pytest.raises(ValueError, match=r"`push_to_hub` 'not a repo id!' is not a repo id: Repo id must"):
+        _tokenize(model_dir, "demo", tmp_path / "e", split="validation", push_to_hub="not a repo id!")
     assert not encoded
 
 
@@ -597,9 +599,10 @@ def test_decode_tokens_looks_up_the_models_processor_once_per_model(model_dir, t
 
 def test_decode_tokens_names_a_bad_token_grid(model_dir):
     model = GroupVQModel.from_pretrained(model_dir)
-    for grid in ([8], [-8, -8], [4.0, 4], "8x8"):
-        with pytest.raises(ValueError, match=r"`token_grid` must be two positive ints"):
-            decode_tokens(model, [[0] * 64], grid)
+    for grid in ([8], [-8, -8], [4.0, 4], "8x8", 8, {"h": 8}):
+        for tokens in ([[0] * 64], torch.zeros(1, 8, 8, dtype=torch.long)):
+            with pytest.raises(ValueError, match=r"`token_grid` must be two positive ints"):
+                decode_tokens(model, tokens, grid)
     assert len(decode_tokens(model, [[0] * 64], (np.int64(8), 8))) == 1
     with pytest.raises(ValueError, match=r"`tokens` rows must all hold h \* w tokens, got rows of lengths \[63, 64\]"):
         decode_tokens(model, [[0] * 64, [0] * 63], [8, 8])
@@ -613,6 +616,18 @@ def test_decode_tokens_names_a_bad_token_grid(model_dir):
 
 
 # ---------------------------------------------------------------------------------------------------- hub
+def test_the_split_of_a_repo_shard_is_read_from_either_layout():
+    from groupvq_hf.tokens.card import SHARD_SPLIT
+
+    names = {
+        "data/train-00000-of-00002-000-00003.parquet": "train",  # this layout
+        "data/val-set-00001-of-00002-001-00000.parquet": "val-set",
+        "data/validation-000-001-00002.parquet": "validation",  # the first release's
+        "data/train.parquet": None, "README.md": None, "data/train-00000-of-00002.parquet": None,
+    }  # fmt: skip
+    assert {name: (m["split"] if (m := SHARD_SPLIT.match(name)) else None) for name in names} == names
+
+
 PUSH_AND_LOAD = Path(__file__).resolve().parent / "drivers" / "tokens_push_and_load.py"
 
 

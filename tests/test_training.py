@@ -180,7 +180,7 @@ def test_checkpoint_listing_rotation_and_resolution(tmp_path):
         rotate_checkpoints(tmp_path, 1)
     assert not (tmp_path / "checkpoint-10").exists()  # no half-deleted checkpoint-10 left to resume by name
     assert resolve_resume_path("latest", tmp_path).name == "checkpoint-30"
-    assert rotate_checkpoints(tmp_path, 1) == []  # and the next rotation deletes what the kill left
+    assert rotate_checkpoints(tmp_path, None) == []  # and the next call deletes what the kill left, limit or not
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint-40", "checkpoint-30", "checkpoint-50"]
 
 

@@ -96,6 +96,14 @@ def test_convert_folders_both_ways_and_import_vqmodel(tmp_path):
     assert convert_checkpoint(tmp_path / "df", tmp_path / "held_df") == "groupvq_model"
     assert not (tmp_path / "held_df" / "diffusion_pytorch_model.safetensors").exists()
     assert torch.equal(GroupVQModel.from_pretrained(tmp_path / "held_df")(x).reconstruction, ref)
+    # a symlinked folder is written in place (as the libraries write it): what the conversion replaces goes all the same
+    shutil.copytree(tmp_path / "df", tmp_path / "linked_target")
+    (tmp_path / "linked_target" / "discriminator.safetensors").write_bytes(b"of the model this folder held")
+    (tmp_path / "linked").symlink_to(tmp_path / "linked_target", target_is_directory=True)
+    assert convert_checkpoint(tmp_path / "df", tmp_path / "linked") == "groupvq_model"
+    left = sorted(p.name for p in (tmp_path / "linked_target").iterdir())
+    assert "model.safetensors" in left and "diffusion_pytorch_model.safetensors" not in left
+    assert "discriminator.safetensors" not in left
     torch.manual_seed(0)
     VQModel(**VQ_TEST_INIT).save_pretrained(tmp_path / "pipe" / "vqvae")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,10 +51,14 @@ def _stale_temporaries(path: Path) -> list[Path]:
 
 
 def fsync(path: str | os.PathLike) -> None:
-    """Flush a file's or a folder's (its entries') written data to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (IsADirectoryError, PermissionError):  # a folder on a system that cannot open one (Windows)
+    """Flush a regular file's or a folder's (its entries') written data to disk; anything else (a FIFO, a socket, a
+    link) is left alone, as is a folder where folders cannot be opened (Windows)."""
+    mode = os.lstat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return
+    try:  # Windows flushes only a descriptor open for writing
+        fd = os.open(path, os.O_RDWR if os.name == "nt" and stat.S_ISREG(mode) else os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):  # a folder on Windows; a file we may not open
         return
     try:
         os.fsync(fd)
@@ -67,8 +72,7 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     """`fsync` of every file and folder under ``folder``, then of ``folder`` itself."""
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
-            if not os.path.islink(os.path.join(root, name)):
-                fsync(os.path.join(root, name))
+            fsync(os.path.join(root, name))
         fsync(root)
 
 

@@ -207,6 +207,7 @@ def save_folder(
     in place, as the libraries do.
     """
     path = Path(save_directory)
+    owned = [_weights_family(weights_name)] + [_weights_family(name) for name in replaces]
     if path.exists() and (
         not path.is_dir()
         or path.is_symlink()
@@ -214,8 +215,11 @@ def save_folder(
         or Path.cwd().resolve().is_relative_to(path.resolve())
         or not os.access(path.resolve().parent, os.W_OK)
     ):
+        if path.is_dir() and replaces:  # in place: what `replaces` names goes first (not atomic, as the libraries)
+            for entry in path.iterdir():
+                if entry.is_file() and (entry.name in replaces or any(f.match(entry.name) for f in owned[1:])):
+                    entry.unlink()
         return write(str(path))
-    owned = [_weights_family(weights_name)] + [_weights_family(name) for name in replaces]
     with atomic_directory(path) as tmp:
         result = write(str(tmp))
         if path.is_dir():

@@ -94,7 +94,9 @@ def write_dataset_card(output_dir: str | Path, record: dict, features, location:
     return path
 
 
-SHARD_SPLIT = re.compile(r"^data/(?P<split>.+)-\d{5}-of-\d{5}[-.]")  # the split of a shard's path in a repo
+# the split of a shard's path in a repo: this layout's `{split}-{rank:05d}-of-{world:05d}-{worker:03d}-{chunk:05d}` and
+# the first release's `{split}-{rank:03d}-{worker:03d}-{chunk:05d}`
+SHARD_SPLIT = re.compile(r"^data/(?P<split>.+?)-(?:\d{5}-of-\d{5}-\d{3}-\d{5}|\d{3}-\d{3}-\d{5})\.parquet$")
 
 
 def check_push_target(repo_id: str, split: str, token: str | None = None) -> None:
@@ -103,10 +105,15 @@ def check_push_target(repo_id: str, split: str, token: str | None = None) -> Non
     one run, and a push replaces the shards of its own split only (an earlier push of the same split, with another
     layout, would otherwise join it). A missing repo is fine (the push creates it)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
     from ..hub import resolve_token
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"`push_to_hub` {repo_id!r} is not a repo id: {err}") from None
     try:
         files = HfApi(token=resolve_token(token)).list_repo_files(repo_id, repo_type="dataset")
     except RepositoryNotFoundError:

@@ -146,6 +146,11 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
             f"`tokens` must be integer code indices of shape (h * w,) or (batch, h * w) (or grids (h, w), (batch, h, "
             f"w)), got {rows.dtype} of shape {tuple(rows.shape)}."
         )
+    if token_grid is not None and (
+        not isinstance(token_grid, (list, tuple)) or len(token_grid) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in token_grid)
+    ):  # fmt: skip
+        raise ValueError(f"`token_grid` must be two positive ints [h, w], got {token_grid!r}.")
     grid_shaped = rows.ndim == 3 or (
         rows.ndim == 2 and token_grid is not None and list(rows.shape) == list(token_grid)
         and rows.shape[1] != rows.shape[0] * rows.shape[1]
@@ -160,11 +165,6 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
     if token_grid is None:
         side = round(length**0.5)
         token_grid = (side, side)
-    if (
-        not isinstance(token_grid, (list, tuple)) or len(token_grid) != 2
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in token_grid)
-    ):  # fmt: skip
-        raise ValueError(f"`token_grid` must be two positive ints [h, w], got {token_grid!r}.")
     h, w = (int(v) for v in token_grid)
     if h * w != length:
         raise ValueError(f"`token_grid` {[h, w]} holds {h * w} tokens, but a row of `tokens` has {length}.")
@@ -433,15 +433,17 @@ def read_progress(output_dir: Path, split: str) -> tuple[int, Counter, int]:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def _model_identity(model, name: str) -> dict:
+def _model_identity(model, name: str, loaded_here: bool) -> dict:
     """``{"name_or_path", "commit", "weights_sha256"}``: a local folder as an absolute path, a Hub repo id with its
     commit, and the weights as loaded (before any resize): a folder saved again with other weights, or another
-    in-memory model, is another model."""
+    in-memory model, is another model. The commit of a model the caller loaded is known only from its config (a
+    ``revision`` or ``cache_dir`` of theirs is not visible here); one `load_model` loaded here is its cached main."""
     local = Path(name).expanduser()
     if local.exists():
         name_or_path, commit = str(local.resolve()), None
     else:
-        name_or_path, commit = name, getattr(model.config, "_commit_hash", None) or _cached_hub_commit(name)
+        commit = getattr(model.config, "_commit_hash", None) or (_cached_hub_commit(name) if loaded_here else None)
+        name_or_path = name
     return {"name_or_path": name_or_path, "commit": commit, "weights_sha256": weights_digest(model)}
 
 
@@ -552,12 +554,13 @@ def tokenize_dataset(
     output_dir = Path(output_dir).expanduser()
     source = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", "") or None
     name = source or "in-memory"
-    if isinstance(model, (str, os.PathLike)):
+    loaded_here = isinstance(model, (str, os.PathLike))
+    if loaded_here:
         model = load_model(model, accelerator.device)
     else:
         model = model.to(accelerator.device).eval()
     trained = {"codebook_size": model.config.codebook_size, "group_sizes": list(model.quantizer.group_sizes)}
-    identity = _model_identity(model, name)  # the weights as loaded, before any resize
+    identity = _model_identity(model, name, loaded_here)  # the weights as loaded, before any resize
     resize = None
     if codebook_size is not None:  # Algorithm 2; an impossible size raises here, before any image is read
         try:
@@ -595,8 +598,9 @@ def tokenize_dataset(
 
                 try:
                     check_push_target(push_to_hub, split)
-                except ValueError:
-                    raise
+                except ValueError as err:
+                    raise ValueError(str(err) if str(err).startswith("`push_to_hub`") else
+                                     f"`push_to_hub` {push_to_hub!r}: {err}") from err
                 except Exception as err:  # noqa: BLE001  (offline, no access...: every process must hear of it)
                     raise ValueError(f"`push_to_hub` {push_to_hub!r}: the repo could not be checked ({err}).") from err
             existing = prepare_output_dir(output_dir, settings, overwrite)
@@ -685,7 +689,13 @@ def _finish(accelerator, output_dir, split, settings, model, grid, views, resize
         for note in notes:
             print(f"Note: {note}")
         if push_to_hub:
-            record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, split, private=private)
+            try:
+                record["hub_url"] = push_tokens_to_hub(output_dir, push_to_hub, split, private=private)
+            except Exception as err:  # noqa: BLE001  (every process must hear of it, not wait for the main one)
+                error = (
+                    f"`push_to_hub` {push_to_hub!r}: the upload failed ({type(err).__name__}: {err}); the tokens "
+                    f"are complete in {str(output_dir)!r}: the same command again pushes them."
+                )
     accelerator.wait_for_everyone()
     error, record = _broadcast(accelerator, (error, record))
     if error:

@@ -82,12 +82,12 @@ def rotate_checkpoints(checkpoint_dir: str | os.PathLike, total_limit: int | Non
 
     Each is first renamed out of the ``checkpoint-<step>`` names (``.deleting-checkpoint-<step>``), so that a kill in
     the middle of its deletion leaves no half-deleted folder that ``latest`` or its name would still resume; what
-    such a kill leaves is deleted by the next rotation."""
-    if total_limit is None:
-        return []
+    such a kill leaves is deleted by the next call (every checkpoint makes one, with a limit or without)."""
     root = Path(checkpoint_dir)
     for leftover in root.glob(f"{DELETING_PREFIX}{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    if total_limit is None:
+        return []
     checkpoints = list_checkpoints(checkpoint_dir)
     removed = checkpoints[: max(0, len(checkpoints) - total_limit)]
     for path in removed:
