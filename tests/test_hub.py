@@ -460,3 +460,18 @@ def test_hub_timeout_keeps_and_restores_the_clients_factory():
         assert _http._GLOBAL_CLIENT_FACTORY is users_factory
     finally:
         set_client_factory(_http.default_client_factory)
+
+
+def test_push_in_offline_mode_ends_in_one_line(tmp_path):
+    """A token is set but HF_HUB_OFFLINE=1 (as in these tests): one line saying so, exit code 1, no traceback."""
+    GroupVQModel(GroupVQConfig.from_preset("tiny")).save_pretrained(tmp_path / "model")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="hf_anything")
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "push_to_hub.py"), "--model", str(tmp_path / "model"),
+         "--repo_id", "tester/offline"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "push_to_hub: error: offline mode is on (HF_HUB_OFFLINE=1): unset it to upload."
+    )

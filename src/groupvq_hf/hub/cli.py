@@ -8,7 +8,7 @@ import json
 import math
 import sys
 
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from ..quantizer import RESIZE_MODES
 from . import publishing
@@ -160,6 +160,8 @@ def publish_main(argv: list[str] | None = None) -> None:
             timeout=DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
             include_discriminator=args.include_discriminator,
         )
+    except OfflineModeIsEnabled:
+        sys.exit("push_to_hub: error: offline mode is on (HF_HUB_OFFLINE=1): unset it to upload.")
     except (LocalTokenNotFoundError, HubAccessError, HubConnectionError, ValueError) as err:
         sys.exit(f"push_to_hub: error: {err}")
     except HfHubHTTPError as err:  # a server error (5xx, ...) after its retries: one line, no traceback
