@@ -630,14 +630,25 @@ def run_resize_study(args, accelerator=None) -> dict:
 
 
 
+def run_with_accelerator(run, *args, **kwargs):
+    """``run(*args, accelerator=..., **kwargs)`` with a fresh [`build_accelerator`], whose process group is torn down
+    when it returns or raises: a command's processes then exit without a gloo thread still running (at exit one
+    aborts its process, "terminate called without an active exception", failing a finished multi-process run)."""
+    accelerator = build_accelerator()
+    try:
+        return run(*args, accelerator=accelerator, **kwargs)
+    finally:
+        accelerator.end_training()
+
+
 def evaluate_main(argv: list[str] | None = None) -> dict:
     """``scripts/evaluate.py`` and the ``groupvq-evaluate`` command."""
-    return run_evaluate(evaluate_parser().parse_args(argv))
+    return run_with_accelerator(run_evaluate, evaluate_parser().parse_args(argv))
 
 
 def resize_study_main(argv: list[str] | None = None) -> dict:
     """``scripts/resize_study.py`` and the ``groupvq-resize-study`` command."""
-    return run_resize_study(resize_study_parser().parse_args(argv))
+    return run_with_accelerator(run_resize_study, resize_study_parser().parse_args(argv))
 
 __all__ = [
     "evaluate_main",
@@ -645,6 +656,7 @@ __all__ = [
     "ALL_METRICS",
     "DATA_COUNTS",
     "build_accelerator",
+    "run_with_accelerator",
     "build_eval_dataloader",
     "evaluate_model",
     "evaluate_parser",

@@ -751,14 +751,10 @@ def main(argv=None) -> dict:
                                                                  "no_progress")}  # fmt: skip
     if options["label_column"] == "none":
         options["label_column"] = None
-    from ..evaluation import build_accelerator
+    from ..evaluation.evaluator import run_with_accelerator  # its process group torn down before the exit
 
-    accelerator = build_accelerator()
-    try:
-        return tokenize_dataset(args.model, args.dataset, args.output_dir, args.resolution,
-                                progress=not args.no_progress, accelerator=accelerator, **options)  # fmt: skip
-    finally:  # the process group is torn down before the interpreter exits (no gloo thread left running at exit)
-        accelerator.end_training()
+    return run_with_accelerator(tokenize_dataset, args.model, args.dataset, args.output_dir, args.resolution,
+                                progress=not args.no_progress, **options)  # fmt: skip
 
 
 __all__ = [
