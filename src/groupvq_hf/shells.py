@@ -207,7 +207,11 @@ def save_folder(
     in place, as the libraries do.
     """
     path = Path(save_directory)
-    owned = [_weights_family(weights_name)] + [_weights_family(name) for name in replaces]
+    own_family, replaced_families = _weights_family(weights_name), [_weights_family(name) for name in replaces]
+
+    def replaced(name: str) -> bool:
+        return name in replaces or any(family.match(name) for family in replaced_families)
+
     if path.exists() and (
         not path.is_dir()
         or path.is_symlink()
@@ -217,7 +221,7 @@ def save_folder(
     ):
         if path.is_dir() and replaces:  # in place: what `replaces` names goes first (not atomic, as the libraries)
             for entry in path.iterdir():
-                if entry.is_file() and (entry.name in replaces or any(f.match(entry.name) for f in owned[1:])):
+                if entry.is_file() and replaced(entry.name):
                     entry.unlink()
         return write(str(path))
     with atomic_directory(path) as tmp:
@@ -225,7 +229,7 @@ def save_folder(
         if path.is_dir():
             for entry in path.iterdir():
                 target = tmp / entry.name
-                if target.exists() or entry.name in replaces or any(family.match(entry.name) for family in owned):
+                if target.exists() or own_family.match(entry.name) or replaced(entry.name):
                     continue
                 try:
                     if entry.is_dir() and not entry.is_symlink():

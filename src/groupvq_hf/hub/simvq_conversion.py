@@ -29,8 +29,8 @@ import torch
 from ..configuration_groupvq import GroupVQConfig
 from ..modeling_groupvq import GroupVQModel
 from ..training.finetune import checked_state_dict, discriminator_settings, patchgan_settings, save_discriminator
-from .conversion import save_converted
 from ..training.losses import PatchGANDiscriminator
+from .conversion import save_converted
 
 EMA_PREFIX = "model_ema."
 # LitEma's own counters, stored beside the shadows.

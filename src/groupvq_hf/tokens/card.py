@@ -101,7 +101,7 @@ SHARD_SPLIT = re.compile(r"^data/(?P<split>.+?)-(?:\d{5}-of-\d{5}-\d{3}-\d{5}|\d
 
 def check_push_target(repo_id: str, split: str, token: str | None = None) -> None:
     """Before any image is encoded: ValueError when the dataset repo ``repo_id`` holds shards of a split other
-    than ``split``. A token repo holds one split: its card's ``dataset_info`` and its ``tokenization.json`` describe
+    than ``split``, is not a repo id, or cannot be listed (offline, no token...). A token repo holds one split: its card's ``dataset_info`` and its ``tokenization.json`` describe
     one run, and a push replaces the shards of its own split only (an earlier push of the same split, with another
     layout, would otherwise join it). A missing repo is fine (the push creates it)."""
     from huggingface_hub import HfApi
@@ -118,6 +118,8 @@ def check_push_target(repo_id: str, split: str, token: str | None = None) -> Non
         files = HfApi(token=resolve_token(token)).list_repo_files(repo_id, repo_type="dataset")
     except RepositoryNotFoundError:
         return
+    except Exception as err:  # noqa: BLE001  (offline, no token, no access...: a ValueError every process hears of)
+        raise ValueError(f"`push_to_hub` {repo_id!r}: the repo could not be checked ({err}).") from err
     others = sorted({m["split"] for m in map(SHARD_SPLIT.match, files) if m and m["split"] != split})
     if others:
         raise ValueError(

@@ -151,10 +151,7 @@ def decode_tokens(model, tokens, token_grid=None, output_type: str = "pil", imag
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in token_grid)
     ):  # fmt: skip
         raise ValueError(f"`token_grid` must be two positive ints [h, w], got {token_grid!r}.")
-    grid_shaped = rows.ndim == 3 or (
-        rows.ndim == 2 and token_grid is not None and list(rows.shape) == list(token_grid)
-        and rows.shape[1] != rows.shape[0] * rows.shape[1]
-    )  # fmt: skip
+    grid_shaped = rows.ndim == 3 or (rows.ndim == 2 and token_grid is not None and list(rows.shape) == list(token_grid))
     if grid_shaped:  # (h, w) or (batch, h, w) grids: rows of h * w
         token_grid = list(rows.shape[-2:]) if token_grid is None else token_grid
         if list(rows.shape[-2:]) != [int(v) for v in token_grid]:
@@ -596,13 +593,7 @@ def tokenize_dataset(
             if push_to_hub:
                 from .card import check_push_target
 
-                try:
-                    check_push_target(push_to_hub, split)
-                except ValueError as err:
-                    raise ValueError(str(err) if str(err).startswith("`push_to_hub`") else
-                                     f"`push_to_hub` {push_to_hub!r}: {err}") from err
-                except Exception as err:  # noqa: BLE001  (offline, no access...: every process must hear of it)
-                    raise ValueError(f"`push_to_hub` {push_to_hub!r}: the repo could not be checked ({err}).") from err
+                check_push_target(push_to_hub, split)  # its errors are ValueErrors naming `push_to_hub`
             existing = prepare_output_dir(output_dir, settings, overwrite)
             complete = existing is not None and existing.get("status") == "complete"
         except ValueError as err:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..configuration_groupvq import GroupVQConfig
-from ..fileio import atomic_file
-from ..shells import RUN_ARGS_FILE  # noqa: F401  (re-exported: the training names of the file)
 from ..data.stream import ResumableBatches  # noqa: F401  (re-exported: moved next to the data code)
+from ..fileio import atomic_file
+from ..shells import RUN_ARGS_FILE  # defined beside the save it belongs to; training's modules import it from here
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state_rank{rank}.json"

@@ -23,7 +23,7 @@ import torch
 
 from ..fileio import atomic_file
 from ..quantizer import RESIZE_MODES
-from ..shells import DISCRIMINATOR_FILE  # noqa: F401  (re-exported: the training names of the file)
+from ..shells import DISCRIMINATOR_FILE  # defined beside the save it belongs to; training's modules import it from here
 from .losses import PatchGANDiscriminator
 
 DISCRIMINATOR_SETTINGS = ("in_channels", "disc_channels", "disc_layers")  # its metadata, named as train.py's flags

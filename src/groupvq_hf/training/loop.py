@@ -1017,12 +1017,12 @@ def read_validation_log(path: Path) -> list[dict]:
     lines = text.split("\n")  # the last item is what follows the last newline: "" unless an append was cut short
     entries = []
     for number, line in enumerate(lines[:-1], start=1):
-        try:
-            entry = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            entry = "bad"
-        if entry is None:
+        if not line.strip():
             continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
         if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
             raise ValueError(f"{path} line {number} is not a validation entry (a JSON object with an integer "
                              f"'step'): {line[:80]!r}; delete the line or the file to go on.")  # fmt: skip
